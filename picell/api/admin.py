@@ -1,0 +1,108 @@
+"""Admin routes: devices, services, status, reconcile. Served on the root-only unix socket; the
+web listener (with login) mounts the same router. Handlers only call `Control`."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import segno
+from fastapi import APIRouter, Depends, Query, Request, Response
+from pydantic import BaseModel, Field
+
+from picell.control import Control
+
+
+class PeerCreate(BaseModel):
+    name: str = Field(max_length=64)
+    public_key: str | None = Field(default=None, max_length=64)
+
+
+class ServiceCreate(BaseModel):
+    name: str = Field(max_length=64)
+    backend: str = Field(max_length=64)
+    port: int | None = None
+    protocol: Literal["tcp", "udp"] = "tcp"
+
+
+def get_control(request: Request) -> Control:
+    control: Control = request.app.state.control
+    return control
+
+
+Ctl = Annotated[Control, Depends(get_control)]
+router = APIRouter(prefix="/api")
+
+
+@router.get("/status")
+def status(ctl: Ctl) -> dict[str, Any]:
+    return ctl.status()
+
+
+@router.post("/reconcile")
+def reconcile(ctl: Ctl) -> dict[str, Any]:
+    report = ctl.converge()
+    return report.as_dict() if report else {"changed": False, "changes": []}
+
+
+@router.get("/peers")
+def list_peers(ctl: Ctl) -> list[dict[str, Any]]:
+    return ctl.list_peers()
+
+
+@router.post("/peers", status_code=201)
+def add_peer(body: PeerCreate, ctl: Ctl) -> dict[str, Any]:
+    info = ctl.add_peer(body.name, body.public_key)
+    info["config"] = ctl.peer_config(body.name)
+    return info
+
+
+@router.delete("/peers/{name}", status_code=204)
+def remove_peer(name: str, ctl: Ctl) -> Response:
+    ctl.remove_peer(name)
+    return Response(status_code=204)
+
+
+@router.get("/peers/{name}/config")
+def peer_config(
+    name: str,
+    ctl: Ctl,
+    format: Annotated[Literal["conf", "svg", "png", "text"], Query()] = "conf",
+) -> Response:
+    """The device's WireGuard config as a download (.conf) or as a QR code (SVG or PNG)."""
+    text = ctl.peer_config(name)
+    if format == "text":
+        return Response(text, media_type="text/plain")
+    if format == "conf":
+        return Response(
+            text,
+            media_type="text/plain",
+            headers={"Content-Disposition": f'attachment; filename="{name}.conf"'},
+        )
+    qr = segno.make(text, error="m")
+    if format == "svg":
+        return Response(qr.svg_inline(scale=4), media_type="image/svg+xml")
+    return Response(_png(qr), media_type="image/png")
+
+
+def _png(qr: segno.QRCode) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    qr.save(buf, kind="png", scale=6)
+    return buf.getvalue()
+
+
+@router.get("/services")
+def list_services(ctl: Ctl) -> list[dict[str, Any]]:
+    return ctl.list_services()
+
+
+@router.post("/services", status_code=201)
+def add_service(body: ServiceCreate, ctl: Ctl) -> dict[str, Any]:
+    return ctl.add_service(body.name, body.backend, body.port, body.protocol)
+
+
+@router.delete("/services/{name}", status_code=204)
+def remove_service(name: str, ctl: Ctl) -> Response:
+    ctl.remove_service(name)
+    return Response(status_code=204)

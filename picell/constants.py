@@ -1,0 +1,45 @@
+"""Magic numbers of the cell in one place, each with the reason it has that value.
+
+Nothing here is computed; modules import these names instead of repeating literals.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+DEFAULT_DATA_DIR = "/var/lib/picell"  # DESIGN §9: store, rendered configs, sockets
+DEFAULT_INTERFACE = "picell0"  # one WireGuard interface per cell; unique per host
+DEFAULT_LISTEN_PORT = 51820  # WireGuard's customary port
+DEFAULT_PAIR_PORT = 51821  # pairing listener (link issue); next to WireGuard's port
+DEFAULT_MESH_PORT = 3000  # mesh API on the WireGuard address (DESIGN §1)
+DEFAULT_WEB_PORT = 8080  # admin web listener on 127.0.0.1 (web issue)
+DNS_PORT = 53  # the cell's Unbound on its WireGuard address
+
+DEVICE_KEEPALIVE_S = 25  # keeps NAT mappings of phones alive; WireGuard's usual value
+TABLE_NAME = "picell"  # the one nftables table picell owns (family inet)
+
+# Where default VPN networks are drawn from, and what devices route into their tunnel so that
+# networks of cells linked later are reachable without re-importing a device's config.
+MESH_RANGE = ipaddress.IPv4Network("10.0.0.0/8")
+# Ranges inside 10/8 that home routers, VPN products and tutorials favour: never drawn.
+CROWDED_RANGES = tuple(
+    ipaddress.IPv4Network(n)
+    for n in (
+        "10.0.0.0/16",  # home routers, the seed system's fixed 10.0.0.0/24
+        "10.1.0.0/16",  # home routers
+        "10.6.0.0/16",  # PiVPN
+        "10.8.0.0/16",  # OpenVPN's default
+        "10.10.0.0/16",  # home routers
+        "10.13.13.0/24",  # linuxserver/wireguard
+        "10.42.0.0/16",  # k3s pods, NetworkManager shared connections
+        "10.43.0.0/16",  # k3s services
+        "10.96.0.0/12",  # kubernetes services
+        "10.100.0.0/16",  # home routers
+        "10.244.0.0/16",  # kubernetes pods
+        "10.255.0.0/16",  # broadcast-looking, avoided by habit
+    )
+)
+
+RECONCILE_PERIOD_S = 30.0  # drift is fixed at most this long after it happens
+COMMAND_TIMEOUT_S = 20.0  # no system command may hang the reconciler longer
+CHILD_RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)  # supervised children: restart delays

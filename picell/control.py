@@ -1,0 +1,392 @@
+"""The cell's operations: validate, commit to the store, converge (DESIGN §2).
+
+Each mutation runs inside one store transaction and calls the reconciler before committing: if
+the apply fails, the transaction rolls back and the previous state is re-applied, so a request
+either commits and converges or changes nothing. Handlers (API, CLI) call these methods and never
+run system commands themselves.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import socket
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from picell import validate
+from picell.addressing import (
+    draw_network,
+    next_peer_index,
+    next_vip_index,
+    peer_address,
+    vip_address,
+)
+from picell.constants import (
+    DEFAULT_INTERFACE,
+    DEFAULT_LISTEN_PORT,
+    DEFAULT_MESH_PORT,
+    DEFAULT_PAIR_PORT,
+    MESH_RANGE,
+)
+from picell.dns.unbound import read_upstreams
+from picell.errors import ApplyFailed, BadInput, Conflict
+from picell.reconcile import Reconciler, Report
+from picell.state import State, build_state
+from picell.store import cell as cell_table
+from picell.store import peers as peer_table
+from picell.store import services as service_table
+from picell.store.cell import Cell
+from picell.store.db import Store
+from picell.store.peers import Peer
+from picell.store.services import Service
+from picell.system.run import Runner
+from picell.wireguard import keys
+from picell.wireguard.apply import observe_wg
+from picell.wireguard.render import device_allowed_ips, render_device
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InitRequest:
+    name: str | None = None
+    domain: str | None = None
+    address: str | None = None
+    endpoint: str | None = None
+    interface: str | None = None
+    pair_port: int | None = None
+    mesh_port: int | None = None
+    uplink: str | None = None
+    listen_port: int | None = None
+
+
+def _observe_host_networks(runner: Runner) -> list[ipaddress.IPv4Network]:
+    out = runner.run(["ip", "-j", "-4", "route", "show", "table", "all"]).stdout
+    nets = []
+    for route in json.loads(out or "[]"):
+        dst = route.get("dst", "")
+        if dst and dst != "default":
+            try:
+                nets.append(ipaddress.IPv4Network(dst, strict=False))
+            except ValueError:
+                continue
+    return nets
+
+
+def _observe_host_address(runner: Runner) -> str | None:
+    out = runner.run(["ip", "-j", "-4", "addr", "show", "scope", "global"]).stdout
+    for link in json.loads(out or "[]"):
+        for a in link.get("addr_info", []):
+            if a.get("family") == "inet":
+                return str(a["local"])
+    return None
+
+
+def default_name() -> str:
+    raw = socket.gethostname().split(".")[0].lower()
+    cleaned = "".join(c if c.isalnum() or c == "-" else "-" for c in raw).strip("-")
+    cleaned = cleaned.lstrip("0123456789-")[:32].rstrip("-")
+    return cleaned or "cell"
+
+
+class Control:
+    def __init__(self, store: Store, runner: Runner, reconciler: Reconciler | None) -> None:
+        self.store = store
+        self.runner = runner
+        self.reconciler = reconciler
+        self.last_error: str | None = None
+
+    # -- state ---------------------------------------------------------------------------------
+    def build(self, conn: sqlite3.Connection) -> State:
+        return build_state(
+            cell_table.load(conn),
+            peer_table.all_peers(conn),
+            service_table.all_services(conn),
+            read_upstreams(),
+        )
+
+    def converge(self) -> Report | None:
+        """Reconcile from the store (start-up, period, child exit)."""
+        if self.reconciler is None:
+            return None
+        with self.store.read() as conn:
+            if not cell_table.exists(conn):
+                return None
+            try:
+                report = self.reconciler.set(self.build(conn))
+            except ApplyFailed as exc:
+                self.last_error = exc.message
+                log.error("reconcile failed: %s", exc.message)
+                raise
+            self.last_error = None
+            return report
+
+    @contextmanager
+    def _change(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction that commits only if the new state applies."""
+        with self.store.transaction() as conn:
+            yield conn
+            if self.reconciler is not None:
+                try:
+                    self.reconciler.set(self.build(conn))
+                except ApplyFailed:
+                    self._restore_after_failure()
+                    raise
+
+    def _restore_after_failure(self) -> None:
+        # Runs while the failed transaction is still open: re-apply what the store held before.
+        # sqlite sees our own uncommitted writes, so read the committed state through a
+        # separate connection.
+        assert self.reconciler is not None
+        ro = sqlite3.connect(f"file:{self.store.path}?mode=ro", uri=True)
+        ro.row_factory = sqlite3.Row
+        try:
+            self.reconciler.set(self.build(ro))
+        except ApplyFailed as exc:
+            log.error("restoring the previous state failed too: %s", exc.message)
+        finally:
+            ro.close()
+
+    # -- cell ----------------------------------------------------------------------------------
+    def init_cell(self, req: InitRequest) -> Cell:
+        with self.store.transaction() as conn:
+            old = cell_table.load(conn) if cell_table.exists(conn) else None
+            cell = self._init_values(req, old, conn)
+            cell_table.save(conn, cell)
+        return cell
+
+    def _init_values(self, req: InitRequest, old: Cell | None, conn: sqlite3.Connection) -> Cell:
+        name = validate.name(req.name, "name") if req.name else (old.name if old else None)
+        name = name or default_name()
+        domain = (
+            validate.domain(req.domain) if req.domain else (old.domain if old else f"{name}.cell")
+        )
+        if req.address:
+            address = validate.cell_address(req.address)
+        elif old:
+            address = old.address
+        else:
+            net = draw_network(_observe_host_networks(self.runner))
+            address = ipaddress.IPv4Interface(f"{net[1]}/{net.prefixlen}")
+        listen_port = validate.port(req.listen_port, "listen_port") if req.listen_port else None
+        if req.endpoint:
+            ep = validate.endpoint(req.endpoint)
+            endpoint = str(ep)
+            listen_port = listen_port or (old.listen_port if old else ep.port)
+        elif old:
+            endpoint = old.endpoint
+        else:
+            host = _observe_host_address(self.runner)
+            if host is None:
+                raise BadInput(
+                    "endpoint: this host has no global address; give --endpoint HOST:PORT",
+                    field="endpoint",
+                )
+            endpoint = f"{host}:{listen_port or DEFAULT_LISTEN_PORT}"
+        listen_port = listen_port or (old.listen_port if old else DEFAULT_LISTEN_PORT)
+        if old:
+            self._check_renumber(conn, address)
+        return Cell(
+            name=name,
+            domain=domain,
+            address=address,
+            listen_port=listen_port,
+            endpoint=endpoint,
+            private_key=old.private_key if old else keys.generate_private(),
+            interface=validate.interface(req.interface)
+            if req.interface
+            else (old.interface if old else DEFAULT_INTERFACE),
+            pair_port=validate.port(req.pair_port, "pair_port")
+            if req.pair_port
+            else (old.pair_port if old else DEFAULT_PAIR_PORT),
+            mesh_port=validate.port(req.mesh_port, "mesh_port")
+            if req.mesh_port
+            else (old.mesh_port if old else DEFAULT_MESH_PORT),
+            uplink=validate.interface(req.uplink, "uplink")
+            if req.uplink
+            else (old.uplink if old else None),
+            mesh_range=old.mesh_range if old else MESH_RANGE,
+            upstreams=old.upstreams if old else (),
+        )
+
+    def _check_renumber(self, conn: sqlite3.Connection, address: ipaddress.IPv4Interface) -> None:
+        top = address.network.num_addresses - 2
+        peers = peer_table.all_peers(conn)
+        services = service_table.all_services(conn)
+        used = [p.host_index for p in peers] + [top + 1 - s.vip_index for s in services]
+        own = int(address.ip) - int(address.network.network_address)
+        if any(i > top for i in used) or len(set(used)) != len(used) or own in used:
+            raise Conflict(
+                f"address: {address.network} cannot hold the existing devices and services",
+                field="address",
+            )
+
+    def cell(self) -> Cell:
+        with self.store.read() as conn:
+            return cell_table.load(conn)
+
+    # -- devices -------------------------------------------------------------------------------
+    def _check_name_free(self, conn: sqlite3.Connection, name: str) -> None:
+        cell = cell_table.load(conn)
+        if name == cell.name:
+            raise Conflict(f"name: {name!r} is the cell's own name", field="name")
+        if conn.execute("SELECT 1 FROM peers WHERE name = ?", (name,)).fetchone():
+            raise Conflict(f"name: a device named {name!r} already exists", field="name")
+        if conn.execute("SELECT 1 FROM services WHERE name = ?", (name,)).fetchone():
+            raise Conflict(f"name: a service named {name!r} already exists", field="name")
+
+    def add_peer(self, name: str, public_key: str | None = None) -> dict[str, Any]:
+        name = validate.name(name)
+        private = None
+        if public_key:
+            public = validate.wg_key(public_key)
+        else:
+            private = keys.generate_private()
+            public = keys.public_from_private(private)
+        with self._change() as conn:
+            self._check_name_free(conn, name)
+            cell = cell_table.load(conn)
+            if public == keys.public_from_private(cell.private_key):
+                raise Conflict("public_key: that is the cell's own key", field="public_key")
+            index = next_peer_index(
+                cell.address,
+                [p.host_index for p in peer_table.all_peers(conn)],
+                [s.vip_index for s in service_table.all_services(conn)],
+            )
+            peer = Peer(name, public, private, index, None, time.time())
+            peer_table.add(conn, peer)
+        return self.peer_public(cell, peer)
+
+    def remove_peer(self, name: str) -> None:
+        validate.name(name)
+        with self._change() as conn:
+            peer_table.remove(conn, name)
+
+    def peer_public(
+        self, cell: Cell, peer: Peer, live: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        info: dict[str, Any] = {
+            "name": peer.name,
+            "address": str(peer_address(cell.network, peer.host_index)),
+            "public_key": peer.public_key,
+            "fqdn": f"{peer.name}.{cell.domain}",
+            "own_key": peer.private_key is None,
+            "route_via": peer.route_via,
+            "created_at": peer.created_at,
+        }
+        if live is not None:
+            info.update(live)
+        return info
+
+    def list_peers(self) -> list[dict[str, Any]]:
+        with self.store.read() as conn:
+            cell = cell_table.load(conn)
+            peers = peer_table.all_peers(conn)
+        observed = observe_wg(self.runner, cell.interface)
+        now = time.time()
+        out = []
+        for p in peers:
+            seen = observed.peers.get(p.public_key) if observed else None
+            hs = seen.latest_handshake if seen else 0
+            live = {
+                "latest_handshake": hs,
+                "handshake_age_s": round(now - hs) if hs else None,
+                "rx_bytes": seen.rx_bytes if seen else 0,
+                "tx_bytes": seen.tx_bytes if seen else 0,
+                "endpoint": seen.endpoint if seen else None,
+            }
+            out.append(self.peer_public(cell, p, live))
+        return out
+
+    def peer_config(self, name: str) -> str:
+        validate.name(name)
+        with self.store.read() as conn:
+            cell = cell_table.load(conn)
+            peer = peer_table.get(conn, name)
+        return render_device(
+            device_name=peer.name,
+            private_key=peer.private_key,
+            address=peer_address(cell.network, peer.host_index),
+            dns=cell.ip,
+            domain=cell.domain,
+            cell_public_key=keys.public_from_private(cell.private_key),
+            endpoint=cell.endpoint,
+            allowed_ips=device_allowed_ips(cell.network, cell.mesh_range),
+        )
+
+    # -- services ------------------------------------------------------------------------------
+    def add_service(
+        self, name: str, backend: str, port: int | None = None, protocol: str = "tcp"
+    ) -> dict[str, Any]:
+        name = validate.name(name)
+        host, backend_port = validate.backend(backend)
+        svc_port = validate.port(port, "port") if port is not None else backend_port
+        if protocol not in ("tcp", "udp"):
+            raise BadInput("protocol: must be tcp or udp", field="protocol")
+        with self._change() as conn:
+            self._check_name_free(conn, name)
+            cell = cell_table.load(conn)
+            if host in cell.network:
+                raise BadInput(
+                    f"backend: {host} lies inside the cell's VPN network {cell.network}",
+                    field="backend",
+                )
+            index = next_vip_index(
+                cell.address,
+                [p.host_index for p in peer_table.all_peers(conn)],
+                [s.vip_index for s in service_table.all_services(conn)],
+            )
+            svc = Service(name, index, host, backend_port, protocol, svc_port)
+            service_table.add(conn, svc)
+        return self.service_public(cell, svc)
+
+    def remove_service(self, name: str) -> None:
+        validate.name(name)
+        with self._change() as conn:
+            service_table.remove(conn, name)
+
+    @staticmethod
+    def service_public(cell: Cell, svc: Service) -> dict[str, Any]:
+        return {
+            "name": svc.name,
+            "fqdn": f"{svc.name}.{cell.domain}",
+            "vip": str(vip_address(cell.network, svc.vip_index)),
+            "port": svc.port,
+            "protocol": svc.protocol,
+            "backend": f"{svc.backend_host}:{svc.backend_port}",
+        }
+
+    def list_services(self) -> list[dict[str, Any]]:
+        with self.store.read() as conn:
+            cell = cell_table.load(conn)
+            return [self.service_public(cell, s) for s in service_table.all_services(conn)]
+
+    # -- status --------------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        cell = self.cell()
+        with self.store.read() as conn:
+            n_peers = len(peer_table.all_peers(conn))
+            n_services = len(service_table.all_services(conn))
+        last = self.reconciler.last if self.reconciler else None
+        return {
+            "name": cell.name,
+            "domain": cell.domain,
+            "address": str(cell.address),
+            "network": str(cell.network),
+            "endpoint": cell.endpoint,
+            "interface": cell.interface,
+            "public_key": keys.public_from_private(cell.private_key),
+            "listen_port": cell.listen_port,
+            "dns": str(cell.ip),
+            "devices": n_peers,
+            "services": n_services,
+            "dns_running": bool(self.reconciler and self.reconciler.unbound.running()),
+            "last_reconcile": last.as_dict() if last else None,
+            "last_error": self.last_error,
+        }

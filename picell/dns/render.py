@@ -1,0 +1,48 @@
+"""Render Unbound's configuration for one cell (pure; golden-file tested).
+
+Unbound listens only on the cell's WireGuard address (ip-freebind, so start order does not
+matter), answers the cell's zone from local data, and forwards every other name to the host's
+upstream resolvers. It is refused to everyone but the cell's own network and loopback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from picell.state import DnsState
+
+
+def render_unbound(dns: DnsState, workdir: Path, control_socket: Path) -> str:
+    lines = [
+        "# rendered by picell; edits are overwritten",
+        "server:",
+        '\tusername: ""',
+        '\tchroot: ""',
+        f'\tdirectory: "{workdir}"',
+        '\tpidfile: ""',
+        "\tuse-syslog: no",
+        "\tverbosity: 1",
+        "\tinterface-automatic: no",
+        f"\tinterface: {dns.listen}@{dns.port}",
+        "\tip-freebind: yes",
+        "\tdo-ip6: no",
+        "\tdo-not-query-localhost: no",
+        "\thide-identity: yes",
+        "\thide-version: yes",
+        '\tmodule-config: "iterator"',
+        "\tnum-threads: 1",
+        "\taccess-control: 0.0.0.0/0 refuse",
+        "\taccess-control: 127.0.0.0/8 allow",
+        *(f"\taccess-control: {net} allow" for net in dns.allow),
+        f'\tlocal-zone: "{dns.domain}." static',
+        *(f'\tlocal-data: "{r.fqdn}. 60 IN A {r.address}"' for r in dns.records),
+        "",
+        "remote-control:",
+        "\tcontrol-enable: yes",
+        f'\tcontrol-interface: "{control_socket}"',
+        "\tcontrol-use-cert: no",
+    ]
+    if dns.upstreams:
+        lines += ["", "forward-zone:", '\tname: "."']
+        lines += [f"\tforward-addr: {u}" for u in dns.upstreams]
+    return "\n".join(lines) + "\n"

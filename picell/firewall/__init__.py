@@ -1,0 +1,1 @@
+"""nftables: the one table picell owns (`inet picell`); never any other table."""

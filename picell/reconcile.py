@@ -1,0 +1,165 @@
+"""The reconciler: converge the system to a desired `State` (build → render → apply → observe).
+
+`Reconciler.set(state)` observes WireGuard, addresses and the nft table (three read commands),
+applies only what differs (at most `wg syncconf`, one `ip -batch`, one `nft -f` and one
+`unbound-control reload`), and returns a `Report`. Called twice with the same state the second
+call changes nothing, reports changed=False and resets no WireGuard session. The number of
+processes it spawns does not depend on the number of devices or services.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from picell.dns.render import render_unbound
+from picell.dns.unbound import Unbound
+from picell.errors import ApplyFailed, CommandFailed
+from picell.firewall.apply import apply_ruleset, observe_table
+from picell.firewall.render import render_ruleset
+from picell.routing.apply import apply_link, observe_link, plan_link
+from picell.state import Paths, State
+from picell.system.children import Child, write_sysctl
+from picell.system.run import Runner
+from picell.wireguard.apply import (
+    apply_wg,
+    interface_exists,
+    kernel_wireguard,
+    observe_wg,
+    start_userspace,
+    wg_needs_sync,
+)
+from picell.wireguard.render import render_interface
+
+log = logging.getLogger(__name__)
+
+# Commands that only read the system; everything else a reconcile spawns is a write.
+READ_COMMANDS = {("wg", "show"), ("nft", "-j"), ("ip", "-j")}
+
+
+@dataclass(frozen=True)
+class Change:
+    """One difference between desired and observed state, as applied."""
+
+    area: str  # interface, wireguard, address, firewall, dns, sysctl
+    kind: str  # add, remove, update, create, start
+    target: str
+
+    def __str__(self) -> str:
+        return f"{self.area}: {self.kind} {self.target}"
+
+
+@dataclass
+class Report:
+    changes: list[Change] = field(default_factory=list)
+    commands: list[tuple[str, ...]] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.changes)
+
+    @property
+    def write_commands(self) -> list[tuple[str, ...]]:
+        return [c for c in self.commands if tuple(c[:2]) not in READ_COMMANDS]
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "changed": self.changed,
+            "changes": [str(c) for c in self.changes],
+            "commands": [list(c) for c in self.commands],
+            "processes": len(self.commands),
+            "write_commands": len(self.write_commands),
+        }
+
+
+class Reconciler:
+    def __init__(
+        self,
+        runner: Runner,
+        paths: Paths,
+        make_child: Callable[[str, list[str]], Child],
+    ) -> None:
+        self.runner = runner
+        self.paths = paths
+        self.make_child = make_child
+        self.unbound = Unbound(runner, paths.unbound_conf, make_child)
+        self.wg_child: Child | None = None
+        self._nft_seen: tuple[str, str] | None = None  # (digest, kernel fingerprint) we applied
+        self._lock = threading.Lock()
+        self.last: Report | None = None
+
+    def set(self, state: State) -> Report:
+        with self._lock:
+            self.runner.take_history()
+            report = Report()
+            try:
+                self._converge(state, report)
+            except CommandFailed as exc:
+                raise ApplyFailed(f"applying the cell's state failed: {exc.message}") from exc
+            finally:
+                report.commands = self.runner.take_history()
+            if report.changed:
+                log.info("reconcile: %s", "; ".join(str(c) for c in report.changes))
+            self.last = report
+            return report
+
+    def _converge(self, state: State, report: Report) -> None:
+        ifname = state.interface
+        if not interface_exists(ifname):
+            self._create_interface(ifname)
+            report.changes.append(Change("interface", "create", ifname))
+
+        observed_wg = observe_wg(self.runner, ifname)
+        wg_changes = wg_needs_sync(state, observed_wg)
+        if wg_changes:
+            apply_wg(self.runner, state, render_interface(state), self.paths.wg_conf)
+            report.changes += [Change("wireguard", k, t) for k, t in wg_changes]
+
+        lines = plan_link(ifname, state.address, observe_link(self.runner, ifname))
+        if lines:
+            apply_link(self.runner, lines)
+            report.changes += [Change("address", "update", line) for line in lines]
+
+        for key, value in (
+            ("net.ipv4.ip_forward", "1"),  # LAN-backed services are forwarded
+            (f"net.ipv4.conf.{ifname}.route_localnet", "1"),  # DNAT to 127.0.0.1 backends
+        ):
+            if write_sysctl(key, value):
+                report.changes.append(Change("sysctl", "update", f"{key}={value}"))
+
+        text, digest = render_ruleset(state)
+        observed = observe_table(self.runner)
+        in_sync = (
+            observed is not None
+            and observed.digest == digest
+            and self._nft_seen == (digest, observed.fingerprint)
+        )
+        if not in_sync:
+            apply_ruleset(self.runner, text, self.paths.nft_file)
+            after = observe_table(self.runner)
+            self._nft_seen = (digest, after.fingerprint) if after else None
+            report.changes.append(
+                Change("firewall", "create" if observed is None else "update", "inet picell")
+            )
+
+        conf = render_unbound(state.dns, self.paths.unbound_dir, self.paths.unbound_control)
+        dns_changes = self.unbound.needs(conf)
+        if dns_changes:
+            self.unbound.apply(conf, dns_changes)
+            report.changes += [Change("dns", k, "unbound") for k in dns_changes]
+
+    def _create_interface(self, ifname: str) -> None:
+        if self.wg_child is not None:
+            self.wg_child.stop()  # its interface is gone; a fresh one replaces it
+            self.wg_child = None
+        if not kernel_wireguard(self.runner, ifname):
+            self.wg_child = start_userspace(ifname, self.make_child)
+        self._nft_seen = None  # rules naming the interface are re-applied with it
+
+    def stop(self) -> None:
+        self.unbound.stop()
+        if self.wg_child is not None:
+            self.wg_child.stop()
+            self.wg_child = None

@@ -1,0 +1,1 @@
+"""Addresses, routes and rules of the cell's interfaces (iproute2)."""

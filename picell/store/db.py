@@ -1,0 +1,116 @@
+"""Opening the SQLite store and running its numbered migrations.
+
+Owns the connection, its pragmas and transactions. Must not know about WireGuard, nft or HTTP.
+Each migration is one entry of `MIGRATIONS`; `PRAGMA user_version` records how many have run.
+Records written by an older version load with column defaults, never by a manual step.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: the single-cell schema
+    """
+    CREATE TABLE cell (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        name TEXT NOT NULL,
+        domain TEXT NOT NULL,
+        address TEXT NOT NULL,
+        listen_port INTEGER NOT NULL,
+        endpoint TEXT NOT NULL,
+        private_key TEXT NOT NULL,
+        interface TEXT NOT NULL,
+        pair_port INTEGER NOT NULL,
+        mesh_port INTEGER NOT NULL,
+        uplink TEXT,
+        mesh_range TEXT NOT NULL DEFAULT '10.0.0.0/8',
+        upstreams TEXT NOT NULL DEFAULT '',
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE peers (
+        name TEXT PRIMARY KEY,
+        public_key TEXT NOT NULL UNIQUE,
+        private_key TEXT,
+        host_index INTEGER NOT NULL UNIQUE,
+        route_via TEXT,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE services (
+        name TEXT PRIMARY KEY,
+        vip_index INTEGER NOT NULL UNIQUE,
+        backend_host TEXT NOT NULL,
+        backend_port INTEGER NOT NULL,
+        protocol TEXT NOT NULL DEFAULT 'tcp',
+        port INTEGER NOT NULL,
+        created_at REAL NOT NULL
+    );
+    """,
+)
+
+
+class Store:
+    """A serialised SQLite connection. Writers use `transaction()` (BEGIN IMMEDIATE)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fresh = not path.exists()
+        self.conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        if fresh:
+            os.chmod(path, 0o600)  # holds private keys: root only
+        self.conn.row_factory = sqlite3.Row
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=FULL")
+        self.conn.execute("PRAGMA foreign_keys=ON")
+        self.conn.execute("PRAGMA busy_timeout=5000")
+        self.lock = threading.RLock()
+        self.migrate()
+
+    @property
+    def version(self) -> int:
+        return int(self.conn.execute("PRAGMA user_version").fetchone()[0])
+
+    def migrate(self) -> None:
+        with self.lock:
+            for number in range(self.version, len(MIGRATIONS)):
+                self.conn.execute("BEGIN IMMEDIATE")
+                try:
+                    for statement in _split(MIGRATIONS[number]):
+                        self.conn.execute(statement)
+                    self.conn.execute(f"PRAGMA user_version = {number + 1}")
+                    self.conn.execute("COMMIT")
+                except BaseException:
+                    self.conn.execute("ROLLBACK")
+                    raise
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; rolled back if the block raises."""
+        with self.lock:
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.conn
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+            self.conn.execute("COMMIT")
+
+    @contextmanager
+    def read(self) -> Iterator[sqlite3.Connection]:
+        with self.lock:
+            yield self.conn
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def _split(script: str) -> Iterator[str]:
+    for part in script.split(";"):
+        if part.strip():
+            yield part

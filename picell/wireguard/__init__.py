@@ -1,0 +1,1 @@
+"""WireGuard: keys, config rendering, interface apply and observe."""

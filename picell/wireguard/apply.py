@@ -1,0 +1,147 @@
+"""Bring up the cell's WireGuard interface and converge its peers with `wg syncconf`.
+
+The kernel module is used where `ip link add … type wireguard` works; otherwise `wireguard-go -f`
+runs as a supervised child (the socket /var/run/wireguard/<if>.sock is shared by all namespaces,
+hence interface names unique per host). `observe_wg` parses `wg show <if> dump` only.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from picell.errors import ApplyFailed, CommandFailed
+from picell.state import PeerState, State
+from picell.system.children import Child
+from picell.system.run import Runner
+
+WG_SOCKET_DIR = Path("/var/run/wireguard")
+
+
+@dataclass(frozen=True)
+class ObservedPeer:
+    public_key: str
+    endpoint: str | None
+    allowed_ips: tuple[ipaddress.IPv4Network, ...]
+    latest_handshake: int
+    rx_bytes: int
+    tx_bytes: int
+    keepalive_s: int
+
+
+@dataclass(frozen=True)
+class ObservedWg:
+    private_key: str
+    listen_port: int
+    peers: dict[str, ObservedPeer]
+
+
+def interface_exists(ifname: str) -> bool:
+    try:
+        socket.if_nametoindex(ifname)
+    except OSError:
+        return False
+    return True
+
+
+def observe_wg(runner: Runner, ifname: str) -> ObservedWg | None:
+    """Parse `wg show IF dump`; None when the interface has no WireGuard device behind it."""
+    try:
+        out = runner.run(["wg", "show", ifname, "dump"]).stdout
+    except CommandFailed:
+        return None
+    lines = out.splitlines()
+    if not lines:
+        return None
+    head = lines[0].split("\t")
+    peers: dict[str, ObservedPeer] = {}
+    for line in lines[1:]:
+        f = line.split("\t")
+        if len(f) < 8:
+            continue
+        allowed = tuple(
+            sorted(ipaddress.IPv4Network(a) for a in f[3].split(",") if a and ":" not in a)
+        )
+        peers[f[0]] = ObservedPeer(
+            public_key=f[0],
+            endpoint=None if f[2] == "(none)" else f[2],
+            allowed_ips=allowed,
+            latest_handshake=int(f[4]),
+            rx_bytes=int(f[5]),
+            tx_bytes=int(f[6]),
+            keepalive_s=0 if f[7] == "off" else int(f[7]),
+        )
+    return ObservedWg(private_key=head[0], listen_port=int(head[2]), peers=peers)
+
+
+def diff_peers(
+    desired: tuple[PeerState, ...], observed: ObservedWg | None
+) -> list[tuple[str, str]]:
+    """(kind, public key) for every peer that differs: add, remove, update."""
+    have = observed.peers if observed else {}
+    want = {p.public_key: p for p in desired}
+    changes: list[tuple[str, str]] = []
+    for key, peer in want.items():
+        got = have.get(key)
+        if got is None:
+            changes.append(("add", peer.name))
+        elif (
+            got.allowed_ips != tuple(sorted(peer.allowed_ips))
+            or got.keepalive_s != (peer.keepalive_s)
+            or (peer.endpoint is not None and got.endpoint != peer.endpoint)
+        ):
+            changes.append(("update", peer.name))
+    changes += [("remove", key[:8]) for key in have if key not in want]
+    return changes
+
+
+def wg_needs_sync(state: State, observed: ObservedWg | None) -> list[tuple[str, str]]:
+    changes = diff_peers(state.peers, observed)
+    if observed is None or observed.private_key != state.private_key:
+        changes.insert(0, ("interface", "private key"))
+    elif observed.listen_port != state.listen_port:
+        changes.insert(0, ("interface", "listen port"))
+    return changes
+
+
+def apply_wg(runner: Runner, state: State, conf_text: str, conf_path: Path) -> None:
+    """Write the config 0600 (it holds the private key) and `wg syncconf` it: one process."""
+    conf_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(conf_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(conf_text)
+    runner.run(["wg", "syncconf", state.interface, str(conf_path)])
+
+
+def kernel_wireguard(runner: Runner, ifname: str) -> bool:
+    """Try the kernel module; True when it created the interface."""
+    try:
+        runner.run(["ip", "link", "add", ifname, "type", "wireguard"])
+    except CommandFailed:
+        return False
+    return True
+
+
+def start_userspace(
+    ifname: str, make_child: Callable[[str, list[str]], Child], wait_s: float = 10.0
+) -> Child:
+    """Start `wireguard-go -f IF` and wait for both the interface and its UAPI socket."""
+    sock = WG_SOCKET_DIR / f"{ifname}.sock"
+    if sock.exists() and not interface_exists(ifname):
+        sock.unlink()  # left by a wireguard-go that died with its interface
+    child = make_child("wireguard-go", ["wireguard-go", "-f", ifname])
+    child.start()
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if interface_exists(ifname) and sock.exists():
+            return child
+        if not child.running():
+            break
+        time.sleep(0.05)  # polling a just-started child; bounded by wait_s
+    child.stop()
+    raise ApplyFailed(f"wireguard-go could not create interface {ifname} (see its log)")
