@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 from pathlib import Path
 
@@ -106,6 +107,10 @@ class Daemon:
         server = uvicorn.Server(config)
         loop = threading.Thread(target=self._loop, name="reconcile", daemon=True)
         loop.start()
+        # uvicorn re-raises the signal that stopped it once it has shut down; a no-op handler
+        # lets the daemon then stop its children instead of dying with them still running.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: None)
         try:
             server.run()
         finally:

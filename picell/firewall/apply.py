@@ -15,12 +15,15 @@ from picell.system.run import Runner
 
 @dataclass(frozen=True)
 class ObservedTable:
-    digest: str | None  # the hash in the table's comment
+    digest: str | None  # the hash in the input jump rule's comment
     fingerprint: str  # hash of what the kernel holds, handles stripped
 
 
 def _strip_handles(node: Any) -> Any:
+    """Drop what changes without a ruleset change: handles and counter values."""
     if isinstance(node, dict):
+        if "counter" in node and isinstance(node["counter"], dict):
+            return {"counter": {}}
         return {k: _strip_handles(v) for k, v in node.items() if k != "handle"}
     if isinstance(node, list):
         return [_strip_handles(v) for v in node]
@@ -35,11 +38,9 @@ def observe_table(runner: Runner) -> ObservedTable | None:
     items = json.loads(out).get("nftables", [])
     digest = None
     for item in items:
-        table = item.get("table")
-        if table and table.get("name") == TABLE_NAME:
-            comment = str(table.get("comment", ""))
-            if comment.startswith("picell "):
-                digest = comment.split(" ", 1)[1]
+        comment = str(item.get("rule", {}).get("comment", ""))
+        if comment.startswith("picell "):
+            digest = comment
     body = [_strip_handles(i) for i in items if "metainfo" not in i]
     fingerprint = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
     return ObservedTable(digest=digest, fingerprint=fingerprint)

@@ -1,8 +1,8 @@
 """Render the owned nftables table as text for one atomic `nft -f` (pure; golden-file tested).
 
 The file deletes and recreates `table inet picell` in a single transaction, so the kernel never
-holds half a ruleset. The table carries a comment with the hash of its own text: `observe` reads
-it back to tell whether the kernel holds what we rendered. One statement per line (nft 1.0.6
+holds half a ruleset. The jump rule of the input chain carries a comment with the hash of the text
+(`nft -j` of nft 1.0.6 omits table comments but keeps rule comments): `observe` reads it back to tell whether the kernel holds what we rendered. One statement per line (nft 1.0.6
 cannot parse a chain closed on the line of its last rule).
 """
 
@@ -35,7 +35,7 @@ def render_table_body(state: State) -> list[str]:
         "\t}",
         "\tchain input {",
         "\t\ttype filter hook input priority filter; policy accept;",
-        f'\t\tiifname "{wg}" jump vpn_input',
+        f'\t\tiifname "{wg}" jump vpn_input comment "{{digest}}"',
         "\t}",
         "\tchain vpn_input {",
         "\t\tct state established,related accept",
@@ -78,13 +78,13 @@ def ruleset_hash(body: list[str]) -> str:
 def render_ruleset(state: State) -> tuple[str, str]:
     """(nft -f text, hash). Creating the table first makes `delete` safe when it is absent."""
     body = render_table_body(state)
-    digest = ruleset_hash(body)
+    digest = "picell " + ruleset_hash(body)
+    body = [line.replace("{digest}", digest) for line in body]
     text = "\n".join(
         [
             f"table inet {TABLE_NAME}",
             f"delete table inet {TABLE_NAME}",
             f"table inet {TABLE_NAME} {{",
-            f'\tcomment "picell {digest}"',
             *body,
             "}",
             "",
