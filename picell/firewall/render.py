@@ -65,7 +65,6 @@ def render_table_body(state: State) -> list[str]:
         "\tchain vpn_deliver {",
         "\t\t# toward devices from elsewhere: only replies to what they opened",
         "\t\tct state established,related accept",
-        f'\t\tiifname "{wg}" accept',
         "\t\tcounter drop",
         "\t}",
     ]

@@ -1,0 +1,162 @@
+"""A fake kernel behind the runner: enough of wg, ip and nft to test the reconciler without root.
+
+It models what the real commands would leave behind (WireGuard peers with handshakes, interface
+addresses, the nft table) and answers the same machine-readable read commands.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from picell.errors import CommandFailed
+from picell.system.run import Result, Runner
+
+
+@dataclass
+class FakeChild:
+    name: str
+    argv: list[str]
+    started: int = 0
+    alive: bool = False
+    pid: int = 4242
+
+    def running(self) -> bool:
+        return self.alive
+
+    def start(self) -> None:
+        if not self.alive:
+            self.started += 1
+            self.alive = True
+
+    def stop(self) -> None:
+        self.alive = False
+
+
+@dataclass
+class FakeKernel(Runner):
+    interfaces: set[str] = field(default_factory=set)
+    wg: dict[str, dict[str, object]] = field(default_factory=dict)  # ifname -> key, port, peers
+    addrs: dict[str, set[str]] = field(default_factory=dict)
+    up: set[str] = field(default_factory=set)
+    nft_text: str | None = None
+    fail_on: str | None = None  # argv[0] of a command to fail
+    handshake_resets: int = 0
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        stdin: str | None = None,
+        ok_codes: Sequence[int] = (0,),
+        timeout_s: float = 0,
+    ) -> Result:
+        args = tuple(argv)
+        self.history.append(args)
+        if self.fail_on and args[0] == self.fail_on and args[1] != "-j" and "show" not in args:
+            raise CommandFailed(args, 1, f"{args[0]}: simulated failure")
+        out = self._dispatch(args, stdin)
+        return Result(args, 0, out, "")
+
+    def _dispatch(self, a: tuple[str, ...], stdin: str | None) -> str:
+        if a[:2] == ("ip", "link") and a[2] == "add":
+            raise CommandFailed(a, 2, "Error: Unknown device type.")
+        if a[:2] == ("wg", "show"):
+            dev = self.wg.get(a[2])
+            if dev is None:
+                raise CommandFailed(a, 1, "Unable to access interface")
+            lines = [f"{dev['key']}\tpub\t{dev['port']}\toff"]
+            peers: dict[str, dict[str, object]] = dev["peers"]  # type: ignore[assignment]
+            for key, p in peers.items():
+                lines.append(
+                    f"{key}\t(none)\t(none)\t{p['allowed']}\t{p['handshake']}\t0\t0\t"
+                    f"{p['keepalive'] or 'off'}"
+                )
+            return "\n".join(lines) + "\n"
+        if a[:2] == ("wg", "syncconf"):
+            self._syncconf(a[2], Path(a[3]).read_text())
+            return ""
+        if a[:3] == ("ip", "-j", "addr"):
+            ifname = a[-1]
+            if ifname not in self.interfaces:
+                raise CommandFailed(a, 1, "Device does not exist")
+            info = [
+                {"family": "inet", "local": str(i.ip), "prefixlen": i.network.prefixlen}
+                for i in map(ipaddress.IPv4Interface, sorted(self.addrs.get(ifname, set())))
+            ]
+            flags = ["UP"] if ifname in self.up else []
+            return json.dumps([{"ifname": ifname, "flags": flags, "addr_info": info}])
+        if a[:2] == ("ip", "-batch"):
+            for line in (stdin or "").splitlines():
+                w = line.split()
+                if w[:2] == ["address", "replace"]:
+                    self.addrs.setdefault(w[4], set()).add(w[2])
+                elif w[:2] == ["address", "del"]:
+                    self.addrs.get(w[4], set()).discard(w[2])
+                elif w[:3] == ["link", "set", "dev"]:
+                    self.up.add(w[3])
+            return ""
+        if a[:3] == ("nft", "-j", "list"):
+            if self.nft_text is None:
+                raise CommandFailed(a, 1, "No such file or directory")
+            comment = next(
+                (
+                    ln.split('comment "')[1].rstrip('"')
+                    for ln in self.nft_text.splitlines()
+                    if 'comment "picell ' in ln
+                ),
+                "",
+            )
+            return json.dumps(
+                {
+                    "nftables": [
+                        {"table": {"name": "picell"}},
+                        {"rule": {"comment": comment, "n": len(self.nft_text)}},
+                    ]
+                }
+            )
+        if a[:2] == ("nft", "-f"):
+            self.nft_text = Path(a[2]).read_text()
+            return ""
+        if a[0] == "unbound-control":
+            return "ok\n"
+        raise AssertionError(f"unexpected command {a}")
+
+    def _syncconf(self, ifname: str, text: str) -> None:
+        key, port, peers = "", 0, {}
+        current: dict[str, object] | None = None
+        for line in text.splitlines():
+            if " = " not in line:
+                continue
+            k, v = line.split(" = ", 1)
+            if k == "PrivateKey":
+                key = v
+            elif k == "ListenPort":
+                port = int(v)
+            elif k == "PublicKey":
+                current = {"allowed": "", "handshake": 0, "keepalive": 0}
+                peers[v] = current
+            elif k == "AllowedIPs" and current is not None:
+                current["allowed"] = ",".join(s.strip() for s in v.split(","))
+            elif k == "PersistentKeepalive" and current is not None:
+                current["keepalive"] = int(v)
+        old = self.wg.get(ifname, {}).get("peers", {})
+        assert isinstance(old, dict)
+        for pk, p in peers.items():
+            prev = old.get(pk)
+            # like wg syncconf: an unchanged peer keeps its session (and handshake time)
+            p["handshake"] = prev["handshake"] if prev else 0
+        self.wg[ifname] = {"key": key, "port": port, "peers": peers}
+
+    def create_interface(self, ifname: str) -> None:
+        self.interfaces.add(ifname)
+        self.wg[ifname] = {"key": "(none)", "port": 0, "peers": {}}
+
+    def delete_interface(self, ifname: str) -> None:
+        self.interfaces.discard(ifname)
+        self.wg.pop(ifname, None)
+        self.addrs.pop(ifname, None)
+        self.up.discard(ifname)

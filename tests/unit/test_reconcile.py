@@ -1,0 +1,128 @@
+"""The reconcile contract against a fake kernel: converge, no-op, constant process count, drift.
+
+Like Tailscale's router tests: feed a sequence of desired states, then the same states shuffled,
+and check what the (fake) system holds after each.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+import time
+
+import pytest
+
+from picell.errors import ApplyFailed
+from picell.reconcile import Reconciler
+from picell.state import State, build_state
+from picell.store.cell import Cell
+from picell.store.peers import Peer
+from picell.store.services import Service
+from picell.wireguard import keys
+from tests.unit.fakes import FakeKernel
+
+CELL = Cell(
+    name="alpha",
+    domain="alpha.test",
+    address=ipaddress.IPv4Interface("10.61.0.1/22"),
+    listen_port=51820,
+    endpoint="198.51.100.1:51820",
+    private_key=keys.generate_private(),
+    interface="pctest0",
+    pair_port=51821,
+    mesh_port=3000,
+    uplink=None,
+    mesh_range=ipaddress.IPv4Network("10.0.0.0/8"),
+    upstreams=(),
+)
+KEYS = [keys.public_from_private(keys.generate_private()) for _ in range(260)]
+
+
+def state_with(n_peers: int, n_services: int) -> State:
+    peers = [Peer(f"d{i}", KEYS[i], None, i + 2, None, time.time()) for i in range(n_peers)]
+    services = [
+        Service(f"s{i}", i + 1, ipaddress.IPv4Address("127.0.0.1"), 8000 + i, "tcp", 80)
+        for i in range(n_services)
+    ]
+    return build_state(CELL, peers, services, ())
+
+
+def observed_peers(kernel: FakeKernel) -> set[str]:
+    peers = kernel.wg["pctest0"]["peers"]
+    assert isinstance(peers, dict)
+    return set(peers)
+
+
+def test_first_set_creates_everything(reconciler: Reconciler, kernel: FakeKernel) -> None:
+    report = reconciler.set(state_with(2, 1))
+    assert report.changed
+    assert "pctest0" in kernel.interfaces
+    assert kernel.addrs["pctest0"] == {"10.61.0.1/22"}
+    assert observed_peers(kernel) == set(KEYS[:2])
+    assert kernel.nft_text is not None and "10.61.3.254 tcp dport 80" in kernel.nft_text
+    assert reconciler.unbound.running()
+
+
+def test_second_set_is_a_noop_without_writes(reconciler: Reconciler, kernel: FakeKernel) -> None:
+    state = state_with(3, 2)
+    reconciler.set(state)
+    peers = kernel.wg["pctest0"]["peers"]
+    assert isinstance(peers, dict)
+    for p in peers.values():
+        p["handshake"] = 1700000000  # sessions exist now
+    report = reconciler.set(state)
+    assert not report.changed
+    assert report.write_commands == []
+    assert all(p["handshake"] == 1700000000 for p in peers.values())
+
+
+@pytest.mark.parametrize("n", [1, 50, 250])
+def test_processes_per_reconcile_do_not_grow_with_devices(reconciler: Reconciler, n: int) -> None:
+    first = reconciler.set(state_with(n, 50))
+    change = reconciler.set(state_with(n - 1, 49))
+    noop = reconciler.set(state_with(n - 1, 49))
+    # create: ip link add (refused), wg show, wg syncconf, ip -j, ip -batch, nft -j, nft -f, nft -j
+    assert len(first.commands) == 8
+    # change: wg show, wg syncconf, ip -j, nft -j, nft -f, nft -j, unbound-control reload
+    assert len(change.commands) == 7
+    assert len(noop.commands) == 3
+
+
+def test_sequence_then_shuffled(reconciler: Reconciler, kernel: FakeKernel) -> None:
+    states = [state_with(n, s) for n, s in [(0, 0), (1, 0), (5, 2), (2, 7), (9, 1), (0, 3)]]
+    order = states + random.Random(7).sample(states, len(states))
+    for state in order:
+        reconciler.set(state)
+        assert observed_peers(kernel) == {p.public_key for p in state.peers}
+        assert kernel.nft_text is not None
+        for svc in state.services:
+            assert f"ip daddr {svc.vip} tcp dport 80" in kernel.nft_text
+        assert kernel.nft_text.count("dnat ip to") == len(state.services)
+        assert not reconciler.set(state).changed
+
+
+def test_drift_is_repaired(reconciler: Reconciler, kernel: FakeKernel) -> None:
+    state = state_with(2, 1)
+    reconciler.set(state)
+    kernel.delete_interface("pctest0")
+    kernel.nft_text = None
+    report = reconciler.set(state)
+    assert {c.area for c in report.changes} >= {"interface", "wireguard", "address", "firewall"}
+    assert observed_peers(kernel) == set(KEYS[:2])
+    assert not reconciler.set(state).changed
+
+
+def test_a_changed_table_is_reapplied(reconciler: Reconciler, kernel: FakeKernel) -> None:
+    state = state_with(1, 1)
+    reconciler.set(state)
+    assert kernel.nft_text is not None
+    kernel.nft_text += "\n# someone added a rule by hand\n"
+    report = reconciler.set(state)
+    assert [c.area for c in report.changes] == ["firewall"]
+
+
+def test_failed_apply_raises_apply_failed(reconciler: Reconciler, kernel: FakeKernel) -> None:
+    kernel.fail_on = "nft"
+    with pytest.raises(ApplyFailed) as err:
+        reconciler.set(state_with(1, 1))
+    assert "nft" in err.value.message

@@ -1,0 +1,111 @@
+"""Renderers against golden files. Regenerate with PICELL_UPDATE_GOLDEN=1 and read the diff."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from picell.dns.render import render_unbound
+from picell.firewall.render import render_ruleset
+from picell.state import State, build_state
+from picell.store.cell import Cell
+from picell.store.peers import Peer
+from picell.store.services import Service
+from picell.wireguard.render import device_allowed_ips, render_device, render_interface
+
+GOLDEN = Path(__file__).parent / "golden"
+KEY_CELL = "cPi9cd0OgqJ0qWdzRZsZUaOuSlnt05kY+tG2nh0DVkY="
+KEY_A = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg="
+KEY_B = "TrMvSoP4jYQlY6RIzBgbssQqY3vxI2Pi+y71lOWWXX8="
+
+
+def sample_state() -> State:
+    cell = Cell(
+        name="alpha",
+        domain="alpha.test",
+        address=ipaddress.IPv4Interface("10.61.0.1/24"),
+        listen_port=51820,
+        endpoint="198.51.100.1:51820",
+        private_key=KEY_CELL,
+        interface="pcalpha0",
+        pair_port=51821,
+        mesh_port=3000,
+        uplink=None,
+        mesh_range=ipaddress.IPv4Network("10.0.0.0/8"),
+        upstreams=(),
+    )
+    now = time.time()
+    peers = [Peer("phone", KEY_A, None, 2, None, now), Peer("laptop", KEY_B, None, 3, None, now)]
+    services = [
+        Service("web", 1, ipaddress.IPv4Address("127.0.0.1"), 8080, "tcp", 80),
+        Service("nas", 2, ipaddress.IPv4Address("203.0.113.5"), 445, "tcp", 445),
+    ]
+    return build_state(cell, peers, services, (ipaddress.IPv4Address("198.51.100.53"),))
+
+
+def check_golden(name: str, text: str) -> None:
+    path = GOLDEN / name
+    if os.environ.get("PICELL_UPDATE_GOLDEN"):
+        path.write_text(text)
+    assert text == path.read_text(), f"{name} differs from its golden file"
+
+
+def test_wireguard_interface() -> None:
+    check_golden("wg-interface.conf", render_interface(sample_state()))
+
+
+def test_device_config() -> None:
+    state = sample_state()
+    text = render_device(
+        device_name="phone",
+        private_key=KEY_A,
+        address=ipaddress.IPv4Address("10.61.0.2"),
+        dns=state.address.ip,
+        domain="alpha.test",
+        cell_public_key=KEY_B,
+        endpoint="198.51.100.1:51820",
+        allowed_ips=device_allowed_ips(state.network, ipaddress.IPv4Network("10.0.0.0/8")),
+    )
+    check_golden("device-phone.conf", text)
+
+
+def test_device_config_covers_a_network_outside_the_mesh_range() -> None:
+    nets = device_allowed_ips(
+        ipaddress.IPv4Network("192.168.77.0/24"), ipaddress.IPv4Network("10.0.0.0/8")
+    )
+    assert [str(n) for n in nets] == ["10.0.0.0/8", "192.168.77.0/24"]
+
+
+def test_ruleset() -> None:
+    text, digest = render_ruleset(sample_state())
+    check_golden("ruleset.nft", text)
+    assert f'comment "{digest}"' in text
+
+
+def test_ruleset_digest_follows_content() -> None:
+    state = sample_state()
+    _, d1 = render_ruleset(state)
+    _, d2 = render_ruleset(state)
+    fewer = State(**{**state.__dict__, "services": state.services[:1]})
+    _, d3 = render_ruleset(fewer)
+    assert d1 == d2 != d3
+
+
+def test_unbound() -> None:
+    text = render_unbound(
+        sample_state().dns, Path("/var/lib/picell/unbound"), Path("/var/lib/picell/ctl.sock")
+    )
+    check_golden("unbound.conf", text)
+
+
+@pytest.mark.parametrize("bad", ["a\nb", 'a"b'])
+def test_rendered_text_cannot_carry_injected_lines(bad: str) -> None:
+    from picell import validate
+    from picell.errors import BadInput
+
+    with pytest.raises(BadInput):
+        validate.name(bad)
