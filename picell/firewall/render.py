@@ -1,9 +1,10 @@
 """Render the owned nftables table as text for one atomic `nft -f` (pure; golden-file tested).
 
 The file deletes and recreates `table inet picell` in a single transaction, so the kernel never
-holds half a ruleset. The jump rule of the input chain carries a comment with the hash of the text
-(`nft -j` of nft 1.0.6 omits table comments but keeps rule comments): `observe` reads it back to tell whether the kernel holds what we rendered. One statement per line (nft 1.0.6
-cannot parse a chain closed on the line of its last rule).
+holds half a ruleset. The jump rule of the input chain carries a comment with the hash of the
+text (`nft -j` of nft 1.0.6 omits table comments but keeps rule comments): `observe` reads it
+back to tell whether the kernel holds what we rendered. One statement per line (nft 1.0.6 cannot
+parse a chain closed on the line of its last rule).
 """
 
 from __future__ import annotations

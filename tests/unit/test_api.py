@@ -1,4 +1,4 @@
-"""The admin API over a fake kernel: 4xx naming the field, 409 on conflicts, nothing half-applied."""
+"""The admin API over a fake kernel: 4xx naming the field, 409 on conflicts, no half-apply."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ def client(control: Control) -> TestClient:
 
 
 def error(resp: object, status: int) -> dict[str, str]:
-    assert getattr(resp, "status_code") == status, getattr(resp, "text")
-    body: dict[str, str] = getattr(resp, "json")()
+    assert resp.status_code == status, resp.text
+    body: dict[str, str] = resp.json()
     assert set(body) == {"code", "message", "field"}
     return body
 
