@@ -1,0 +1,29 @@
+#!/bin/sh
+# Install what a cell needs on Debian 12, as root: apt packages (without recommends), a virtualenv
+# in .venv with the pinned dependencies, the picell package, and /usr/local/bin/picell.
+# Usage: scripts/install.sh [--test]   (--test adds the test tools)
+set -eu
+cd "$(dirname "$0")/.."
+extras=""
+pkgs="python3 python3-venv ca-certificates iproute2 wireguard-tools wireguard-go nftables unbound conntrack"
+if [ "${1:-}" = "--test" ]; then
+    extras="[test]"
+    pkgs="$pkgs dnsutils iputils-ping procps"
+fi
+missing=""
+for p in $pkgs; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    # shellcheck disable=SC2086
+    apt-get install -y -q --no-install-recommends $missing
+fi
+# Debian's unbound package may start a system resolver; picell runs its own per cell.
+if command -v systemctl >/dev/null 2>&1 && systemctl is-enabled unbound >/dev/null 2>&1; then
+    systemctl disable --now unbound >/dev/null 2>&1 || true
+fi
+[ -x .venv/bin/python ] || /usr/bin/python3 -m venv .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check -c requirements.lock -e ".$extras"
+ln -sf "$(pwd)/.venv/bin/picell" /usr/local/bin/picell
