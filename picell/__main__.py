@@ -1,0 +1,5 @@
+"""`python -m picell` runs the CLI."""
+
+from picell.cli import main
+
+main()

@@ -1,0 +1,129 @@
+"""Real picell cells inside test namespaces: init, serve, drive the CLI, kill, restart.
+
+A `Cell` runs `picell serve` as a background process of its namespace (tracked by the
+topology, so it is stopped at teardown) with its own data dir and a host-unique interface name.
+The CLI is driven exactly as a user or script would: `picell --data-dir DIR … --json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from tests.netns.harness import Netns, Proc, Topology, wait_until
+
+PICELL = [sys.executable, "-m", "picell"]
+
+
+class CliError(AssertionError):
+    def __init__(self, argv: list[str], proc: subprocess.CompletedProcess[str]) -> None:
+        super().__init__(f"{argv} exited {proc.returncode}: {proc.stdout}{proc.stderr}")
+        self.returncode = proc.returncode
+        self.stdout = proc.stdout
+        self.stderr = proc.stderr
+
+
+class Cell:
+    def __init__(self, topo: Topology, ns: Netns, name: str, domain: str, address: str,
+                 endpoint: str) -> None:  # fmt: skip
+        self.topo = topo
+        self.ns = ns
+        self.name = name
+        self.domain = domain
+        self.address = address
+        self.ip = address.split("/")[0]
+        self.endpoint = endpoint
+        self.interface = topo.ifname("cell")
+        self.data_dir = topo.workdir / f"data-{ns.name}"
+        self.proc: Proc | None = None
+
+    # -- CLI --
+    def run(
+        self, *args: str, check: bool = True, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:  # noqa: E501
+        argv = [*PICELL, "--data-dir", str(self.data_dir), *args]
+        proc = self.ns.run(argv, check=False, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise CliError(argv, proc)
+        return proc
+
+    def cli(self, *args: str) -> Any:
+        """Run a CLI command with --json and return the parsed answer (CliError on failure)."""
+        return json.loads(self.run(*args, "--json").stdout)
+
+    def refused(self, *args: str) -> dict[str, Any]:
+        """Run a command that must be refused (exit 1); return the JSON error."""
+        proc = self.run(*args, "--json", check=False)
+        assert proc.returncode == 1, f"{args}: exit {proc.returncode}: {proc.stdout}{proc.stderr}"
+        body: dict[str, Any] = json.loads(proc.stdout)
+        return body
+
+    # -- lifecycle --
+    def init(self) -> None:
+        self.run("init", "--name", self.name, "--domain", self.domain, "--address",
+                 self.address, "--endpoint", self.endpoint, "--interface", self.interface)  # fmt: skip
+
+    def start(self, timeout_s: float = 30) -> None:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = self.ns.popen(
+            [*PICELL, "--data-dir", str(self.data_dir), "serve"], name=f"picell-{self.name}",
+            env=env,
+        )  # fmt: skip
+        proc = self.proc
+
+        def answers() -> bool:
+            if not proc.running():
+                raise RuntimeError(f"picell serve exited:\n{proc.log_text()}")
+            return self.run("status", "--json", check=False).returncode == 0
+
+        wait_until(answers, timeout_s, f"cell {self.name} did not start serving")
+
+    def stop(self) -> None:
+        """SIGTERM, as a service manager would; waits until the daemon has exited."""
+        if self.proc is not None:
+            self.proc.stop()
+            self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL: the daemon dies without stopping its children."""
+        if self.proc is not None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            proc = self.proc
+            wait_until(lambda: not proc.running(), 10, "picell serve did not die")
+            self.proc = None
+
+    def log(self) -> str:
+        return self.proc.log_text() if self.proc else ""
+
+    def add_device(self, name: str, *extra: str) -> str:
+        """Add a device and return its config text exactly as the owner would receive it."""
+        config: str = self.cli("peers", "add", name, *extra)["config"]
+        return config
+
+    def wg_dump(self) -> list[list[str]]:
+        out = self.ns.run(["wg", "show", self.interface, "dump"]).stdout
+        return [line.split("\t") for line in out.splitlines()[1:]]
+
+    @property
+    def unbound_conf(self) -> Path:
+        return self.data_dir / "unbound" / "unbound.conf"
+
+
+def start_upstream_dns(ns: Netns, addr: str, records: dict[str, str], workdir: Path) -> Proc:
+    """A plain Unbound in `ns` answering `records` (name -> IPv4), standing in for the internet's
+    resolvers. Returns once it answers."""
+    conf = workdir / f"upstream-{ns.name}.conf"
+    lines = ["server:", '\tusername: ""', '\tchroot: ""', f'\tdirectory: "{workdir}"',
+             '\tpidfile: ""', "\tuse-syslog: no", f"\tinterface: {addr}",
+             "\taccess-control: 0.0.0.0/0 allow", '\tlocal-zone: "." static']  # fmt: skip
+    lines += [f'\tlocal-data: "{n}. 60 IN A {ip}"' for n, ip in records.items()]
+    conf.write_text("\n".join(lines) + "\n")
+    proc = ns.popen(["unbound", "-d", "-p", "-c", str(conf)], name=f"upstream-{ns.name}")
+    first = next(iter(records))
+    wait_until(lambda: ns.dig(first, server=addr) == [records[first]], 15, "upstream DNS not up")
+    return proc
