@@ -65,8 +65,10 @@ class Cell:
 
     # -- lifecycle --
     def init(self) -> None:
-        self.run("init", "--name", self.name, "--domain", self.domain, "--address",
-                 self.address, "--endpoint", self.endpoint, "--interface", self.interface)  # fmt: skip
+        self.run(
+            *("init", "--name", self.name, "--domain", self.domain, "--address", self.address),
+            *("--endpoint", self.endpoint, "--interface", self.interface),
+        )
 
     def start(self, timeout_s: float = 30) -> None:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
