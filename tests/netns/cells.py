@@ -39,6 +39,7 @@ class Cell:
         self.ip = address.split("/")[0]
         self.endpoint = endpoint
         self.interface = topo.ifname("cell")
+        topo.claim_wg_ifname(self.interface)  # its socket is removed even if picell is killed
         self.data_dir = topo.workdir / f"data-{ns.name}"
         self.proc: Proc | None = None
 
