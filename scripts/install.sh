@@ -25,5 +25,18 @@ if command -v systemctl >/dev/null 2>&1 && systemctl is-enabled unbound >/dev/nu
     systemctl disable --now unbound >/dev/null 2>&1 || true
 fi
 [ -x .venv/bin/python ] || /usr/bin/python3 -m venv .venv
-.venv/bin/python -m pip install -q --disable-pip-version-check -c requirements.lock -e ".$extras"
+# pip reinstalls an editable package on every run, fetching its build backend from the index, so a
+# cell restarted without Internet (or in a namespace without an uplink) could not start. Skip pip
+# when the venv was last installed from this same lock and pyproject with these (or more) extras.
+stamp=.venv/.picell-installed
+want="$(cat requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1)"
+have="$(cat "$stamp" 2>/dev/null || true)"
+case "$have" in
+    "$want $extras" | "$want [test]") ;;
+    *)
+        rm -f "$stamp"
+        .venv/bin/python -m pip install -q --disable-pip-version-check -c requirements.lock -e ".$extras"
+        echo "$want $extras" >"$stamp"
+        ;;
+esac
 ln -sf "$(pwd)/.venv/bin/picell" /usr/local/bin/picell
