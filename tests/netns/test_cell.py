@@ -17,6 +17,7 @@ VPN network 10.61.0.0/24: cell .1, devices from .2 upward, services from .254 do
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -195,3 +196,30 @@ def test_restart_converges_from_the_store_after_drift(world: World) -> None:
                "web unreachable after restart")  # fmt: skip
     assert not world.phone_ns.tcp_connect("10.61.0.1", 9999)
     assert cell.cli("reconcile")["changed"] is False
+
+
+def test_defaults_and_a_second_cell_on_the_same_host(world: World) -> None:
+    """A second cell, initialised with defaults but its interface name, runs beside alpha in its
+    own namespace; its own device reaches it, and alpha's device still reaches alpha."""
+    topo = world.topo
+    beta_ns = topo.add_ns("beta")
+    beta_dev_ns = topo.add_ns("betadev")
+    inet = topo.bridges[0]
+    topo.attach(beta_ns, inet, "198.51.100.21/24")
+    topo.attach(beta_dev_ns, inet, "198.51.100.22/24")
+    beta = Cell(topo, beta_ns, "", "", "", "")
+    beta.run("init", "--interface", beta.interface)
+    beta.start()
+    status = beta.cli("status")
+    assert status["domain"] == f"{status['name']}.cell"
+    assert status["endpoint"] == "198.51.100.21:51820"
+    network = ipaddress.IPv4Network(status["network"])
+    assert network.prefixlen == 24 and network.subnet_of(ipaddress.IPv4Network("10.0.0.0/8"))
+    assert status["address"] == f"{network[1]}/24"
+    beta.ip = str(network[1])
+    device = beta_dev_ns.device(beta.add_device("laptop"), hint="laptop")
+    device.up()
+    wait_until(lambda: beta_dev_ns.ping(beta.ip), 15, "beta's device cannot reach beta")
+    assert beta_dev_ns.dig(f"laptop.{status['domain']}") == [str(network[2])]
+    wait_until(lambda: world.phone_ns.ping("10.61.0.1"), 15, "alpha's device lost alpha")
+    beta.stop()
