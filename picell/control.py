@@ -9,7 +9,6 @@ run system commands themselves.
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 import socket
 import sqlite3
@@ -37,6 +36,7 @@ from picell.constants import (
 from picell.dns.unbound import read_upstreams
 from picell.errors import ApplyFailed, BadInput, Conflict
 from picell.reconcile import Reconciler, Report
+from picell.routing.host import observe_host_address, observe_host_networks
 from picell.state import State, build_state
 from picell.store import cell as cell_table
 from picell.store import peers as peer_table
@@ -64,28 +64,6 @@ class InitRequest:
     mesh_port: int | None = None
     uplink: str | None = None
     listen_port: int | None = None
-
-
-def _observe_host_networks(runner: Runner) -> list[ipaddress.IPv4Network]:
-    out = runner.run(["ip", "-j", "-4", "route", "show", "table", "all"]).stdout
-    nets = []
-    for route in json.loads(out or "[]"):
-        dst = route.get("dst", "")
-        if dst and dst != "default":
-            try:
-                nets.append(ipaddress.IPv4Network(dst, strict=False))
-            except ValueError:
-                continue
-    return nets
-
-
-def _observe_host_address(runner: Runner) -> str | None:
-    out = runner.run(["ip", "-j", "-4", "addr", "show", "scope", "global"]).stdout
-    for link in json.loads(out or "[]"):
-        for a in link.get("addr_info", []):
-            if a.get("family") == "inet":
-                return str(a["local"])
-    return None
 
 
 def default_name() -> str:
@@ -172,7 +150,7 @@ class Control:
         elif old:
             address = old.address
         else:
-            net = draw_network(_observe_host_networks(self.runner))
+            net = draw_network(observe_host_networks(self.runner))
             address = ipaddress.IPv4Interface(f"{net[1]}/{net.prefixlen}")
         listen_port = validate.port(req.listen_port, "listen_port") if req.listen_port else None
         if req.endpoint:
@@ -182,7 +160,7 @@ class Control:
         elif old:
             endpoint = old.endpoint
         else:
-            host = _observe_host_address(self.runner)
+            host = observe_host_address(self.runner)
             if host is None:
                 raise BadInput(
                     "endpoint: this host has no global address; give --endpoint HOST:PORT",

@@ -21,6 +21,7 @@ import ipaddress
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -223,3 +224,9 @@ def test_defaults_and_a_second_cell_on_the_same_host(world: World) -> None:
     assert beta_dev_ns.dig(f"laptop.{status['domain']}") == [str(network[2])]
     wait_until(lambda: world.phone_ns.ping("10.61.0.1"), 15, "alpha's device lost alpha")
     beta.stop()
+
+
+def test_golden_ruleset_passes_nft_check(world: World) -> None:
+    """The renderer's golden file is a ruleset nft itself accepts (`nft -c`, nothing applied)."""
+    golden = Path(__file__).resolve().parent.parent / "unit" / "golden" / "ruleset.nft"
+    world.lan.run(["nft", "-c", "-f", str(golden)])
