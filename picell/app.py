@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 import uvicorn
@@ -29,6 +30,10 @@ from picell.system.children import Child
 from picell.system.run import Runner
 
 log = logging.getLogger("picell")
+
+
+def _backoff(attempt: int) -> float:
+    return CHILD_RESTART_BACKOFF_S[min(attempt, len(CHILD_RESTART_BACKOFF_S) - 1)]
 
 
 def build_api(control: Control) -> FastAPI:
@@ -83,14 +88,20 @@ class Daemon:
         return True
 
     def _loop(self) -> None:
+        """Reconcile on the period, after a failure with backoff, and when a child exits: a
+        child that keeps crashing is restarted ever more slowly (up to the last backoff)."""
+        crashes, last_crash = 0, 0.0
         while not self._stop.is_set():
-            backoff = CHILD_RESTART_BACKOFF_S[min(self._failures, len(CHILD_RESTART_BACKOFF_S) - 1)]
-            woke = self._wake.wait(RECONCILE_PERIOD_S if self._failures == 0 else backoff)
+            delay = RECONCILE_PERIOD_S if self._failures == 0 else _backoff(self._failures)
+            woke = self._wake.wait(delay)
             if self._stop.is_set():
                 return
             if woke:
                 self._wake.clear()
-                self._stop.wait(CHILD_RESTART_BACKOFF_S[0])  # let a crashing child settle
+                now = time.monotonic()
+                crashes = crashes + 1 if now - last_crash < RECONCILE_PERIOD_S else 1
+                last_crash = now
+                self._stop.wait(_backoff(crashes - 1))
             self._failures = 0 if self._converge_quietly() else self._failures + 1
 
     def serve(self) -> None:

@@ -17,7 +17,10 @@ VPN network 10.61.0.0/24: cell .1, devices from .2 upward, services from .254 do
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import os
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -178,6 +181,24 @@ def test_second_reconcile_changes_nothing_and_keeps_sessions(world: World) -> No
     assert report["write_commands"] == 0
     assert report["processes"] == 3
     assert handshake() == before
+
+
+def test_crashed_children_are_restarted(world: World) -> None:
+    cell, phone = world.cell, world.phone_ns
+
+    def pid_of(program: str) -> int:
+        for pid in cell.ns.pids():
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{pid}/comm").read_text().strip() == program:
+                    return pid
+        raise LookupError(program)
+
+    os.kill(pid_of("unbound"), signal.SIGKILL)
+    wait_until(lambda: phone.dig(f"web.{DOMAIN}") == ["10.61.0.254"], 20, "DNS did not come back")
+    old_wg = pid_of("wireguard-go")
+    os.kill(old_wg, signal.SIGKILL)
+    wait_until(lambda: pid_of("wireguard-go") != old_wg, 20, "wireguard-go was not restarted")
+    wait_until(lambda: phone.ping("10.61.0.1"), 30, "the phone did not reach the cell again")
 
 
 def test_restart_converges_from_the_store_after_drift(world: World) -> None:
