@@ -7,21 +7,28 @@ its children on SIGTERM/SIGINT.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import signal
+import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI
 
 from picell import __version__
-from picell.api import admin, errors
+from picell.api import admin, cells, errors
+from picell.api.peer import build_mesh_api, build_pairing_api
 from picell.constants import CHILD_RESTART_BACKOFF_S, RECONCILE_PERIOD_S
 from picell.control import Control, InitRequest
 from picell.errors import PicellError
+from picell.mesh.links import Links
+from picell.mesh.sender import Sender
 from picell.reconcile import Reconciler
 from picell.state import Paths
 from picell.store import cell as cell_table
@@ -30,18 +37,47 @@ from picell.system.children import Child
 from picell.system.run import Runner
 
 log = logging.getLogger("picell")
+IP_FREEBIND = 15  # <linux/in.h>; not exported by Python's socket module
 
 
 def _backoff(attempt: int) -> float:
     return CHILD_RESTART_BACKOFF_S[min(attempt, len(CHILD_RESTART_BACKOFF_S) - 1)]
 
 
-def build_api(control: Control) -> FastAPI:
+def build_api(control: Control, links: Links | None = None) -> FastAPI:
+    """The admin API; served on the unix socket (and later, behind login, on the web port)."""
     app = FastAPI(title="picell admin API", version=__version__)
     app.state.control = control
+    app.state.links = links or Links(control)
     errors.install(app)
     app.include_router(admin.router)
+    app.include_router(cells.router)
     return app
+
+
+class _Server(uvicorn.Server):
+    """A uvicorn server that leaves signals to the daemon, which runs several of them."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _config(app: FastAPI, uds: str | None = None) -> uvicorn.Config:
+    # proxy_headers off: the mesh API authenticates the direct source address, never a header
+    return uvicorn.Config(app, uds=uds, log_level="warning", access_log=False, proxy_headers=False)
+
+
+def _listen(address: str, port: int) -> socket.socket:
+    """A listening TCP socket; IP_FREEBIND lets it bind the WireGuard address before (or while)
+    the interface carries it, so start order does not matter."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
+    sock.bind((address, port))
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
 
 
 class Daemon:
@@ -55,6 +91,8 @@ class Daemon:
         self.runner = Runner()
         self.reconciler = Reconciler(self.runner, self.paths, self._make_child)
         self.control = Control(self.store, self.runner, self.reconciler)
+        self.links = Links(self.control, wake_sender=lambda: self.sender.wake())
+        self.sender = Sender(self.links)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._failures = 0
@@ -108,27 +146,41 @@ class Daemon:
         self.ensure_cell()
         if not self._converge_quietly():
             self._failures = 1
+        cell = self.control.cell()
         sock = self.paths.admin_socket
         if sock.exists():
             sock.unlink()
         old_umask = os.umask(0o077)  # the admin socket is root-only
-        config = uvicorn.Config(
-            build_api(self.control), uds=str(sock), log_level="warning", access_log=False
-        )
-        server = uvicorn.Server(config)
+        servers = [
+            (_Server(_config(build_api(self.control, self.links), uds=str(sock))),
+             None),
+            (_Server(_config(build_mesh_api(self.links))),
+             [_listen(str(cell.ip), cell.mesh_port)]),
+            (_Server(_config(build_pairing_api(self.links))),
+             [_listen("0.0.0.0", cell.pair_port)]),
+        ]  # fmt: skip
         loop = threading.Thread(target=self._loop, name="reconcile", daemon=True)
         loop.start()
-        # uvicorn re-raises the signal that stopped it once it has shut down; a no-op handler
-        # lets the daemon then stop its children instead of dying with them still running.
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: None)
+        self.sender.start()
+
+        async def main() -> None:
+            def stop(*_: object) -> None:
+                for server, _sockets in servers:
+                    server.should_exit = True
+
+            running = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                running.add_signal_handler(sig, stop)
+            await asyncio.gather(*(server.serve(sockets=socks) for server, socks in servers))
+
         try:
-            server.run()
+            asyncio.run(main())
         finally:
             os.umask(old_umask)
             self._stop.set()
             self._wake.set()
             loop.join(timeout=5)
+            self.sender.stop()
             self.reconciler.stop()
             if sock.exists():
                 sock.unlink()

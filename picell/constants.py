@@ -15,7 +15,10 @@ DEFAULT_MESH_PORT = 3000  # mesh API on the WireGuard address (DESIGN §1)
 DEFAULT_WEB_PORT = 8080  # admin web listener on 127.0.0.1 (web issue)
 DNS_PORT = 53  # the cell's Unbound on its WireGuard address
 
+LINK_KEEPALIVE_S = 25  # keeps a site-to-site tunnel's NAT mappings open in both directions
+LINK_ONLINE_S = 180  # a link is online when its last handshake is younger than this
 DEVICE_KEEPALIVE_S = 25  # keeps NAT mappings of phones alive; WireGuard's usual value
+ROUTE_PROTO = 77  # routing protocol id marking picell's routes (ip route … proto 77)
 TABLE_NAME = "picell"  # the one nftables table picell owns (family inet)
 
 # Where default VPN networks are drawn from, and what devices route into their tunnel so that
@@ -39,6 +42,15 @@ CROWDED_RANGES = tuple(
         "10.255.0.0/16",  # broadcast-looking, avoided by habit
     )
 )
+
+DEFAULT_INVITE_TTL_S = 24 * 3600.0  # an invite's token expires after a day unless told
+INVITE_MIN_TTL_S = 60.0
+INVITE_MAX_TTL_S = 30 * 24 * 3600.0
+OUTBOX_MAX_BACKOFF_S = 30.0  # DESIGN §6: failed deliveries retry at least this often
+UNLINK_GIVE_UP_S = 30 * 24 * 3600.0  # an unlink undelivered this long is dropped with our side
+PAIRING_BODY_MAX = 8192  # bytes; an identity and a MAC fit many times over
+PAIRING_RATE = (10, 10.0)  # requests per window (s) per source address on the pairing port
+MESH_BODY_MAX = 65536  # bytes; a state document with many services
 
 RECONCILE_PERIOD_S = 30.0  # drift is fixed at most this long after it happens
 COMMAND_TIMEOUT_S = 20.0  # no system command may hang the reconciler longer

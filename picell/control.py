@@ -39,6 +39,7 @@ from picell.reconcile import Reconciler, Report
 from picell.routing.host import observe_host_address, observe_host_networks
 from picell.state import State, build_state
 from picell.store import cell as cell_table
+from picell.store import links as link_table
 from picell.store import peers as peer_table
 from picell.store import services as service_table
 from picell.store.cell import Cell
@@ -87,6 +88,7 @@ class Control:
             peer_table.all_peers(conn),
             service_table.all_services(conn),
             read_upstreams(),
+            link_table.all_links(conn),
         )
 
     def converge(self) -> Report | None:
@@ -106,7 +108,7 @@ class Control:
             return report
 
     @contextmanager
-    def _change(self) -> Iterator[sqlite3.Connection]:
+    def change(self) -> Iterator[sqlite3.Connection]:
         """A write transaction that commits only if the new state applies."""
         with self.store.transaction() as conn:
             yield conn
@@ -227,7 +229,7 @@ class Control:
         else:
             private = keys.generate_private()
             public = keys.public_from_private(private)
-        with self._change() as conn:
+        with self.change() as conn:
             self._check_name_free(conn, name)
             cell = cell_table.load(conn)
             if public == keys.public_from_private(cell.private_key):
@@ -243,7 +245,7 @@ class Control:
 
     def remove_peer(self, name: str) -> None:
         validate.name(name)
-        with self._change() as conn:
+        with self.change() as conn:
             peer_table.remove(conn, name)
 
     def peer_public(
@@ -307,7 +309,7 @@ class Control:
         svc_port = validate.port(port, "port") if port is not None else backend_port
         if protocol not in ("tcp", "udp"):
             raise BadInput("protocol: must be tcp or udp", field="protocol")
-        with self._change() as conn:
+        with self.change() as conn:
             self._check_name_free(conn, name)
             cell = cell_table.load(conn)
             if host in cell.network:
@@ -326,7 +328,7 @@ class Control:
 
     def remove_service(self, name: str) -> None:
         validate.name(name)
-        with self._change() as conn:
+        with self.change() as conn:
             service_table.remove(conn, name)
 
     @staticmethod

@@ -5,6 +5,8 @@
     ├── NotFound                a named thing does not exist (HTTP 404)
     ├── Conflict                the request collides with what exists (HTTP 409, names it)
     ├── NotInitialised          no cell in the store yet (HTTP 409)
+    ├── Forbidden               a cross-cell message failed authentication (HTTP 403)
+    ├── RateLimited             too many requests from one source (HTTP 429)
     ├── CommandFailed           a system command exited badly (raised by system.run)
     └── ApplyFailed             the reconciler could not converge (HTTP 503, store kept)
 
@@ -42,6 +44,14 @@ class Conflict(PicellError):
 
 class NotInitialised(PicellError):
     code = "not_initialised"
+
+
+class Forbidden(PicellError):
+    code = "forbidden"
+
+
+class RateLimited(PicellError):
+    code = "rate_limited"
 
 
 class ApplyFailed(PicellError):

@@ -19,7 +19,7 @@ from picell.dns.unbound import Unbound
 from picell.errors import ApplyFailed, CommandFailed
 from picell.firewall.apply import apply_ruleset, observe_table
 from picell.firewall.render import render_ruleset
-from picell.routing.apply import apply_link, observe_link, plan_link
+from picell.routing.apply import apply_link, observe_link, observe_routes, plan_link
 from picell.state import Paths, State
 from picell.system.children import Child, write_sysctl
 from picell.system.run import Runner
@@ -86,6 +86,7 @@ class Reconciler:
         self.make_child = make_child
         self.unbound = Unbound(runner, paths.unbound_conf, make_child)
         self.wg_child: Child | None = None
+        self._endpoints: dict[str, str] = {}  # peer endpoints as we last applied them
         self._nft_seen: tuple[str, str] | None = None  # (digest, kernel fingerprint) we applied
         self._lock = threading.Lock()
         self.last: Report | None = None
@@ -112,12 +113,19 @@ class Reconciler:
             report.changes.append(Change("interface", "create", ifname))
 
         observed_wg = observe_wg(self.runner, ifname)
-        wg_changes = wg_needs_sync(state, observed_wg)
+        wg_changes = wg_needs_sync(state, observed_wg, self._endpoints)
         if wg_changes:
             apply_wg(self.runner, state, render_interface(state), self.paths.wg_conf)
+            self._endpoints = {p.public_key: p.endpoint for p in state.peers if p.endpoint}
             report.changes += [Change("wireguard", k, t) for k, t in wg_changes]
 
-        lines = plan_link(ifname, state.address, observe_link(self.runner, ifname))
+        lines = plan_link(
+            ifname,
+            state.address,
+            observe_link(self.runner, ifname),
+            tuple(link.routed for link in state.links),
+            observe_routes(self.runner, ifname),
+        )
         if lines:
             apply_link(self.runner, lines)
             report.changes += [Change("address", "update", line) for line in lines]
@@ -157,6 +165,7 @@ class Reconciler:
         if not kernel_wireguard(self.runner, ifname):
             self.wg_child = start_userspace(ifname, self.make_child)
         self._nft_seen = None  # rules naming the interface are re-applied with it
+        self._endpoints = {}
 
     def stop(self) -> None:
         self.unbound.stop()

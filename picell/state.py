@@ -7,12 +7,14 @@ and Unbound configuration text. Nothing here reads the system or the store.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from picell.addressing import peer_address, vip_address
-from picell.constants import DNS_PORT
+from picell.constants import DNS_PORT, LINK_KEEPALIVE_S
 from picell.store.cell import Cell
+from picell.store.links import Link
 from picell.store.peers import Peer
 from picell.store.services import Service
 
@@ -46,6 +48,23 @@ class DnsRecord:
     address: ipaddress.IPv4Address
 
 
+@dataclass(frozen=True, order=True)
+class DnsForward:
+    """A linked cell's domain, resolved by its own DNS through the tunnel."""
+
+    domain: str
+    server: ipaddress.IPv4Address
+
+
+@dataclass(frozen=True, order=True)
+class DnsView:
+    """What a linked cell's network may resolve here: only `records` of our domain."""
+
+    name: str
+    network: ipaddress.IPv4Network
+    records: tuple[DnsRecord, ...]
+
+
 @dataclass(frozen=True)
 class DnsState:
     domain: str
@@ -54,6 +73,25 @@ class DnsState:
     allow: tuple[ipaddress.IPv4Network, ...]
     records: tuple[DnsRecord, ...]
     upstreams: tuple[ipaddress.IPv4Address, ...]
+    forwards: tuple[DnsForward, ...] = ()
+    views: tuple[DnsView, ...] = ()
+
+
+@dataclass(frozen=True, order=True)
+class LinkState:
+    """A linked cell as the kernel sees it: a WireGuard peer, a route, firewall and DNS rules."""
+
+    name: str
+    public_key: str
+    endpoint: str
+    network: ipaddress.IPv4Network
+    dns_ip: ipaddress.IPv4Address
+    mesh_port: int
+    unlinking: bool  # only the other cell's address stays reachable, to deliver `unlink`
+
+    @property
+    def routed(self) -> ipaddress.IPv4Network:
+        return ipaddress.IPv4Network(self.dns_ip) if self.unlinking else self.network
 
 
 @dataclass(frozen=True)
@@ -65,6 +103,12 @@ class State:
     peers: tuple[PeerState, ...]
     services: tuple[ServiceState, ...]
     dns: DnsState
+    links: tuple[LinkState, ...] = ()
+    mesh_port: int = 3000
+
+    @property
+    def linked_networks(self) -> tuple[ipaddress.IPv4Network, ...]:
+        return tuple(sorted(link.network for link in self.links if not link.unlinking))
 
     @property
     def network(self) -> ipaddress.IPv4Network:
@@ -115,19 +159,43 @@ def build_state(
     peers: list[Peer],
     services: list[Service],
     upstreams: tuple[ipaddress.IPv4Address, ...],
+    links: Sequence[Link] = (),
 ) -> State:
     net = cell.network
-    peer_states = tuple(
+    link_states = tuple(
         sorted(
-            PeerState(
-                public_key=p.public_key,
-                name=p.name,
-                allowed_ips=(ipaddress.IPv4Network(peer_address(net, p.host_index)),),
-                keepalive_s=0,
+            LinkState(
+                name=link.name,
+                public_key=link.public_key,
+                endpoint=link.endpoint,
+                network=link.vpn_subnet,
+                dns_ip=link.dns_ip,
+                mesh_port=link.mesh_port,
+                unlinking=link.state == "unlinking",
             )
-            for p in peers
+            for link in links
         )
     )
+    device_peers = (
+        PeerState(
+            public_key=p.public_key,
+            name=p.name,
+            allowed_ips=(ipaddress.IPv4Network(peer_address(net, p.host_index)),),
+            keepalive_s=0,
+        )
+        for p in peers
+    )
+    cell_peers = (
+        PeerState(
+            public_key=link.public_key,
+            name=f"cell {link.name}",
+            allowed_ips=(link.routed,),
+            endpoint=link.endpoint,
+            keepalive_s=LINK_KEEPALIVE_S,
+        )
+        for link in link_states
+    )
+    peer_states = tuple(sorted([*device_peers, *cell_peers]))
     service_states = tuple(
         sorted(
             ServiceState(
@@ -156,6 +224,14 @@ def build_state(
         allow=(net,),
         records=tuple(sorted(records)),
         upstreams=tuple(u for u in (cell.upstreams or upstreams) if u != cell.ip),
+        forwards=tuple(
+            sorted(DnsForward(ln.domain, ln.dns_ip) for ln in links if ln.state != "unlinking")
+        ),
+        views=tuple(
+            DnsView(ls.name, ls.network, _view_records(cell))
+            for ls in link_states
+            if not ls.unlinking
+        ),
     )
     return State(
         interface=cell.interface,
@@ -165,4 +241,13 @@ def build_state(
         peers=peer_states,
         services=service_states,
         dns=dns,
+        links=link_states,
+        mesh_port=cell.mesh_port,
+    )
+
+
+def _view_records(cell: Cell) -> tuple[DnsRecord, ...]:
+    """What a linked cell may resolve in our domain: the cell itself (shared services later)."""
+    return tuple(
+        sorted([DnsRecord(cell.domain, cell.ip), DnsRecord(f"{cell.name}.{cell.domain}", cell.ip)])
     )

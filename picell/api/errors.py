@@ -14,9 +14,11 @@ from picell.errors import (
     BadInput,
     CommandFailed,
     Conflict,
+    Forbidden,
     NotFound,
     NotInitialised,
     PicellError,
+    RateLimited,
 )
 
 STATUS: dict[type[PicellError], int] = {
@@ -24,6 +26,8 @@ STATUS: dict[type[PicellError], int] = {
     NotFound: 404,
     Conflict: 409,
     NotInitialised: 409,
+    Forbidden: 403,
+    RateLimited: 429,
     # The host refused the change: nothing was committed and the previous state was restored.
     ApplyFailed: 409,
     CommandFailed: 409,

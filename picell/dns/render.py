@@ -2,7 +2,10 @@
 
 Unbound listens only on the cell's WireGuard address (ip-freebind, so start order does not
 matter), answers the cell's zone from local data, and forwards every other name to the host's
-upstream resolvers. It is refused to everyone but the cell's own network and loopback.
+upstream resolvers. It is refused to everyone but the cell's own network and loopback, except
+that each linked cell's network gets a view holding only what we let it resolve; every other
+name is refused to it (no open resolver). Each linked cell's domain is forwarded to that cell's
+DNS address, through the tunnel.
 """
 
 from __future__ import annotations
@@ -34,14 +37,25 @@ def render_unbound(dns: DnsState, workdir: Path, control_socket: Path) -> str:
         "\taccess-control: 0.0.0.0/0 refuse",
         "\taccess-control: 127.0.0.0/8 allow",
         *(f"\taccess-control: {net} allow" for net in dns.allow),
+        *(f"\taccess-control: {v.network} allow" for v in dns.views),
+        *(f"\taccess-control-view: {v.network} link-{v.name}" for v in dns.views),
         f'\tlocal-zone: "{dns.domain}." static',
         *(f'\tlocal-data: "{r.fqdn}. 60 IN A {r.address}"' for r in dns.records),
+        # a linked domain under a zone Unbound serves itself by default (test., home.arpa.,
+        # ...) must still be forwarded
+        *(f'\tlocal-zone: "{f.domain}." transparent' for f in dns.forwards),
         "",
         "remote-control:",
         "\tcontrol-enable: yes",
         f'\tcontrol-interface: "{control_socket}"',
         "\tcontrol-use-cert: no",
     ]
+    for view in dns.views:
+        lines += ["", "view:", f'\tname: "link-{view.name}"', '\tlocal-zone: "." refuse']
+        lines.append(f'\tlocal-zone: "{dns.domain}." static')
+        lines += [f'\tlocal-data: "{r.fqdn}. 60 IN A {r.address}"' for r in view.records]
+    for fwd in dns.forwards:
+        lines += ["", "forward-zone:", f'\tname: "{fwd.domain}."', f"\tforward-addr: {fwd.server}"]
     if dns.upstreams:
         lines += ["", "forward-zone:", '\tname: "."']
         lines += [f"\tforward-addr: {u}" for u in dns.upstreams]

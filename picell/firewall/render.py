@@ -24,7 +24,13 @@ def render_table_body(state: State) -> list[str]:
         f"dnat ip to {s.backend_host}:{s.backend_port}"
         for s in state.services
     ]
+    linked = ", ".join(str(n) for n in state.linked_networks)
     return [
+        "\tset linked_nets {",
+        "\t\ttype ipv4_addr",
+        "\t\tflags interval",
+        *([f"\t\telements = {{ {linked} }}"] if linked else []),
+        "\t}",
         "\tchain prerouting {",
         "\t\ttype nat hook prerouting priority dstnat; policy accept;",
         *dnat,
@@ -41,7 +47,19 @@ def render_table_body(state: State) -> list[str]:
         "\tchain vpn_input {",
         "\t\tct state established,related accept",
         "\t\tct state invalid drop",
-        f"\t\tip saddr != {net} drop",
+        f"\t\tip saddr {net} jump own_input",
+        "\t\tip saddr @linked_nets jump link_input",
+        "\t\tcounter drop",
+        "\t}",
+        "\tchain link_input {",
+        "\t\t# a linked cell reaches our DNS (its view), our mesh API and our ping; nothing else",
+        f"\t\tip daddr {me} udp dport {state.dns.port} accept",
+        f"\t\tip daddr {me} tcp dport {state.dns.port} accept",
+        f"\t\tip daddr {me} tcp dport {state.mesh_port} accept",
+        f"\t\tip daddr {me} icmp type echo-request accept",
+        "\t\tcounter drop",
+        "\t}",
+        "\tchain own_input {",
         f"\t\tip daddr {me} udp dport {state.dns.port} accept",
         f"\t\tip daddr {me} tcp dport {state.dns.port} accept",
         f"\t\tip daddr {me} icmp type echo-request accept",
@@ -59,6 +77,8 @@ def render_table_body(state: State) -> list[str]:
         "\t\tct state invalid drop",
         "\t\t# the owner's devices reach each other",
         f'\t\tip saddr {net} ip daddr {net} oifname "{wg}" accept',
+        "\t\t# and whatever linked cells let them reach (each cell enforces its own side)",
+        f'\t\tip saddr {net} ip daddr @linked_nets oifname "{wg}" accept',
         "\t\t# services with a backend on the LAN",
         f"\t\tip saddr {net} ct status dnat accept",
         "\t\tcounter drop",

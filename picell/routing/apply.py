@@ -1,5 +1,8 @@
-"""The cell interface's addresses and link state: observe with `ip -j`, apply with one
-`ip -batch -` (adds before deletes, so the cell is never without its address)."""
+"""The cell interface's addresses, link state and routes: observe with `ip -j`, apply with one
+`ip -batch -` (adds before deletes, so the cell is never without its address or a route).
+
+Routes to linked cells carry protocol `ROUTE_PROTO`, so picell only ever deletes its own.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import ipaddress
 import json
 from dataclasses import dataclass
 
+from picell.constants import ROUTE_PROTO
 from picell.errors import CommandFailed
 from picell.system.run import Runner
 
@@ -34,16 +38,45 @@ def observe_link(runner: Runner, ifname: str) -> ObservedLink | None:
     return ObservedLink(up="UP" in link.get("flags", []), addresses=addrs)
 
 
+def observe_routes(runner: Runner, ifname: str) -> frozenset[ipaddress.IPv4Network] | None:
+    """Our routes through the interface (protocol ROUTE_PROTO); None if it does not exist."""
+    try:
+        out = runner.run(
+            ["ip", "-j", "-4", "route", "show", "dev", ifname, "proto", str(ROUTE_PROTO)]
+        ).stdout
+    except CommandFailed:
+        return None
+    return frozenset(
+        ipaddress.IPv4Network(r["dst"] if "/" in r["dst"] else f"{r['dst']}/32")
+        for r in json.loads(out or "[]")
+    )
+
+
 def plan_link(
-    ifname: str, address: ipaddress.IPv4Interface, observed: ObservedLink | None
+    ifname: str,
+    address: ipaddress.IPv4Interface,
+    observed: ObservedLink | None,
+    routes: tuple[ipaddress.IPv4Network, ...] = (),
+    observed_routes: frozenset[ipaddress.IPv4Network] | None = None,
 ) -> list[str]:
-    """`ip -batch` lines that make the interface carry exactly `address` and be up."""
+    """`ip -batch` lines that make the interface carry exactly `address`, be up, and route
+    exactly `routes` (sourced from our address, so replies and DNS forwards come from it)."""
     have = observed.addresses if observed else frozenset()
+    have_routes = observed_routes or frozenset()
     lines: list[str] = []
     if address not in have:
         lines.append(f"address replace {address} dev {ifname}")
     if observed is None or not observed.up:
         lines.append(f"link set dev {ifname} up")
+    lines += [
+        f"route replace {net} dev {ifname} proto {ROUTE_PROTO} src {address.ip}"
+        for net in sorted(set(routes))
+        if net not in have_routes or address not in have
+    ]
+    lines += [
+        f"route del {net} dev {ifname} proto {ROUTE_PROTO}"
+        for net in sorted(have_routes - set(routes))
+    ]
     lines += [f"address del {a} dev {ifname}" for a in sorted(have) if a != address]
     return lines
 

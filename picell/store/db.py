@@ -51,6 +51,62 @@ MIGRATIONS: tuple[str, ...] = (
         created_at REAL NOT NULL
     );
     """,
+    # 2: links to other cells, invites, the link journal, the outbox of cross-cell messages
+    """
+    CREATE TABLE links (
+        name TEXT PRIMARY KEY,
+        public_key TEXT NOT NULL UNIQUE,
+        endpoint TEXT NOT NULL,
+        vpn_subnet TEXT NOT NULL,
+        dns_ip TEXT NOT NULL,
+        domain TEXT NOT NULL,
+        mesh_port INTEGER NOT NULL DEFAULT 3000,
+        remote_api_url TEXT NOT NULL DEFAULT '',
+        state TEXT NOT NULL DEFAULT 'waiting',
+        inbound TEXT NOT NULL DEFAULT '[]',
+        outbound TEXT NOT NULL DEFAULT '[]',
+        exit_offered INTEGER NOT NULL DEFAULT 0,
+        remote_exit_offered INTEGER NOT NULL DEFAULT 0,
+        exit_relay_active INTEGER NOT NULL DEFAULT 0,
+        remote_exit_relay_active INTEGER NOT NULL DEFAULT 0,
+        pending_push INTEGER NOT NULL DEFAULT 0,
+        last_push_status TEXT,
+        last_push_at REAL,
+        last_push_error TEXT,
+        last_remote_update_at REAL,
+        local_seq INTEGER NOT NULL DEFAULT 0,
+        remote_seq INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        linked_at REAL
+    );
+    CREATE TABLE invites (
+        id INTEGER PRIMARY KEY,
+        token_hash TEXT NOT NULL UNIQUE,
+        mac_key TEXT NOT NULL UNIQUE,
+        expires_at REAL NOT NULL,
+        used_at REAL,
+        used_by TEXT,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE journal (
+        id INTEGER PRIMARY KEY,
+        at REAL NOT NULL,
+        link TEXT NOT NULL,
+        event TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        detail TEXT NOT NULL DEFAULT ''
+    );
+    CREATE TABLE outbox (
+        id INTEGER PRIMARY KEY,
+        link_key TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        body TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_at REAL NOT NULL,
+        last_error TEXT,
+        created_at REAL NOT NULL DEFAULT 0
+    );
+    """,
 )
 
 

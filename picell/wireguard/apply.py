@@ -80,10 +80,17 @@ def observe_wg(runner: Runner, ifname: str) -> ObservedWg | None:
 
 
 def diff_peers(
-    desired: tuple[PeerState, ...], observed: ObservedWg | None
+    desired: tuple[PeerState, ...],
+    observed: ObservedWg | None,
+    applied_endpoints: dict[str, str] | None = None,
 ) -> list[tuple[str, str]]:
-    """(kind, public key) for every peer that differs: add, remove, update."""
+    """(kind, name) for every peer that differs: add, remove, update.
+
+    An endpoint counts as changed only against the endpoint we last applied: WireGuard updates a
+    peer's endpoint itself when the other side roams, and that is not drift.
+    """
     have = observed.peers if observed else {}
+    applied = applied_endpoints or {}
     want = {p.public_key: p for p in desired}
     changes: list[tuple[str, str]] = []
     for key, peer in want.items():
@@ -92,16 +99,18 @@ def diff_peers(
             changes.append(("add", peer.name))
         elif (
             got.allowed_ips != tuple(sorted(peer.allowed_ips))
-            or got.keepalive_s != (peer.keepalive_s)
-            or (peer.endpoint is not None and got.endpoint != peer.endpoint)
+            or got.keepalive_s != peer.keepalive_s
+            or (peer.endpoint is not None and applied.get(key) != peer.endpoint)
         ):
             changes.append(("update", peer.name))
     changes += [("remove", key[:8]) for key in have if key not in want]
     return changes
 
 
-def wg_needs_sync(state: State, observed: ObservedWg | None) -> list[tuple[str, str]]:
-    changes = diff_peers(state.peers, observed)
+def wg_needs_sync(
+    state: State, observed: ObservedWg | None, applied_endpoints: dict[str, str] | None = None
+) -> list[tuple[str, str]]:
+    changes = diff_peers(state.peers, observed, applied_endpoints)
     if observed is None or observed.private_key != state.private_key:
         changes.insert(0, ("interface", "private key"))
     elif observed.listen_port != state.listen_port:

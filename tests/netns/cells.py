@@ -112,9 +112,45 @@ class Cell:
         out = self.ns.run(["wg", "show", self.interface, "dump"]).stdout
         return [line.split("\t") for line in out.splitlines()[1:]]
 
+    def invite(self, expires: str = "24h") -> dict[str, Any]:
+        """A fresh invite: {"invite": JSON, "string": copy-paste string}."""
+        data: dict[str, Any] = self.cli("invite", "--expires", expires)
+        return data
+
+    def links(self) -> dict[str, dict[str, Any]]:
+        return {c["name"]: c for c in self.cli("cells")}
+
+    def journal(self, cell: str) -> list[dict[str, Any]]:
+        entries: list[dict[str, Any]] = self.cli("cells", "--journal", cell)
+        return entries
+
     @property
     def unbound_conf(self) -> Path:
         return self.data_dir / "unbound" / "unbound.conf"
+
+
+_POST = """
+import json, sys, urllib.error, urllib.request
+req = urllib.request.Request(sys.argv[1], data=sys.argv[2].encode(),
+                             headers={"Content-Type": "application/json"})
+try:
+    with urllib.request.urlopen(req, timeout=float(sys.argv[3])) as resp:
+        print(resp.status); print(resp.read().decode())
+except urllib.error.HTTPError as exc:
+    print(exc.code); print(exc.read().decode())
+"""
+
+
+def post_json(ns: Netns, url: str, body: Any, timeout_s: float = 10) -> tuple[int, Any]:
+    """POST JSON from inside `ns` (as another cell or an attacker would); (status, body)."""
+    proc = ns.python(_POST, url, json.dumps(body), str(timeout_s), timeout=timeout_s + 10)
+    if proc.returncode != 0:
+        raise AssertionError(f"POST {url} failed: {proc.stderr}")
+    status, _, text = proc.stdout.partition("\n")
+    try:
+        return int(status), json.loads(text)
+    except ValueError:
+        return int(status), text
 
 
 def start_upstream_dns(ns: Netns, addr: str, records: dict[str, str], workdir: Path) -> Proc:

@@ -42,6 +42,7 @@ class FakeKernel(Runner):
     wg: dict[str, dict[str, object]] = field(default_factory=dict)  # ifname -> key, port, peers
     addrs: dict[str, set[str]] = field(default_factory=dict)
     up: set[str] = field(default_factory=set)
+    routes: dict[str, set[str]] = field(default_factory=dict)
     nft_text: str | None = None
     fail_on: str | None = None  # argv[0] of a command to fail
     handshake_resets: int = 0
@@ -89,6 +90,10 @@ class FakeKernel(Runner):
             ]
             flags = ["UP"] if ifname in self.up else []
             return json.dumps([{"ifname": ifname, "flags": flags, "addr_info": info}])
+        if a[:4] == ("ip", "-j", "-4", "route"):
+            if a[5] not in self.interfaces:
+                raise CommandFailed(a, 1, "Cannot find device")
+            return json.dumps([{"dst": r} for r in sorted(self.routes.get(a[5], set()))])
         if a[:2] == ("ip", "-batch"):
             for line in (stdin or "").splitlines():
                 w = line.split()
@@ -98,6 +103,10 @@ class FakeKernel(Runner):
                     self.addrs.get(w[4], set()).discard(w[2])
                 elif w[:3] == ["link", "set", "dev"]:
                     self.up.add(w[3])
+                elif w[:2] == ["route", "replace"]:
+                    self.routes.setdefault(w[4], set()).add(w[2])
+                elif w[:2] == ["route", "del"]:
+                    self.routes.get(w[4], set()).discard(w[2])
             return ""
         if a[:3] == ("nft", "-j", "list"):
             if self.nft_text is None:
@@ -160,3 +169,4 @@ class FakeKernel(Runner):
         self.wg.pop(ifname, None)
         self.addrs.pop(ifname, None)
         self.up.discard(ifname)
+        self.routes.pop(ifname, None)

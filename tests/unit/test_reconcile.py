@@ -81,11 +81,13 @@ def test_processes_per_reconcile_do_not_grow_with_devices(reconciler: Reconciler
     first = reconciler.set(state_with(n, 50))
     change = reconciler.set(state_with(n - 1, 49))
     noop = reconciler.set(state_with(n - 1, 49))
-    # create: ip link add (refused), wg show, wg syncconf, ip -j, ip -batch, nft -j, nft -f, nft -j
-    assert len(first.commands) == 8
-    # change: wg show, wg syncconf, ip -j, nft -j, nft -f, nft -j, unbound-control reload
-    assert len(change.commands) == 7
-    assert len(noop.commands) == 3
+    # create: ip link add (refused), wg show, wg syncconf, ip -j addr, ip -j route, ip -batch,
+    # nft -j, nft -f, nft -j
+    assert len(first.commands) == 9
+    # change: wg show, wg syncconf, ip -j addr, ip -j route, nft -j, nft -f, nft -j,
+    # unbound-control reload
+    assert len(change.commands) == 8
+    assert len(noop.commands) == 4
 
 
 def test_sequence_then_shuffled(reconciler: Reconciler, kernel: FakeKernel) -> None:

@@ -13,6 +13,7 @@ from picell.dns.render import render_unbound
 from picell.firewall.render import render_ruleset
 from picell.state import State, build_state
 from picell.store.cell import Cell
+from picell.store.links import Link
 from picell.store.peers import Peer
 from picell.store.services import Service
 from picell.wireguard.render import device_allowed_ips, render_device, render_interface
@@ -21,6 +22,8 @@ GOLDEN = Path(__file__).parent / "golden"
 KEY_CELL = "cPi9cd0OgqJ0qWdzRZsZUaOuSlnt05kY+tG2nh0DVkY="
 KEY_A = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg="
 KEY_B = "TrMvSoP4jYQlY6RIzBgbssQqY3vxI2Pi+y71lOWWXX8="
+KEY_LINK_B = "kpfFaUFjy+CyCYlSOSmQ6eid3k2HmRW03LM36AHeBxU="
+KEY_LINK_C = "rq+r2PM2JJB1BmD4LSB9mfISONn3REtTQfqPyOlNaBE="
 
 
 def sample_state() -> State:
@@ -44,7 +47,14 @@ def sample_state() -> State:
         Service("web", 1, ipaddress.IPv4Address("127.0.0.1"), 8080, "tcp", 80),
         Service("nas", 2, ipaddress.IPv4Address("203.0.113.5"), 445, "tcp", 445),
     ]
-    return build_state(cell, peers, services, (ipaddress.IPv4Address("198.51.100.53"),))
+    links = [
+        Link("beta", KEY_LINK_B, "198.51.100.2:51820", ipaddress.IPv4Network("10.62.0.0/24"),
+             ipaddress.IPv4Address("10.62.0.1"), "beta.test", state="linked"),
+        Link("gamma", KEY_LINK_C, "198.51.100.3:51820", ipaddress.IPv4Network("10.63.0.0/24"),
+             ipaddress.IPv4Address("10.63.0.1"), "gamma.test", state="unlinking"),
+    ]  # fmt: skip
+    upstream = (ipaddress.IPv4Address("198.51.100.53"),)
+    return build_state(cell, peers, services, upstream, links)
 
 
 def check_golden(name: str, text: str) -> None:

@@ -1,0 +1,73 @@
+"""Admin routes for links to other cells (DESIGN §9): list, invite, connect, disconnect,
+journal, import of the seed system's link file. Handlers only call `Links`."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import segno
+from fastapi import APIRouter, Depends, Query, Request, Response
+from pydantic import BaseModel, Field
+
+from picell.constants import DEFAULT_INVITE_TTL_S
+from picell.mesh.links import Links
+from picell.mesh.seed import import_links
+
+
+class CellConnect(BaseModel):
+    invite: str = Field(max_length=8192)
+
+
+class LinksImport(BaseModel):
+    content: str = Field(max_length=4_000_000)
+
+
+def get_links(request: Request) -> Links:
+    links: Links = request.app.state.links
+    return links
+
+
+LinksDep = Annotated[Links, Depends(get_links)]
+router = APIRouter(prefix="/api/cells")
+
+
+@router.get("")
+def list_cells(links: LinksDep) -> list[dict[str, Any]]:
+    return links.overview()
+
+
+@router.get("/invite")
+def invite(
+    links: LinksDep,
+    expires: Annotated[float, Query(description="seconds until the token expires")] = (
+        DEFAULT_INVITE_TTL_S
+    ),
+    format: Annotated[Literal["json", "svg"], Query()] = "json",
+) -> Any:
+    """A fresh invite (each call makes a new single-use token)."""
+    inv = links.invite(expires)
+    if format == "svg":
+        return Response(segno.make(inv.encode(), error="m").svg_inline(scale=4),
+                        media_type="image/svg+xml")  # fmt: skip
+    return {"invite": inv.as_dict(), "string": inv.encode()}
+
+
+@router.get("/journal")
+def journal(links: LinksDep, cell: str | None = None) -> list[dict[str, Any]]:
+    return links.journal_entries(cell)
+
+
+@router.post("", status_code=201)
+def connect(body: CellConnect, links: LinksDep) -> dict[str, Any]:
+    return links.connect(body.invite)
+
+
+@router.post("/import", status_code=201)
+def import_seed(body: LinksImport, links: LinksDep) -> dict[str, Any]:
+    return import_links(links, body.content)
+
+
+@router.delete("/{name}", status_code=204)
+def disconnect(name: str, links: LinksDep) -> Response:
+    links.disconnect(name)
+    return Response(status_code=204)

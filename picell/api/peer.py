@@ -1,0 +1,98 @@
+"""The two listeners other cells talk to, each serving only its own routes:
+
+- the pairing listener (`<endpoint>:<pair_port>`): only `accept-invite`, with a body size limit
+  and a rate limit per source address;
+- the mesh listener (`<wg address>:<mesh_port>`): only the peer-sync routes; the direct source
+  address (never a forwarded-for header: uvicorn runs with proxy_headers off) is checked against
+  the sending link's network before the signature.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import deque
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
+
+from picell import __version__
+from picell.api import errors
+from picell.constants import MESH_BODY_MAX, PAIRING_BODY_MAX, PAIRING_RATE
+from picell.errors import BadInput, RateLimited
+from picell.mesh.links import Links
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        raise BadInput(f"body: larger than {limit} bytes", field="body")
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise BadInput(f"body: larger than {limit} bytes", field="body")
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise BadInput("body: not JSON", field="body") from None
+
+
+class RateLimiter:
+    """At most `count` requests per `window_s` from one source address."""
+
+    def __init__(self, count: int, window_s: float) -> None:
+        self.count, self.window_s = count, window_s
+        self._seen: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def check(self, source: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if len(self._seen) > 10_000:  # forget idle sources rather than grow without bound
+                self._seen = {k: v for k, v in self._seen.items() if v and now - v[-1] < 60}
+            times = self._seen.setdefault(source, deque())
+            while times and now - times[0] > self.window_s:
+                times.popleft()
+            if len(times) >= self.count:
+                raise RateLimited("too many pairing attempts from this address; wait a moment")
+            times.append(now)
+
+
+def _source(request: Request) -> str | None:
+    return request.client.host if request.client else None
+
+
+def build_pairing_api(links: Links) -> FastAPI:
+    app = FastAPI(title="picell pairing", version=__version__, docs_url=None, redoc_url=None,
+                  openapi_url=None)  # fmt: skip
+    errors.install(app)
+    limiter = RateLimiter(*PAIRING_RATE)
+
+    @app.post("/api/cells/peer-sync/accept-invite")
+    async def accept_invite(request: Request) -> dict[str, Any]:
+        limiter.check(_source(request) or "?")
+        payload = await read_json(request, PAIRING_BODY_MAX)
+        result: dict[str, Any] = await run_in_threadpool(links.accept, payload)
+        return result
+
+    return app
+
+
+def build_mesh_api(links: Links) -> FastAPI:
+    app = FastAPI(title="picell mesh", version=__version__, docs_url=None, redoc_url=None,
+                  openapi_url=None)  # fmt: skip
+    errors.install(app)
+
+    @app.post("/api/cells/peer-sync/unlink")
+    async def unlink(request: Request) -> JSONResponse:
+        payload = await read_json(request, MESH_BODY_MAX)
+        result = await run_in_threadpool(links.receive_unlink, payload, _source(request))
+        # tear the tunnel down only once the answer is on its way back through it
+        return JSONResponse(result, background=BackgroundTask(links.control.converge))
+
+    return app

@@ -1,0 +1,1 @@
+"""Links between cells: invites, pairing, signed cross-cell messages, the outbox sender."""

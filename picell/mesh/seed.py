@@ -1,0 +1,125 @@
+"""Import the seed system's `cell_links.json` (DESIGN §4).
+
+Accepted shapes: a list of link objects, an object of them keyed by cell name, or
+`{"links": [...]}`. Every field the seed wrote is mapped; a missing field takes its default
+(`dns_ip`: the network's first host, `domain`: `<name>.cell`, the mesh port: the one in
+`remote_api_url`, else 3000); unknown fields are kept in the journal. The whole file is imported
+in one transaction: a bad or conflicting entry refuses all of it, naming the entry's cell.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import json
+import time
+from dataclasses import replace
+from typing import Any
+from urllib.parse import urlsplit
+
+from picell.errors import BadInput
+from picell.mesh.invite import parse_identity
+from picell.mesh.links import Links, _link_from, check_conflicts
+from picell.store import cell as cell_table
+from picell.store import journal
+from picell.store import links as link_table
+
+IDENTITY = ("cell_name", "public_key", "endpoint", "vpn_subnet", "dns_ip", "domain")
+FLAGS = ("exit_offered", "remote_exit_offered", "exit_relay_active", "remote_exit_relay_active",
+         "pending_push")  # fmt: skip
+TIMES = ("last_push_at", "last_remote_update_at")
+TEXTS = ("last_push_status", "last_push_error")
+KNOWN = {*IDENTITY, *FLAGS, *TIMES, *TEXTS, "remote_api_url", "inbound", "outbound", "mesh_port"}
+
+
+def _entries(data: Any) -> list[dict[str, Any]]:
+    if isinstance(data, dict) and isinstance(data.get("links"), list):
+        data = data["links"]
+    if isinstance(data, dict):
+        return [{"cell_name": k, **v} if isinstance(v, dict) else {"cell_name": k, "_bad": v}
+                for k, v in data.items()]  # fmt: skip
+    if isinstance(data, list):
+        return [e if isinstance(e, dict) else {"_bad": e} for e in data]
+    raise BadInput("content: a list or an object of links is expected", field="content")
+
+
+def _time(value: Any, field: str) -> float | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            pass
+        else:
+            if parsed.tzinfo is None:
+                parsed = parsed.replace(tzinfo=dt.UTC)
+            return parsed.timestamp()
+    raise BadInput(f"{field}: {value!r} is not a time", field=field)
+
+
+def _names(value: Any, field: str) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise BadInput(f"{field}: a list is expected", field=field)
+    return value
+
+
+def _one(entry: dict[str, Any], index: int) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    where = f"links[{index}]"
+    if "_bad" in entry:
+        raise BadInput(f"{where}: a link object is expected", field=where)
+    name = entry.get("cell_name")
+    prefix = f"{where} ({name}) ." if name else f"{where}."
+    raw = dict(entry)
+    try:
+        net = ipaddress.IPv4Network(str(raw.get("vpn_subnet")), strict=False)
+    except ValueError:
+        net = None
+    if not raw.get("dns_ip") and net is not None:
+        raw["dns_ip"] = str(net[1])
+    if not raw.get("domain") and name:
+        raw["domain"] = f"{name}.cell"
+    url = str(raw.get("remote_api_url") or "")
+    port = raw.get("mesh_port") or (urlsplit(url).port if url else None) or 3000
+    identity = parse_identity({**{k: raw.get(k) for k in IDENTITY if raw.get(k) is not None},
+                               "mesh_port": port}, prefix.replace(" .", "."))  # fmt: skip
+    extra = {
+        "inbound": tuple(str(x.get("name") if isinstance(x, dict) else x)
+                         for x in _names(raw.get("inbound"), f"{where}.inbound")),
+        "outbound": tuple(x if isinstance(x, dict) else {"name": str(x)}
+                          for x in _names(raw.get("outbound"), f"{where}.outbound")),
+        **{f: bool(raw.get(f, False)) for f in FLAGS},
+        **{f: _time(raw.get(f), f"{where}.{f}") for f in TIMES},
+        **{f: (str(raw[f]) if raw.get(f) is not None else None) for f in TEXTS},
+        "remote_api_url": url,
+    }  # fmt: skip
+    unknown = {k: v for k, v in entry.items() if k not in KNOWN}
+    return identity, extra, unknown
+
+
+def import_links(links: Links, content: str) -> dict[str, Any]:
+    try:
+        data = json.loads(content)
+    except ValueError:
+        raise BadInput("content: not JSON", field="content") from None
+    parsed = [_one(e, i) for i, e in enumerate(_entries(data))]
+    imported = []
+    with links.control.change() as conn:
+        cell = cell_table.load(conn)
+        for identity, extra, unknown in parsed:
+            check_conflicts(cell, link_table.all_links(conn), identity, prefix="links.")
+            existing = link_table.by_key(conn, identity.public_key)
+            link = replace(_link_from(identity, existing, "linked"), **extra)
+            if not link.remote_api_url:
+                link = replace(link, remote_api_url=f"http://{link.dns_ip}:{link.mesh_port}")
+            link_table.save(conn, replace(link, linked_at=link.linked_at or time.time()))
+            journal.append(conn, link.name, "imported", "local owner", "from cell_links.json")
+            if unknown:
+                journal.append(conn, link.name, "import: unknown fields kept", "local owner",
+                               json.dumps(unknown, sort_keys=True))  # fmt: skip
+            imported.append({"name": link.name, "unknown_fields": sorted(unknown)})
+    return {"imported": imported}

@@ -1,0 +1,140 @@
+"""The `links` table: one row per linked cell (the seed system's cell_links.json, plus state).
+
+`state` is `waiting` (our side exists, the other cell has not confirmed), `linked`, or
+`unlinking` (we disconnected; the peer stays, narrowed to the other cell's address, until our
+signed `unlink` reached it).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from picell.errors import NotFound
+
+STATES = ("waiting", "linked", "unlinking")
+
+
+@dataclass(frozen=True)
+class Link:
+    name: str
+    public_key: str
+    endpoint: str
+    vpn_subnet: ipaddress.IPv4Network
+    dns_ip: ipaddress.IPv4Address
+    domain: str
+    mesh_port: int = 3000
+    remote_api_url: str = ""
+    state: str = "waiting"
+    inbound: tuple[str, ...] = ()
+    outbound: tuple[dict[str, Any], ...] = field(default=())
+    exit_offered: bool = False
+    remote_exit_offered: bool = False
+    exit_relay_active: bool = False
+    remote_exit_relay_active: bool = False
+    pending_push: bool = False
+    last_push_status: str | None = None
+    last_push_at: float | None = None
+    last_push_error: str | None = None
+    last_remote_update_at: float | None = None
+    local_seq: int = 0
+    remote_seq: int = 0
+    created_at: float = 0.0
+    linked_at: float | None = None
+
+
+def _row(r: sqlite3.Row) -> Link:
+    return Link(
+        name=r["name"],
+        public_key=r["public_key"],
+        endpoint=r["endpoint"],
+        vpn_subnet=ipaddress.IPv4Network(r["vpn_subnet"]),
+        dns_ip=ipaddress.IPv4Address(r["dns_ip"]),
+        domain=r["domain"],
+        mesh_port=r["mesh_port"],
+        remote_api_url=r["remote_api_url"],
+        state=r["state"],
+        inbound=tuple(json.loads(r["inbound"])),
+        outbound=tuple(json.loads(r["outbound"])),
+        exit_offered=bool(r["exit_offered"]),
+        remote_exit_offered=bool(r["remote_exit_offered"]),
+        exit_relay_active=bool(r["exit_relay_active"]),
+        remote_exit_relay_active=bool(r["remote_exit_relay_active"]),
+        pending_push=bool(r["pending_push"]),
+        last_push_status=r["last_push_status"],
+        last_push_at=r["last_push_at"],
+        last_push_error=r["last_push_error"],
+        last_remote_update_at=r["last_remote_update_at"],
+        local_seq=r["local_seq"],
+        remote_seq=r["remote_seq"],
+        created_at=r["created_at"],
+        linked_at=r["linked_at"],
+    )
+
+
+def all_links(conn: sqlite3.Connection) -> list[Link]:
+    return [_row(r) for r in conn.execute("SELECT * FROM links ORDER BY name")]
+
+
+def find(conn: sqlite3.Connection, name: str) -> Link | None:
+    row = conn.execute("SELECT * FROM links WHERE name = ?", (name,)).fetchone()
+    return _row(row) if row else None
+
+
+def get(conn: sqlite3.Connection, name: str) -> Link:
+    link = find(conn, name)
+    if link is None:
+        raise NotFound(f"no linked cell named {name!r}", field="cell")
+    return link
+
+
+def by_key(conn: sqlite3.Connection, public_key: str) -> Link | None:
+    row = conn.execute("SELECT * FROM links WHERE public_key = ?", (public_key,)).fetchone()
+    return _row(row) if row else None
+
+
+def save(conn: sqlite3.Connection, link: Link) -> None:
+    """Insert or replace the row of `link` (keyed by its public key)."""
+    conn.execute("DELETE FROM links WHERE public_key = ? OR name = ?", (link.public_key, link.name))
+    conn.execute(
+        """INSERT INTO links (name, public_key, endpoint, vpn_subnet, dns_ip, domain, mesh_port,
+               remote_api_url, state, inbound, outbound, exit_offered, remote_exit_offered,
+               exit_relay_active, remote_exit_relay_active, pending_push, last_push_status,
+               last_push_at, last_push_error, last_remote_update_at, local_seq, remote_seq,
+               created_at, linked_at)
+           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+        (
+            link.name,
+            link.public_key,
+            link.endpoint,
+            str(link.vpn_subnet),
+            str(link.dns_ip),
+            link.domain,
+            link.mesh_port,
+            link.remote_api_url,
+            link.state,
+            json.dumps(list(link.inbound)),
+            json.dumps(list(link.outbound)),
+            int(link.exit_offered),
+            int(link.remote_exit_offered),
+            int(link.exit_relay_active),
+            int(link.remote_exit_relay_active),
+            int(link.pending_push),
+            link.last_push_status,
+            link.last_push_at,
+            link.last_push_error,
+            link.last_remote_update_at,
+            link.local_seq,
+            link.remote_seq,
+            link.created_at or time.time(),
+            link.linked_at,
+        ),
+    )
+
+
+def delete(conn: sqlite3.Connection, name: str) -> None:
+    conn.execute("DELETE FROM links WHERE name = ?", (name,))
