@@ -44,6 +44,7 @@ from picell.store import peers as peer_table
 from picell.store import services as service_table
 from picell.store.cell import Cell
 from picell.store.db import Store
+from picell.store.links import Link
 from picell.store.peers import Peer
 from picell.store.services import Service
 from picell.system.run import Runner
@@ -65,6 +66,29 @@ class InitRequest:
     mesh_port: int | None = None
     uplink: str | None = None
     listen_port: int | None = None
+
+
+def _check_links(cell: Cell, links: list[Link]) -> None:
+    """A change of our own network or domain must not collide with a linked cell's."""
+    for link in links:
+        if cell.network.overlaps(link.vpn_subnet):
+            raise Conflict(
+                f"address: {cell.network} overlaps the network {link.vpn_subnet} of linked cell "
+                f"{link.name}",
+                field="address",
+            )
+        if (
+            cell.domain == link.domain
+            or cell.domain.endswith("." + link.domain)
+            or link.domain.endswith("." + cell.domain)
+        ):
+            raise Conflict(
+                f"domain: {cell.domain} clashes with the domain {link.domain} of linked cell "
+                f"{link.name}",
+                field="domain",
+            )
+        if cell.name == link.name:
+            raise Conflict(f"name: {cell.name} is the name of a linked cell", field="name")
 
 
 def default_name() -> str:
@@ -138,6 +162,7 @@ class Control:
         with self.store.transaction() as conn:
             old = cell_table.load(conn) if cell_table.exists(conn) else None
             cell = self._init_values(req, old, conn)
+            _check_links(cell, link_table.all_links(conn))
             cell_table.save(conn, cell)
         return cell
 

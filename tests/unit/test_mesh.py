@@ -1,0 +1,225 @@
+"""Links without a network: crypto, invites, conflicts, signed envelopes, pairing redemption,
+the seed import, against a fake kernel."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import secrets
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+
+from picell.control import Control, InitRequest
+from picell.errors import BadInput, Conflict, Forbidden
+from picell.mesh.crypto import link_key, mac, pairing_key, short_auth_string
+from picell.mesh.invite import Identity, parse_invite
+from picell.mesh.links import Links, check_conflicts
+from picell.mesh.protocol import check_envelope, make_envelope, parse_envelope
+from picell.mesh.seed import import_links
+from picell.store.links import Link
+from picell.wireguard import keys
+
+
+def keypair() -> tuple[str, str]:
+    private = keys.generate_private()
+    return private, keys.public_from_private(private)
+
+
+def identity(name: str, subnet: str, domain: str, public: str | None = None) -> dict[str, Any]:
+    net = ipaddress.IPv4Network(subnet)
+    return {"version": 1, "cell_name": name, "domain": domain,
+            "public_key": public or keypair()[1], "endpoint": "198.51.100.9:51820",
+            "vpn_subnet": subnet, "dns_ip": str(net[1]), "mesh_port": 3000}  # fmt: skip
+
+
+def redeem(token: str, ident: dict[str, Any]) -> dict[str, Any]:
+    request = {"identity": ident, "nonce": secrets.token_hex(16)}
+    return {**request, "mac": mac(pairing_key(token), request)}
+
+
+def test_both_cells_derive_the_same_link_key_and_auth_string() -> None:
+    (a_priv, a_pub), (b_priv, b_pub) = keypair(), keypair()
+    assert link_key(a_priv, b_pub) == link_key(b_priv, a_pub)
+    assert link_key(a_priv, b_pub) != link_key(a_priv, keypair()[1])
+    sas = short_auth_string(a_pub, b_pub)
+    assert sas == short_auth_string(b_pub, a_pub)
+    assert len(sas) == 19 and sas.replace(" ", "").isdigit()
+
+
+def test_invite_round_trip_and_field_errors() -> None:
+    ident = identity("beta", "10.62.0.0/24", "beta.test")
+    text = json.dumps({**ident, "pairing": {"port": 51821, "token": "t" * 32, "expires_at": 1.0}})
+    inv = parse_invite(text)
+    assert parse_invite(inv.encode()) == inv
+    cases = {
+        "invite.vpn_subnet": {**ident, "vpn_subnet": "8.8.8.0/24"},
+        "invite.dns_ip": {**ident, "dns_ip": "10.99.0.1"},
+        "invite.public_key": {**ident, "public_key": "nope"},
+        "invite.cell_name": {**ident, "cell_name": "Bad Name"},
+        "invite.endpoint": {**ident, "endpoint": "no-port"},
+        "invite.version": {**ident, "version": 9},
+    }
+    for field, data in cases.items():
+        with pytest.raises(BadInput) as err:
+            parse_invite(json.dumps(data))
+        assert err.value.field == field
+    del ident["public_key"]
+    with pytest.raises(BadInput) as err:
+        parse_invite(json.dumps(ident))
+    assert err.value.field == "invite.public_key"
+    with pytest.raises(BadInput) as err:
+        parse_invite(inv.encode()[:-10] + "!!")
+    assert err.value.field == "invite"
+
+
+def _as_identity(data: dict[str, Any]) -> Identity:
+    return parse_invite(json.dumps(data)).identity
+
+
+def test_conflicts_name_the_cell(control: Control) -> None:
+    cell = control.cell()
+    beta = Link("beta", keypair()[1], "198.51.100.2:1", ipaddress.IPv4Network("10.62.0.0/24"),
+                ipaddress.IPv4Address("10.62.0.1"), "beta.test")  # fmt: skip
+    for data, field, who in [
+        (identity("gamma", "10.61.0.0/25", "g.test"), "invite.vpn_subnet", "this cell"),
+        (identity("gamma", "10.62.0.128/25", "g.test"), "invite.vpn_subnet", "beta"),
+        (identity("gamma", "10.63.0.0/24", "x.beta.test"), "invite.domain", "beta"),
+        (identity("beta", "10.63.0.0/24", "g.test"), "invite.cell_name", "beta"),
+        (identity("alpha", "10.63.0.0/24", "g.test"), "invite.cell_name", "alpha"),
+    ]:
+        with pytest.raises(Conflict) as err:
+            check_conflicts(cell, [beta], _as_identity(data))
+        assert err.value.field == field and who in err.value.message
+    # re-pairing the same cell (same key) is no conflict with itself
+    check_conflicts(cell, [beta], _as_identity(identity("beta", "10.62.0.0/24", "beta.test",
+                                                        beta.public_key)))  # fmt: skip
+
+
+def test_envelopes_are_checked_for_source_mac_target_and_order() -> None:
+    (a_priv, a_pub), (b_priv, b_pub) = keypair(), keypair()
+    link_at_b = Link("alpha", a_pub, "x:1", ipaddress.IPv4Network("10.61.0.0/24"),
+                     ipaddress.IPv4Address("10.61.0.1"), "alpha.test", remote_seq=4)  # fmt: skip
+    link_at_a = Link("beta", b_pub, "x:1", ipaddress.IPv4Network("10.62.0.0/24"),
+                     ipaddress.IPv4Address("10.62.0.1"), "beta.test")  # fmt: skip
+    env = make_envelope(kind="unlink", from_cell="alpha", our_private=a_priv, our_public=a_pub,
+                        link=link_at_a, seq=5)  # fmt: skip
+    src = ipaddress.IPv4Address("10.61.0.1")
+    check_envelope(parse_envelope(env, "unlink"), link_at_b, src, b_priv, b_pub)
+    bad = [
+        (env, ipaddress.IPv4Address("10.62.0.7")),  # from outside alpha's network
+        ({**env, "mac": "0" * 64}, src),  # forged
+        ({"body": {**env["body"], "seq": 6}, "mac": env["mac"]}, src),  # altered
+    ]
+    for data, source in bad:
+        with pytest.raises(Forbidden):
+            check_envelope(parse_envelope(data, "unlink"), link_at_b, source, b_priv, b_pub)
+    stale = make_envelope(kind="unlink", from_cell="alpha", our_private=a_priv, our_public=a_pub,
+                          link=link_at_a, seq=4)  # fmt: skip
+    with pytest.raises(Forbidden):
+        check_envelope(parse_envelope(stale, "unlink"), link_at_b, src, b_priv, b_pub)
+    other = Link("gamma", keypair()[1], "x:1", ipaddress.IPv4Network("10.62.0.0/24"),
+                 ipaddress.IPv4Address("10.62.0.1"), "g.test")  # fmt: skip
+    retargeted = make_envelope(kind="unlink", from_cell="alpha", our_private=a_priv,
+                               our_public=a_pub, link=other, seq=9)  # fmt: skip
+    with pytest.raises(Forbidden):
+        check_envelope(parse_envelope(retargeted, "unlink"), link_at_b, src, b_priv, b_pub)
+    with pytest.raises(BadInput):
+        parse_envelope(env, "state")
+
+
+def test_invite_tokens_are_never_stored(control: Control) -> None:
+    links = Links(control)
+    inv = links.invite(3600)
+    assert inv.pairing is not None
+    raw = control.store.path.read_bytes() + control.store.path.with_name(
+        control.store.path.name + "-wal").read_bytes()  # fmt: skip
+    assert inv.pairing.token.encode() not in raw
+    with pytest.raises(BadInput) as err:
+        links.invite(10)
+    assert err.value.field == "expires"
+
+
+def test_a_token_redeems_once_even_under_concurrency(control: Control) -> None:
+    links = Links(control)
+    inv = links.invite(3600)
+    assert inv.pairing is not None
+    token = inv.pairing.token
+    bodies = [redeem(token, identity(f"r{i}", f"10.{100 + i}.0.0/24", f"r{i}.test"))
+              for i in range(50)]  # fmt: skip
+
+    def attempt(body: dict[str, Any]) -> str:
+        try:
+            links.accept(body)
+        except Forbidden:
+            return "refused"
+        return "linked"
+
+    with ThreadPoolExecutor(max_workers=50) as pool:
+        outcomes = list(pool.map(attempt, bodies))
+    assert outcomes.count("linked") == 1
+    assert len(links.overview()) == 1
+
+
+def test_a_conflicting_redemption_does_not_spend_the_token(control: Control) -> None:
+    links = Links(control)
+    inv = links.invite(3600)
+    assert inv.pairing is not None
+    with pytest.raises(Conflict):
+        links.accept(redeem(inv.pairing.token, identity("g", "10.61.0.0/24", "g.test")))
+    answer = links.accept(redeem(inv.pairing.token, identity("g", "10.64.0.0/24", "g.test")))
+    assert answer["identity"]["cell_name"] == "alpha"
+    with pytest.raises(Forbidden):
+        links.accept(redeem("x" * 32, identity("h", "10.65.0.0/24", "h.test")))
+
+
+def test_own_settings_cannot_collide_with_a_link(control: Control) -> None:
+    links = Links(control)
+    inv = links.invite(3600)
+    assert inv.pairing is not None
+    links.accept(redeem(inv.pairing.token, identity("beta", "10.62.0.0/24", "beta.test")))
+    for req, field in [
+        (InitRequest(address="10.62.0.1/24"), "address"),
+        (InitRequest(domain="beta.test"), "domain"),
+        (InitRequest(name="beta"), "name"),
+    ]:
+        with pytest.raises(Conflict) as err:
+            control.init_cell(req)
+        assert err.value.field == field and "beta" in err.value.message
+    assert control.cell().domain == "alpha.test"
+
+
+def test_seed_import_maps_every_field_and_keeps_unknown_ones(control: Control) -> None:
+    links = Links(control)
+    seed = {"gamma": {"public_key": keypair()[1], "endpoint": "198.51.100.3:51820",
+                      "vpn_subnet": "10.63.0.0/24", "remote_api_url": "http://10.63.0.1:3001",
+                      "inbound": ["web"], "outbound": ["files"], "exit_offered": 1,
+                      "last_push_at": "2025-01-02T03:04:05", "extra": [1, 2]}}  # fmt: skip
+    out = import_links(links, json.dumps(seed))
+    assert out == {"imported": [{"name": "gamma", "unknown_fields": ["extra"]}]}
+    link = links.overview()[0]
+    assert link["dns_ip"] == "10.63.0.1" and link["domain"] == "gamma.cell"
+    assert link["outbound"] == [{"name": "files"}] and link["exit_offered"] is True
+    assert link["last_push_at"] == pytest.approx(1735787045.0)
+    with pytest.raises(BadInput) as err:
+        bad = {"cell_name": "x", "public_key": keypair()[1], "endpoint": "198.51.100.4:1",
+               "vpn_subnet": "nope"}  # fmt: skip
+        import_links(links, json.dumps([bad]))
+    assert "vpn_subnet" in (err.value.field or "")
+    assert [c["name"] for c in links.overview()] == ["gamma"]
+
+
+def test_waiting_links_go_at_once_linked_ones_say_goodbye(control: Control) -> None:
+    links = Links(control)
+    inv = links.invite(3600)
+    assert inv.pairing is not None
+    links.accept(redeem(inv.pairing.token, identity("beta", "10.62.0.0/24", "beta.test")))
+    links.disconnect("beta")
+    [beta] = links.overview()
+    assert beta["state"] == "unlinking" and beta["pending_message"] == "unlink"
+    links.unlink_delivered(beta["public_key"], "delivered")
+    assert links.overview() == []
+    assert [e["event"] for e in links.journal_entries("beta")] == [
+        "linked", "unlinked", "unlink delivered"
+    ]  # fmt: skip
