@@ -29,6 +29,7 @@ from picell.control import Control, InitRequest
 from picell.errors import PicellError
 from picell.mesh.links import Links
 from picell.mesh.sender import Sender
+from picell.mesh.sync import Sync
 from picell.reconcile import Reconciler
 from picell.state import Paths
 from picell.store import cell as cell_table
@@ -44,11 +45,12 @@ def _backoff(attempt: int) -> float:
     return CHILD_RESTART_BACKOFF_S[min(attempt, len(CHILD_RESTART_BACKOFF_S) - 1)]
 
 
-def build_api(control: Control, links: Links | None = None) -> FastAPI:
+def build_api(control: Control, links: Links | None = None, sync: Sync | None = None) -> FastAPI:
     """The admin API; served on the unix socket (and later, behind login, on the web port)."""
     app = FastAPI(title="picell admin API", version=__version__)
     app.state.control = control
     app.state.links = links or Links(control)
+    app.state.sync = sync or Sync(app.state.links)
     errors.install(app)
     app.include_router(admin.router)
     app.include_router(cells.router)
@@ -92,7 +94,10 @@ class Daemon:
         self.reconciler = Reconciler(self.runner, self.paths, self._make_child)
         self.control = Control(self.store, self.runner, self.reconciler)
         self.links = Links(self.control, wake_sender=lambda: self.sender.wake())
+        self.sync = Sync(self.links, wake_sender=lambda: self.sender.wake())
         self.sender = Sender(self.links)
+        self.control.on_service_removed = self.sync.forget_service
+        self.control.after_change = self.sender.wake
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._failures = 0
@@ -152,9 +157,9 @@ class Daemon:
             sock.unlink()
         old_umask = os.umask(0o077)  # the admin socket is root-only
         servers = [
-            (_Server(_config(build_api(self.control, self.links), uds=str(sock))),
+            (_Server(_config(build_api(self.control, self.links, self.sync), uds=str(sock))),
              None),
-            (_Server(_config(build_mesh_api(self.links))),
+            (_Server(_config(build_mesh_api(self.links, self.sync))),
              [_listen(str(cell.ip), cell.mesh_port)]),
             (_Server(_config(build_pairing_api(self.links))),
              [_listen("0.0.0.0", cell.pair_port)]),

@@ -312,6 +312,22 @@ def _show_link(c: dict[str, Any]) -> str:
         f"  handshake {hs}  rx {c['rx_bytes']} tx {c['tx_bytes']}",
         f"  authentication string: {c['auth_string']} (compare it with {c['name']}'s owner)",
     ]
+
+    def services(items: list[Any]) -> str:
+        return ", ".join(
+            f"{s['name']} ({s['vip']}:{','.join(map(str, s['ports']))})" if isinstance(s, dict)
+            and "vip" in s else str(s.get("name") if isinstance(s, dict) else s)
+            for s in items
+        ) or "nothing"  # fmt: skip
+
+    lines.append(f"  we share: {services(c['inbound'])}")
+    lines.append(f"  they share: {services(c['outbound'])}")
+    if c.get("last_push_at"):
+        when = time.strftime("%H:%M:%S", time.localtime(c["last_push_at"]))
+        lines.append(f"  last push: {c['last_push_status']} at {when}")
+    if c.get("last_remote_update_at"):
+        when = time.strftime("%H:%M:%S", time.localtime(c["last_remote_update_at"]))
+        lines.append(f"  they last told us their state at {when}")
     if c.get("last_push_error"):
         lines.append(f"  {c['last_push_error']}")
     if c.get("pending_message"):
@@ -332,6 +348,28 @@ def connect(
         except OSError as exc:
             raise typer.BadParameter(f"cannot read {invite[1:]}: {exc.strerror}") from None
     data = call("POST", "/api/cells", as_json, json={"invite": invite}).json()
+    _out(data, as_json, _show_link(data))
+
+
+@app.command()
+def share(
+    cell: Annotated[str, typer.Argument(help="The linked cell")],
+    service: Annotated[str, typer.Argument(help="One of this cell's services")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Let a linked cell's network use one of our services (by name and address)."""
+    data = call("POST", f"/api/cells/{cell}/shares/{service}", as_json).json()
+    _out(data, as_json, _show_link(data))
+
+
+@app.command()
+def unshare(
+    cell: Annotated[str, typer.Argument(help="The linked cell")],
+    service: Annotated[str, typer.Argument(help="A service shared with it")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Stop sharing a service with a linked cell; its open connections stop too."""
+    data = call("DELETE", f"/api/cells/{cell}/shares/{service}", as_json).json()
     _out(data, as_json, _show_link(data))
 
 

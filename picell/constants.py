@@ -46,6 +46,8 @@ CROWDED_RANGES = tuple(
 DEFAULT_INVITE_TTL_S = 24 * 3600.0  # an invite's token expires after a day unless told
 INVITE_MIN_TTL_S = 60.0
 INVITE_MAX_TTL_S = 30 * 24 * 3600.0
+HEARTBEAT_S = 45.0  # DESIGN §6: every link's state is re-sent at least this often (<= 60 s)
+COALESCE_S = 0.05  # a burst of sharing changes within this window becomes one push
 OUTBOX_MAX_BACKOFF_S = 30.0  # DESIGN §6: failed deliveries retry at least this often
 UNLINK_GIVE_UP_S = 30 * 24 * 3600.0  # an unlink undelivered this long is dropped with our side
 PAIRING_BODY_MAX = 8192  # bytes; an identity and a MAC fit many times over

@@ -13,7 +13,7 @@ import logging
 import socket
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -104,6 +104,9 @@ class Control:
         self.runner = runner
         self.reconciler = reconciler
         self.last_error: str | None = None
+        # set by the daemon: a removed service stops being shared, and linked cells hear of it
+        self.on_service_removed: Callable[[sqlite3.Connection, str], None] | None = None
+        self.after_change: Callable[[], None] | None = None
 
     # -- state ---------------------------------------------------------------------------------
     def build(self, conn: sqlite3.Connection) -> State:
@@ -355,6 +358,10 @@ class Control:
         validate.name(name)
         with self.change() as conn:
             service_table.remove(conn, name)
+            if self.on_service_removed is not None:
+                self.on_service_removed(conn, name)
+        if self.after_change is not None:
+            self.after_change()
 
     @staticmethod
     def service_public(cell: Cell, svc: Service) -> dict[str, Any]:

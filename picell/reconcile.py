@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from picell.dns.render import render_unbound
 from picell.dns.unbound import Unbound
 from picell.errors import ApplyFailed, CommandFailed
-from picell.firewall.apply import apply_ruleset, observe_table
-from picell.firewall.render import render_ruleset
+from picell.firewall.apply import apply_grant_delta, apply_ruleset, cut_flows, observe_table
+from picell.firewall.render import grant_elements, render_grant_delta, render_ruleset
 from picell.routing.apply import apply_link, observe_link, observe_routes, plan_link
-from picell.state import Paths, State
+from picell.state import Grant, Paths, State
 from picell.system.children import Child, write_sysctl
 from picell.system.run import Runner
 from picell.wireguard.apply import (
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 # Commands that only read the system; everything else a reconcile spawns is a write.
 READ_COMMANDS = {("wg", "show"), ("nft", "-j"), ("ip", "-j")}
+# Besides the constant set above, a reconcile runs one `conntrack -D` per revoked grant.
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,7 @@ class Reconciler:
         self.unbound = Unbound(runner, paths.unbound_conf, make_child)
         self.wg_child: Child | None = None
         self._endpoints: dict[str, str] = {}  # peer endpoints as we last applied them
+        self._grants: set[Grant] = set()  # grants as we last applied them
         self._nft_seen: tuple[str, str] | None = None  # (digest, kernel fingerprint) we applied
         self._lock = threading.Lock()
         self.last: Report | None = None
@@ -138,6 +140,7 @@ class Reconciler:
                 report.changes.append(Change("sysctl", "update", f"{key}={value}"))
 
         text, digest = render_ruleset(state)
+        want_grants = grant_elements(state)
         observed = observe_table(self.runner)
         in_sync = (
             observed is not None
@@ -151,6 +154,13 @@ class Reconciler:
             report.changes.append(
                 Change("firewall", "create" if observed is None else "update", "inet picell")
             )
+        elif observed is not None and observed.grants != want_grants:
+            apply_grant_delta(self.runner, render_grant_delta(observed.grants, want_grants))
+            report.changes.append(Change("firewall", "update", "grants"))
+        for grant in sorted(self._grants - set(state.grants)):
+            cut_flows(self.runner, grant)  # a revoked grant: its established flows stop too
+            report.changes.append(Change("conntrack", "remove", grant.element))
+        self._grants = set(state.grants)
 
         conf = render_unbound(state.dns, self.paths.unbound_dir, self.paths.unbound_control)
         dns_changes = self.unbound.needs(conf)

@@ -43,6 +43,20 @@ class ServiceState:
 
 
 @dataclass(frozen=True, order=True)
+class Grant:
+    """A linked cell's network may open `protocol` `vip:port` (one nft set element)."""
+
+    protocol: str
+    network: ipaddress.IPv4Network
+    vip: ipaddress.IPv4Address
+    port: int
+
+    @property
+    def element(self) -> str:
+        return f"{self.network} . {self.vip} . {self.port}"
+
+
+@dataclass(frozen=True, order=True)
 class DnsRecord:
     fqdn: str
     address: ipaddress.IPv4Address
@@ -105,6 +119,7 @@ class State:
     dns: DnsState
     links: tuple[LinkState, ...] = ()
     mesh_port: int = 3000
+    grants: tuple[Grant, ...] = ()
 
     @property
     def linked_networks(self) -> tuple[ipaddress.IPv4Network, ...]:
@@ -209,6 +224,18 @@ def build_state(
             for s in services
         )
     )
+    by_name = {s.name: s for s in service_states}
+    shared = {
+        link.name: [by_name[n] for n in sorted(set(link.inbound)) if n in by_name] for link in links
+    }
+    grants = tuple(
+        sorted(
+            Grant(svc.protocol, link.vpn_subnet, svc.vip, svc.port)
+            for link in links
+            if link.state != "unlinking"
+            for svc in shared[link.name]
+        )
+    )
     records = {
         DnsRecord(cell.domain, cell.ip),
         DnsRecord(f"{cell.name}.{cell.domain}", cell.ip),
@@ -228,9 +255,11 @@ def build_state(
             sorted(DnsForward(ln.domain, ln.dns_ip) for ln in links if ln.state != "unlinking")
         ),
         views=tuple(
-            DnsView(ls.name, ls.network, _view_records(cell))
-            for ls in link_states
-            if not ls.unlinking
+            sorted(
+                DnsView(link.name, link.vpn_subnet, _view_records(cell, shared[link.name]))
+                for link in links
+                if link.state != "unlinking"
+            )
         ),
     )
     return State(
@@ -243,11 +272,12 @@ def build_state(
         dns=dns,
         links=link_states,
         mesh_port=cell.mesh_port,
+        grants=grants,
     )
 
 
-def _view_records(cell: Cell) -> tuple[DnsRecord, ...]:
-    """What a linked cell may resolve in our domain: the cell itself (shared services later)."""
-    return tuple(
-        sorted([DnsRecord(cell.domain, cell.ip), DnsRecord(f"{cell.name}.{cell.domain}", cell.ip)])
-    )
+def _view_records(cell: Cell, shared: Sequence[ServiceState]) -> tuple[DnsRecord, ...]:
+    """What a linked cell may resolve in our domain: the cell itself and what we share."""
+    records = {DnsRecord(cell.domain, cell.ip), DnsRecord(f"{cell.name}.{cell.domain}", cell.ip)}
+    records |= {DnsRecord(f"{s.name}.{cell.domain}", s.vip) for s in shared}
+    return tuple(sorted(records))

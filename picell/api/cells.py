@@ -12,10 +12,15 @@ from pydantic import BaseModel, Field
 from picell.constants import DEFAULT_INVITE_TTL_S
 from picell.mesh.links import Links
 from picell.mesh.seed import import_links
+from picell.mesh.sync import Sync
 
 
 class CellConnect(BaseModel):
     invite: str = Field(max_length=8192)
+
+
+class Permissions(BaseModel):
+    services: list[str] = Field(max_length=1000)
 
 
 class LinksImport(BaseModel):
@@ -27,7 +32,13 @@ def get_links(request: Request) -> Links:
     return links
 
 
+def get_sync(request: Request) -> Sync:
+    sync: Sync = request.app.state.sync
+    return sync
+
+
 LinksDep = Annotated[Links, Depends(get_links)]
+SyncDep = Annotated[Sync, Depends(get_sync)]
 router = APIRouter(prefix="/api/cells")
 
 
@@ -65,6 +76,28 @@ def connect(body: CellConnect, links: LinksDep) -> dict[str, Any]:
 @router.post("/import", status_code=201)
 def import_seed(body: LinksImport, links: LinksDep) -> dict[str, Any]:
     return import_links(links, body.content)
+
+
+@router.put("/{name}/permissions")
+def set_permissions(name: str, body: Permissions, sync: SyncDep) -> dict[str, Any]:
+    """The full set of our services that cell `name` may use."""
+    return sync.set_permissions(name, body.services)
+
+
+@router.post("/{name}/shares/{service}")
+def share(name: str, service: str, sync: SyncDep) -> dict[str, Any]:
+    return sync.share(name, service)
+
+
+@router.delete("/{name}/shares/{service}")
+def unshare(name: str, service: str, sync: SyncDep) -> dict[str, Any]:
+    return sync.unshare(name, service)
+
+
+@router.get("/rejected")
+def rejected(links: LinksDep) -> dict[str, int]:
+    """Refused cross-cell messages since start, by route and status."""
+    return dict(links.rejected)
 
 
 @router.delete("/{name}", status_code=204)

@@ -25,6 +25,7 @@ from picell.api import errors
 from picell.constants import MESH_BODY_MAX, PAIRING_BODY_MAX, PAIRING_RATE
 from picell.errors import BadInput, RateLimited
 from picell.mesh.links import Links
+from picell.mesh.sync import Sync
 
 
 async def read_json(request: Request, limit: int) -> Any:
@@ -83,10 +84,25 @@ def build_pairing_api(links: Links) -> FastAPI:
     return app
 
 
-def build_mesh_api(links: Links) -> FastAPI:
+def build_mesh_api(links: Links, sync: Sync) -> FastAPI:
     app = FastAPI(title="picell mesh", version=__version__, docs_url=None, redoc_url=None,
                   openapi_url=None)  # fmt: skip
     errors.install(app)
+
+    @app.middleware("http")
+    async def count_refusals(request: Request, call_next: Any) -> Any:
+        response = await call_next(request)
+        if response.status_code >= 400:
+            links.rejected[f"{request.url.path.rsplit('/', 1)[-1]} {response.status_code}"] += 1
+        return response
+
+    @app.post("/api/cells/peer-sync/permissions")
+    async def permissions(request: Request) -> dict[str, Any]:
+        payload = await read_json(request, MESH_BODY_MAX)
+        result: dict[str, Any] = await run_in_threadpool(
+            sync.receive_state, payload, _source(request)
+        )
+        return result
 
     @app.post("/api/cells/peer-sync/unlink")
     async def unlink(request: Request) -> JSONResponse:

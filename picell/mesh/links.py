@@ -13,6 +13,7 @@ import json
 import secrets
 import sqlite3
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -23,12 +24,14 @@ from picell.control import Control
 from picell.errors import BadInput, Conflict, Forbidden, NotFound
 from picell.mesh import client
 from picell.mesh.crypto import mac, mac_ok, new_token, pairing_key, short_auth_string, token_hash
+from picell.mesh.document import shared_services
 from picell.mesh.invite import Identity, Invite, Pairing, parse_identity, parse_invite
 from picell.mesh.protocol import check_envelope, make_envelope, parse_envelope
 from picell.store import cell as cell_table
 from picell.store import invites as invite_table
 from picell.store import journal, outbox
 from picell.store import links as link_table
+from picell.store import services as service_table
 from picell.store.cell import Cell
 from picell.store.links import Link
 from picell.wireguard import keys
@@ -140,6 +143,7 @@ class Links:
         self.control = control
         self.store = control.store
         self.wake_sender = wake_sender
+        self.rejected: Counter[str] = Counter()  # refused cross-cell messages, by route and status
 
     # -- invites -------------------------------------------------------------------------------
     def invite(self, expires_s: float) -> Invite:
@@ -310,6 +314,7 @@ class Links:
         with self.store.read() as conn:
             cell = cell_table.load(conn)
             links = link_table.all_links(conn)
+            services = service_table.all_services(conn)
             pending = {m.link_key: m for m in outbox.all_messages(conn)}
         observed = observe_wg(self.control.runner, cell.interface) if links else None
         our_public = keys.public_from_private(cell.private_key)
@@ -334,7 +339,7 @@ class Links:
                     "online": age is not None and age < LINK_ONLINE_S,
                     "rx_bytes": seen.rx_bytes if seen else 0,
                     "tx_bytes": seen.tx_bytes if seen else 0,
-                    "inbound": list(link.inbound),
+                    "inbound": shared_services(cell, services, link.inbound),
                     "outbound": list(link.outbound),
                     "exit_offered": link.exit_offered,
                     "remote_exit_offered": link.remote_exit_offered,

@@ -3,7 +3,8 @@
 `body` always carries `v, type, from_cell, from_public_key, to_public_key, seq, sent_at`; `mac`
 is HMAC-SHA256 of the body's canonical JSON with the link key both cells derive on their own.
 `check_envelope` is the receiving side's whole authentication, in this order: the direct source
-address lies in the sending link's network, the MAC verifies, the message is addressed to us,
+address is the sending cell's own address (inside its network, so WireGuard vouches for it; not
+one of its devices), the MAC verifies, the message is addressed to us,
 and its `seq` is newer than the last one applied. Pure: the caller fetches the link and applies.
 """
 
@@ -78,8 +79,10 @@ def check_envelope(
     our_public: str,
 ) -> None:
     """Raise Forbidden unless the message is authentic, fresh and addressed to us."""
-    if link is None or source is None or source not in link.vpn_subnet:
-        raise Forbidden("message: not from a linked cell's network", field="body.from_public_key")
+    if link is None or source is None or source != link.dns_ip:
+        # WireGuard's cryptokey routing makes the source address proof of the sending cell;
+        # only the cell's own address speaks for it, not its devices
+        raise Forbidden("message: not from the linked cell's own address", field="source")
     if not mac_ok(link_key(our_private, link.public_key), env.body, env.mac):
         raise Forbidden("mac: the signature does not verify", field="mac")
     if env.body.get("to_public_key") != our_public:

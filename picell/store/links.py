@@ -36,7 +36,7 @@ class Link:
     remote_exit_offered: bool = False
     exit_relay_active: bool = False
     remote_exit_relay_active: bool = False
-    pending_push: bool = False
+    pending_push: int = 0  # changes not yet pushed (a counter; 0: in sync)
     last_push_status: str | None = None
     last_push_at: float | None = None
     last_push_error: str | None = None
@@ -64,7 +64,7 @@ def _row(r: sqlite3.Row) -> Link:
         remote_exit_offered=bool(r["remote_exit_offered"]),
         exit_relay_active=bool(r["exit_relay_active"]),
         remote_exit_relay_active=bool(r["remote_exit_relay_active"]),
-        pending_push=bool(r["pending_push"]),
+        pending_push=r["pending_push"],
         last_push_status=r["last_push_status"],
         last_push_at=r["last_push_at"],
         last_push_error=r["last_push_error"],
@@ -123,7 +123,7 @@ def save(conn: sqlite3.Connection, link: Link) -> None:
             int(link.remote_exit_offered),
             int(link.exit_relay_active),
             int(link.remote_exit_relay_active),
-            int(link.pending_push),
+            link.pending_push,
             link.last_push_status,
             link.last_push_at,
             link.last_push_error,
@@ -138,3 +138,29 @@ def save(conn: sqlite3.Connection, link: Link) -> None:
 
 def delete(conn: sqlite3.Connection, name: str) -> None:
     conn.execute("DELETE FROM links WHERE name = ?", (name,))
+
+
+def mark_pending(conn: sqlite3.Connection, name: str) -> None:
+    """A change to push: `pending_push` counts changes, so a push clears only what it carried."""
+    conn.execute("UPDATE links SET pending_push = pending_push + 1 WHERE name = ?", (name,))
+
+
+def pending_generation(conn: sqlite3.Connection, name: str) -> int:
+    row = conn.execute("SELECT pending_push FROM links WHERE name = ?", (name,)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def push_done(conn: sqlite3.Connection, name: str, generation: int, at: float) -> None:
+    conn.execute(
+        "UPDATE links SET last_push_status = 'ok', last_push_at = ?, last_push_error = NULL,"
+        " pending_push = CASE WHEN pending_push = ? THEN 0 ELSE pending_push END WHERE name = ?",
+        (at, generation, name),
+    )
+
+
+def push_failed(conn: sqlite3.Connection, name: str, error: str) -> None:
+    conn.execute(
+        "UPDATE links SET last_push_status = 'error', last_push_error = ?,"
+        " pending_push = MAX(pending_push, 1) WHERE name = ?",
+        (error[:500], name),
+    )

@@ -109,6 +109,7 @@ def test_envelopes_are_checked_for_source_mac_target_and_order() -> None:
     check_envelope(parse_envelope(env, "unlink"), link_at_b, src, b_priv, b_pub)
     bad = [
         (env, ipaddress.IPv4Address("10.62.0.7")),  # from outside alpha's network
+        (env, ipaddress.IPv4Address("10.61.0.5")),  # from one of alpha's devices
         ({**env, "mac": "0" * 64}, src),  # forged
         ({"body": {**env["body"], "seq": 6}, "mac": env["mac"]}, src),  # altered
     ]
