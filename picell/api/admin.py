@@ -34,8 +34,10 @@ router = APIRouter(prefix="/api")
 
 
 @router.get("/status")
-def status(ctl: Ctl) -> dict[str, Any]:
-    return ctl.status()
+def status(ctl: Ctl, request: Request) -> dict[str, Any]:
+    data = ctl.status()
+    data["rejected_messages"] = dict(request.app.state.links.rejected)
+    return data
 
 
 @router.post("/reconcile")

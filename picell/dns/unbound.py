@@ -91,6 +91,15 @@ class Unbound:
                 self.child.start()
                 self.pidfile.write_text(f"{self.child.pid}\n")
 
+    def flush_zone(self, domain: str) -> None:
+        """Forget cached answers (negative ones too) at or below `domain`: another cell
+        changed what it lets us resolve there."""
+        if self.running():
+            self.runner.run(
+                ["unbound-control", "-c", str(self.conf_path), "flush_zone", domain],
+                ok_codes=(0, 1),
+            )
+
     def stop(self) -> None:
         if self.child is not None:
             self.child.stop()

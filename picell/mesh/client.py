@@ -13,7 +13,8 @@ from typing import Any
 import httpx
 
 PAIR_PATH = "/api/cells/peer-sync/accept-invite"
-MESH_PATH = "/api/cells/peer-sync/"
+# message type -> route on the other cell's mesh listener (DESIGN §6 names the state route)
+MESH_ROUTES = {"state": "/api/cells/peer-sync/permissions", "unlink": "/api/cells/peer-sync/unlink"}
 TIMEOUT_S = 8.0
 
 
@@ -48,4 +49,4 @@ def send(
 ) -> tuple[int, Any]:
     transport = httpx.HTTPTransport(local_address=str(our_ip))
     with httpx.Client(transport=transport, timeout=TIMEOUT_S, trust_env=False) as client:
-        return _post(client, f"http://{their_ip}:{port}{MESH_PATH}{kind}", envelope)
+        return _post(client, f"http://{their_ip}:{port}{MESH_ROUTES[kind]}", envelope)

@@ -211,6 +211,7 @@ class Links:
                 link = replace(link, last_push_error=f"waiting for the other cell: {detail}")
             link_table.save(conn, link)
             journal.append(conn, other.cell_name, event, "local owner", detail)
+        self.wake_sender()  # a new link gets our state at once
 
     # -- accept (the other cell redeems our invite on the pairing listener) --------------------
     def accept(self, payload: Any) -> dict[str, Any]:
@@ -241,6 +242,7 @@ class Links:
             )
             journal.append(conn, other.cell_name, "linked", f"cell {other.cell_name}",
                            "they redeemed our invite")  # fmt: skip
+        self.wake_sender()
         answer = {"identity": identity_of(cell).as_dict(), "nonce": nonce}
         return {**answer, "mac": mac(match.mac_key, {**answer, "role": "accepted"})}
 

@@ -122,4 +122,5 @@ def import_links(links: Links, content: str) -> dict[str, Any]:
                 journal.append(conn, link.name, "import: unknown fields kept", "local owner",
                                json.dumps(unknown, sort_keys=True))  # fmt: skip
             imported.append({"name": link.name, "unknown_fields": sorted(unknown)})
+    links.wake_sender()
     return {"imported": imported}

@@ -145,6 +145,8 @@ class Sync:
             for svc in sorted(before - after):
                 journal.append(conn, link.name, f"they unshared {svc}", f"cell {link.name}")
             link_table.save(conn, updated)
+        if before != after and self.control.reconciler is not None:
+            self.control.reconciler.unbound.flush_zone(updated.domain)
         return {"ok": True, "seq": body["seq"]}
 
     def _identity(self, cell: Cell, link: Link, updated: Link, raw: Any, conn: Any) -> Link:

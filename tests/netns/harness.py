@@ -290,7 +290,7 @@ class Proc:
 # Inline programs run with the harness's own interpreter (`python -I -c`) inside a namespace.
 
 _HTTP_SERVER = r"""
-import http.server, pathlib, sys
+import http.server, pathlib, socketserver, sys
 host, port, body, ready = sys.argv[1], int(sys.argv[2]), sys.argv[3].encode(), sys.argv[4]
 class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
@@ -302,7 +302,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, fmt, *args):
         sys.stderr.write("%s %s\n" % (self.client_address[0], fmt % args))
         sys.stderr.flush()
-server = http.server.ThreadingHTTPServer((host, port), Handler)
+class Server(http.server.ThreadingHTTPServer):
+    def server_bind(self):
+        # HTTPServer.server_bind looks up its own name (getfqdn): a DNS query nobody needs
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = host, port
+server = Server((host, port), Handler)
 pathlib.Path(ready).write_text("ready")
 server.serve_forever()
 """
@@ -696,6 +701,9 @@ class Topology:
         self._save_state()
         run(["ip", "netns", "add", name])
         (ETC_NETNS / name).mkdir(parents=True, exist_ok=True)
+        # Until a test names a resolver, name lookups stay inside the namespace: without this
+        # file, `ip netns exec` would use the host's resolv.conf and its resolver's address.
+        ns.set_resolver("127.0.0.1")
         ns.run(["ip", "link", "set", "lo", "up"])
         return ns
 

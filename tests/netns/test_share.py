@@ -1,0 +1,245 @@
+"""Per-link sharing: what alpha shares with beta is reachable by name from beta's devices, and
+nothing else of alpha is; unsharing cuts live flows; beta learns of every change through signed
+state documents, also after a partition; forged, replayed, re-targeted and misplaced messages
+are refused.
+
+Topology (module scope):
+
+      ┌──────────────────── switch ns: br-inet 198.51.100.0/24 ─────────────────┐
+      │                  │                  │                 │                 │
+  alpha ns .1         beta ns .2         phone ns .11     laptop ns .12     net ns .53
+  picell alpha        picell beta        alpha's device   beta's device     upstream DNS,
+  10.61.0.1/24        10.62.0.1/24                                          192.0.2.80 on lo
+  alpha.test          beta.test                                             (the "internet")
+   │ veth 203.0.113.1/24
+  lan ns 203.0.113.5: HTTP :80 (service files), echo :7 (service echo)
+
+alpha's services: web (127.0.0.1:8080), secret (127.0.0.1:9090), files, echo (LAN).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from picell.mesh.crypto import link_key, mac
+from picell.mesh.protocol import make_envelope
+from picell.store import cell as cell_table
+from picell.store import links as link_table
+from picell.wireguard import keys
+from tests.netns.cells import Cell, post_json, start_upstream_dns
+from tests.netns.harness import Netns, Topology, wait_until
+
+MESH = "http://10.61.0.1:3000/api/cells/peer-sync/permissions"
+
+
+@dataclass
+class World:
+    topo: Topology
+    alpha: Cell
+    beta: Cell
+    phone: Netns
+    laptop: Netns
+    lan: Netns
+    net: Netns
+
+
+@pytest.fixture(scope="module")
+def world() -> Iterator[World]:
+    with Topology() as topo:
+        inet = topo.bridge("inet")
+        nss = {r: topo.add_ns(r) for r in ("alpha", "beta", "phone", "laptop", "net", "lan")}
+        for role, ip in (("alpha", "1"), ("beta", "2"), ("phone", "11"), ("laptop", "12"),
+                         ("net", "53")):  # fmt: skip
+            topo.attach(nss[role], inet, f"198.51.100.{ip}/24")
+        nss["net"].run(["ip", "addr", "add", "192.0.2.80/32", "dev", "lo"])
+        nss["alpha"].run(["ip", "route", "add", "default", "via", "198.51.100.53"])
+        start_upstream_dns(nss["net"], "198.51.100.53", {"www.example.net": "192.0.2.80"},
+                           topo.workdir)  # fmt: skip
+        topo.link(nss["alpha"], "203.0.113.1/24", nss["lan"], "203.0.113.5/24")
+        nss["lan"].run(["ip", "route", "replace", "default", "via", "203.0.113.1"])
+        alpha = Cell(topo, nss["alpha"], "alpha", "alpha.test", "10.61.0.1/24",
+                     "198.51.100.1:51820")  # fmt: skip
+        beta = Cell(topo, nss["beta"], "beta", "beta.test", "10.62.0.1/24", "198.51.100.2:51820")
+        for cell in (alpha, beta):
+            cell.ns.set_resolver("198.51.100.53")
+            cell.init()
+            cell.start()
+        nss["alpha"].serve_http("127.0.0.1", 8080, "alpha web")
+        nss["alpha"].serve_http("127.0.0.1", 9090, "alpha secret")
+        nss["lan"].serve_http("203.0.113.5", 80, "alpha files")
+        nss["lan"].serve_tcp_echo("203.0.113.5", 7)
+        alpha.cli("services", "add", "web", "--backend", "127.0.0.1:8080", "--port", "80")
+        alpha.cli("services", "add", "secret", "--backend", "127.0.0.1:9090", "--port", "80")
+        alpha.cli("services", "add", "files", "--backend", "203.0.113.5:80")
+        alpha.cli("services", "add", "echo", "--backend", "203.0.113.5:7")
+        nss["phone"].device(alpha.add_device("phone"), hint="phone").up()
+        nss["laptop"].device(beta.add_device("laptop"), hint="laptop").up()
+        alpha.cli("connect", beta.invite()["string"])
+        wait_until(lambda: nss["laptop"].ping("10.61.0.1"), 20, "beta's laptop cannot reach alpha")
+        yield World(topo, alpha, beta, nss["phone"], nss["laptop"], nss["lan"], nss["net"])
+
+
+def outbound(cell: Cell, other: str) -> list[str]:
+    return [s["name"] for s in cell.links()[other]["outbound"]]
+
+
+def test_a_shared_service_is_reachable_by_name_from_the_other_cell(world: World) -> None:
+    alpha, beta, laptop = world.alpha, world.beta, world.laptop
+    assert laptop.dig_status("web.alpha.test") == "NXDOMAIN"
+    assert not laptop.tcp_connect("10.61.0.254", 80)
+    alpha.cli("share", "beta", "web")
+    # beta's DNS may hold the earlier NXDOMAIN until alpha's push arrives and flushes it
+    wait_until(lambda: laptop.http_get("http://web.alpha.test/") == "alpha web", 10,
+               "beta's laptop cannot use web by name")  # fmt: skip
+    wait_until(lambda: outbound(beta, "alpha") == ["web"], 10, "beta did not learn of web")
+    seen = beta.links()["alpha"]["outbound"][0]
+    assert seen["vip"] == "10.61.0.254" and seen["ports"] == [80]
+    view = alpha.links()["beta"]
+    assert view["inbound"][0]["name"] == "web" and view["last_push_status"] == "ok"
+    assert beta.links()["alpha"]["last_remote_update_at"] is not None
+    events = [e["event"] for e in alpha.journal("beta")]
+    assert "shared web" in events
+    assert "they shared web" in [e["event"] for e in beta.journal("alpha")]
+
+
+def test_everything_else_of_alpha_stays_closed_to_beta(world: World) -> None:
+    alpha, laptop = world.alpha, world.laptop
+    alpha.cli("share", "beta", "web")
+    # other services: neither by name nor by address
+    for name in ("secret", "files"):
+        assert laptop.dig_status(f"{name}.alpha.test") == "NXDOMAIN"
+    assert not laptop.tcp_connect("10.61.0.253", 80)  # secret's address
+    assert not laptop.tcp_connect("10.61.0.252", 80)  # files' address
+    # alpha's devices, alpha's LAN, other ports of alpha
+    assert not laptop.ping("10.61.0.2", timeout_s=1)
+    assert not laptop.tcp_connect("10.61.0.2", 80)
+    assert not laptop.tcp_connect("203.0.113.5", 80)
+    assert not laptop.tcp_connect("10.61.0.1", 8080)
+    # alpha is no open resolver for beta
+    assert laptop.dig_status("www.example.net", server="10.61.0.1") == "REFUSED"
+    # and no way to the internet: even if beta routed it into the tunnel, alpha drops it
+    beta = world.beta
+    beta.ns.run(["wg", "set", beta.interface, "peer", alpha_key(world), "allowed-ips",
+                 "10.61.0.0/24,192.0.2.80/32"])  # fmt: skip
+    beta.ns.run(["ip", "route", "add", "192.0.2.80/32", "dev", beta.interface])
+    try:
+        assert not beta.ns.ping("192.0.2.80", timeout_s=1)
+        assert world.alpha.ns.ping("192.0.2.80")  # the internet is there for alpha itself
+    finally:
+        beta.ns.run(["ip", "route", "del", "192.0.2.80/32", "dev", beta.interface])
+        beta.cli("reconcile")
+    # while what is shared still works, also for alpha's own phone
+    assert laptop.http_get("http://web.alpha.test/") == "alpha web"
+    assert world.phone.http_get("http://secret.alpha.test/") == "alpha secret"
+
+
+def alpha_key(world: World) -> str:
+    key: str = world.alpha.cli("status")["public_key"]
+    return key
+
+
+def test_unsharing_stops_an_established_connection(world: World) -> None:
+    alpha, laptop = world.alpha, world.laptop
+    alpha.cli("share", "beta", "echo")
+    session = laptop.tcp_echo_session("echo.alpha.test", 7)
+    try:
+        wait_until(lambda: session.alive(since=time.monotonic() - 0.5), 5, "no echo")
+        alpha.cli("unshare", "beta", "echo")
+        cut = time.monotonic()
+        wait_until(lambda: session.silent_for(1.0), 10, "the flow survived the unshare")
+        assert not session.alive(since=cut + 0.5)
+    finally:
+        session.stop()
+    assert not laptop.tcp_connect("10.61.0.251", 7)
+    wait_until(lambda: "echo" not in outbound(world.beta, "alpha"), 10, "beta still sees echo")
+    assert "unshared echo" in [e["event"] for e in alpha.journal("beta")]
+
+
+def test_a_change_during_a_partition_arrives_after_it_heals(world: World) -> None:
+    alpha, beta, laptop = world.alpha, world.beta, world.laptop
+    world.topo.partition("198.51.100.1", "198.51.100.2")
+    try:
+        alpha.cli("share", "beta", "files")
+        wait_until(lambda: alpha.links()["beta"]["last_push_status"] == "error", 20,
+                   "the push did not fail during the partition")  # fmt: skip
+        assert "files" not in outbound(beta, "alpha")
+    finally:
+        world.topo.heal()
+    healed = time.monotonic()
+    wait_until(lambda: "files" in outbound(beta, "alpha"), 60, "beta never learned of files")
+    assert time.monotonic() - healed < 60
+    wait_until(lambda: laptop.http_get("http://files.alpha.test/") == "alpha files", 30,
+               "beta's laptop cannot use files after the partition")  # fmt: skip
+    assert alpha.links()["beta"]["last_push_status"] == "ok"
+
+
+def _beta_private(world: World) -> str:
+    with sqlite3.connect(world.beta.data_dir / "picell.db") as db:
+        db.row_factory = sqlite3.Row
+        return cell_table.load(db).private_key
+
+
+def _signed(world: World, seq: int, private: str | None = None) -> Any:
+    beta_private = _beta_private(world)
+    target = link_table.Link(
+        "alpha", alpha_key(world), "x:1", ipaddress.IPv4Network("10.61.0.0/24"),
+        ipaddress.IPv4Address("10.61.0.1"), "alpha.test",
+    )  # fmt: skip
+    return make_envelope(
+        kind="state", from_cell="beta", our_private=private or beta_private,
+        our_public=keys.public_from_private(beta_private), link=target, seq=seq,
+        extra={"shared_services": [], "exit_offered": False, "use_as_exit_relay": False},
+    )  # fmt: skip
+
+
+def _retargeted(world: World, seq: int) -> Any:
+    """Signed with the real beta-alpha link key, but addressed to another cell."""
+    env = _signed(world, seq)
+    body = {**env["body"], "to_public_key": keys.public_from_private(keys.generate_private())}
+    return {"body": body, "mac": mac(link_key(_beta_private(world), alpha_key(world)), body)}
+
+
+def _remote_seq(world: World) -> int:
+    with sqlite3.connect(world.alpha.data_dir / "picell.db") as db:
+        return int(db.execute("SELECT remote_seq FROM links WHERE name = 'beta'").fetchone()[0])
+
+
+def test_forged_replayed_retargeted_and_misplaced_messages_are_refused(world: World) -> None:
+    alpha, beta = world.alpha, world.beta
+    wait_until(lambda: alpha.links()["beta"]["last_remote_update_at"], 10, "beta never pushed")
+    before = alpha.links()["beta"]["outbound"]
+    seq = _remote_seq(world)
+    assert seq >= 1
+    stranger = keys.generate_private()
+    refusals = [
+        ("forged", beta.ns, _signed(world, seq + 100, private=stranger)),
+        ("replayed", beta.ns, _signed(world, seq)),
+        ("older", beta.ns, _signed(world, max(1, seq - 1))),
+        ("retargeted", beta.ns, _retargeted(world, seq + 100)),
+        ("from beta's device", world.laptop, _signed(world, seq + 100)),
+    ]
+    for what, ns, body in refusals:
+        status, answer = post_json(ns, MESH, body)
+        assert 400 <= status < 500, (what, status, answer)
+    assert alpha.links()["beta"]["outbound"] == before
+    assert _remote_seq(world) == seq
+    rejected = alpha.cli("status")["rejected_messages"]
+    assert sum(n for key, n in rejected.items() if key.startswith("permissions 4")) >= 5
+    # the same message from beta's own address is accepted: the refusals above were real
+    status, _answer = post_json(beta.ns, MESH, _signed(world, seq + 100))
+    assert status == 200
+    # a replay after alpha restarts is still refused: the sequence is persisted
+    alpha.stop()
+    alpha.start()
+    status, _answer = post_json(beta.ns, MESH, _signed(world, seq + 100))
+    assert status == 403
+    # alpha's own next push brings beta's view back in line
+    alpha.cli("share", "beta", "web")
+    wait_until(lambda: "web" in outbound(beta, "alpha"), 10, "no push after the restart")
