@@ -217,7 +217,7 @@ def test_dns_line_becomes_namespace_resolver(tunnel: Tunnel) -> None:
     assert seen == f"nameserver {SRV_VPN_IP}\n"
     # The host's resolver and the server's namespace are untouched.
     assert SRV_VPN_IP not in Path("/etc/resolv.conf").read_text()
-    assert tunnel.srv.resolv_conf() is None
+    assert tunnel.srv.resolv_conf() == "nameserver 127.0.0.1\n"  # the harness's default
 
 
 def test_dns_and_http_helpers_through_tunnel(tunnel: Tunnel) -> None:
@@ -272,7 +272,7 @@ def test_set_resolver_is_restored_after_device_down(tunnel: Tunnel) -> None:
     assert pid is not None
     device.down()
     assert not pid_alive(pid)
-    assert dev.resolv_conf() is None
+    assert dev.resolv_conf() == "nameserver 127.0.0.1\n"  # the default from before up()
     assert not (WG_SOCKET_DIR / f"{device.ifname}.sock").exists()
     assert dev.run(["ip", "link", "show", device.ifname], check=False).returncode != 0
 
