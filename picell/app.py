@@ -45,12 +45,18 @@ def _backoff(attempt: int) -> float:
     return CHILD_RESTART_BACKOFF_S[min(attempt, len(CHILD_RESTART_BACKOFF_S) - 1)]
 
 
-def build_api(control: Control, links: Links | None = None, sync: Sync | None = None) -> FastAPI:
+def build_api(
+    control: Control,
+    links: Links | None = None,
+    sync: Sync | None = None,
+    sender: Sender | None = None,
+) -> FastAPI:
     """The admin API; served on the unix socket (and later, behind login, on the web port)."""
     app = FastAPI(title="picell admin API", version=__version__)
     app.state.control = control
     app.state.links = links or Links(control)
     app.state.sync = sync or Sync(app.state.links)
+    app.state.sender = sender
     errors.install(app)
     app.include_router(admin.router)
     app.include_router(cells.router)
@@ -156,14 +162,18 @@ class Daemon:
         if sock.exists():
             sock.unlink()
         old_umask = os.umask(0o077)  # the admin socket is root-only
-        servers = [
-            (_Server(_config(build_api(self.control, self.links, self.sync), uds=str(sock))),
-             None),
-            (_Server(_config(build_mesh_api(self.links, self.sync))),
-             [_listen(str(cell.ip), cell.mesh_port)]),
-            (_Server(_config(build_pairing_api(self.links))),
-             [_listen("0.0.0.0", cell.pair_port)]),
-        ]  # fmt: skip
+        admin_api = build_api(self.control, self.links, self.sync, self.sender)
+        servers: list[tuple[_Server, list[socket.socket] | None]] = [
+            (_Server(_config(admin_api, uds=str(sock))), None),
+            (
+                _Server(_config(build_mesh_api(self.links, self.sync))),
+                [_listen(str(cell.ip), cell.mesh_port)],
+            ),
+            (
+                _Server(_config(build_pairing_api(self.links))),
+                [_listen("0.0.0.0", cell.pair_port)],
+            ),
+        ]
         loop = threading.Thread(target=self._loop, name="reconcile", daemon=True)
         loop.start()
         self.sender.start()

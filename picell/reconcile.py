@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -92,6 +93,7 @@ class Reconciler:
         self._nft_seen: tuple[str, str] | None = None  # (digest, kernel fingerprint) we applied
         self._lock = threading.Lock()
         self.last: Report | None = None
+        self.applied: Counter[str] = Counter()  # write transactions since start, by kind
 
     def set(self, state: State) -> Report:
         with self._lock:
@@ -118,6 +120,7 @@ class Reconciler:
         wg_changes = wg_needs_sync(state, observed_wg, self._endpoints)
         if wg_changes:
             apply_wg(self.runner, state, render_interface(state), self.paths.wg_conf)
+            self.applied["wg syncconf"] += 1
             self._endpoints = {p.public_key: p.endpoint for p in state.peers if p.endpoint}
             report.changes += [Change("wireguard", k, t) for k, t in wg_changes]
 
@@ -149,6 +152,7 @@ class Reconciler:
         )
         if not in_sync:
             apply_ruleset(self.runner, text, self.paths.nft_file)
+            self.applied["nft table"] += 1
             after = observe_table(self.runner)
             self._nft_seen = (digest, after.fingerprint) if after else None
             report.changes.append(
@@ -156,6 +160,7 @@ class Reconciler:
             )
         elif observed is not None and observed.grants != want_grants:
             apply_grant_delta(self.runner, render_grant_delta(observed.grants, want_grants))
+            self.applied["nft grant delta"] += 1
             report.changes.append(Change("firewall", "update", "grants"))
         for grant in sorted(self._grants - set(state.grants)):
             cut_flows(self.runner, grant)  # a revoked grant: its established flows stop too
@@ -166,6 +171,7 @@ class Reconciler:
         dns_changes = self.unbound.needs(conf)
         if dns_changes:
             self.unbound.apply(conf, dns_changes)
+            self.applied["unbound"] += 1
             report.changes += [Change("dns", k, "unbound") for k in dns_changes]
 
     def _create_interface(self, ifname: str) -> None:

@@ -37,6 +37,10 @@ router = APIRouter(prefix="/api")
 def status(ctl: Ctl, request: Request) -> dict[str, Any]:
     data = ctl.status()
     data["rejected_messages"] = dict(request.app.state.links.rejected)
+    if ctl.reconciler is not None:
+        data["applied"] = dict(ctl.reconciler.applied)
+    sender = getattr(request.app.state, "sender", None)
+    data["pushes_sent"] = sender.pushes if sender is not None else 0
     return data
 
 
