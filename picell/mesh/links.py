@@ -278,14 +278,14 @@ class Links:
         converges after the answer left, since removing the peer first would strand it."""
         env = parse_envelope(payload, "unlink")
         with self.store.transaction() as conn:
-            link, cell = self._authenticate(conn, env, source)
+            link, cell = self.authenticate(conn, env, source)
             link_table.delete(conn, link.name)
             outbox.drop(conn, link.public_key)
             journal.append(conn, link.name, "unlinked", f"cell {link.name}",
                            "the other cell ended the link")  # fmt: skip
         return {"ok": True, "cell": cell.name}
 
-    def _authenticate(
+    def authenticate(
         self, conn: sqlite3.Connection, env: Any, source: str | None
     ) -> tuple[Link, Cell]:
         cell = cell_table.load(conn)

@@ -116,7 +116,7 @@ class Sync:
         env = parse_envelope(payload, "state")
         body = env.body
         with self.control.change() as conn:
-            link, cell = self.links._authenticate(conn, env, source)
+            link, cell = self.links.authenticate(conn, env, source)
             outbound = _parse_shared(body.get("shared_services", []), link)
             updated = replace(
                 link,
