@@ -24,8 +24,9 @@ from fastapi import FastAPI
 from picell import __version__
 from picell.api import admin, cells, errors
 from picell.api.peer import build_mesh_api, build_pairing_api
+from picell.cellinit import InitRequest
 from picell.constants import CHILD_RESTART_BACKOFF_S, RECONCILE_PERIOD_S
-from picell.control import Control, InitRequest
+from picell.control import Control
 from picell.errors import PicellError
 from picell.mesh.links import Links
 from picell.mesh.sender import Sender

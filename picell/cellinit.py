@@ -1,0 +1,141 @@
+"""A cell's own settings: defaults at first start (`picell init`), and checked changes.
+
+`plan_cell` turns an `InitRequest` (and the cell as stored, if any) into the `Cell` to store:
+defaults are the host name, `<name>.cell`, a random /24 in 10.0.0.0/8 avoiding the host's routes,
+and the host's first global address. A change must still hold every device and service and must
+not collide with a linked cell. Reads the host only through the runner; stores nothing itself.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import sqlite3
+from dataclasses import dataclass
+
+from picell import validate
+from picell.addressing import draw_network
+from picell.constants import (
+    DEFAULT_INTERFACE,
+    DEFAULT_LISTEN_PORT,
+    DEFAULT_MESH_PORT,
+    DEFAULT_PAIR_PORT,
+    MESH_RANGE,
+)
+from picell.errors import BadInput, Conflict
+from picell.routing.host import observe_host_address, observe_host_networks
+from picell.store import peers as peer_table
+from picell.store import services as service_table
+from picell.store.cell import Cell
+from picell.store.links import Link
+from picell.system.run import Runner
+from picell.wireguard import keys
+
+
+@dataclass(frozen=True)
+class InitRequest:
+    name: str | None = None
+    domain: str | None = None
+    address: str | None = None
+    endpoint: str | None = None
+    interface: str | None = None
+    pair_port: int | None = None
+    mesh_port: int | None = None
+    uplink: str | None = None
+    listen_port: int | None = None
+
+
+def check_links(cell: Cell, links: list[Link]) -> None:
+    """A change of our own network or domain must not collide with a linked cell's."""
+    for link in links:
+        if cell.network.overlaps(link.vpn_subnet):
+            raise Conflict(
+                f"address: {cell.network} overlaps the network {link.vpn_subnet} of linked cell "
+                f"{link.name}",
+                field="address",
+            )
+        if (
+            cell.domain == link.domain
+            or cell.domain.endswith("." + link.domain)
+            or link.domain.endswith("." + cell.domain)
+        ):
+            raise Conflict(
+                f"domain: {cell.domain} clashes with the domain {link.domain} of linked cell "
+                f"{link.name}",
+                field="domain",
+            )
+        if cell.name == link.name:
+            raise Conflict(f"name: {cell.name} is the name of a linked cell", field="name")
+
+
+def default_name() -> str:
+    raw = socket.gethostname().split(".")[0].lower()
+    cleaned = "".join(c if c.isalnum() or c == "-" else "-" for c in raw).strip("-")
+    cleaned = cleaned.lstrip("0123456789-")[:32].rstrip("-")
+    return cleaned or "cell"
+
+
+def plan_cell(runner: Runner, req: InitRequest, old: Cell | None, conn: sqlite3.Connection) -> Cell:
+    name = validate.name(req.name, "name") if req.name else (old.name if old else None)
+    name = name or default_name()
+    domain = validate.domain(req.domain) if req.domain else (old.domain if old else f"{name}.cell")
+    if req.address:
+        address = validate.cell_address(req.address)
+    elif old:
+        address = old.address
+    else:
+        net = draw_network(observe_host_networks(runner))
+        address = ipaddress.IPv4Interface(f"{net[1]}/{net.prefixlen}")
+    listen_port = validate.port(req.listen_port, "listen_port") if req.listen_port else None
+    if req.endpoint:
+        ep = validate.endpoint(req.endpoint)
+        endpoint = str(ep)
+        listen_port = listen_port or (old.listen_port if old else ep.port)
+    elif old:
+        endpoint = old.endpoint
+    else:
+        host = observe_host_address(runner)
+        if host is None:
+            raise BadInput(
+                "endpoint: this host has no global address; give --endpoint HOST:PORT",
+                field="endpoint",
+            )
+        endpoint = f"{host}:{listen_port or DEFAULT_LISTEN_PORT}"
+    listen_port = listen_port or (old.listen_port if old else DEFAULT_LISTEN_PORT)
+    if old:
+        _check_renumber(conn, address)
+    return Cell(
+        name=name,
+        domain=domain,
+        address=address,
+        listen_port=listen_port,
+        endpoint=endpoint,
+        private_key=old.private_key if old else keys.generate_private(),
+        interface=validate.interface(req.interface)
+        if req.interface
+        else (old.interface if old else DEFAULT_INTERFACE),
+        pair_port=validate.port(req.pair_port, "pair_port")
+        if req.pair_port
+        else (old.pair_port if old else DEFAULT_PAIR_PORT),
+        mesh_port=validate.port(req.mesh_port, "mesh_port")
+        if req.mesh_port
+        else (old.mesh_port if old else DEFAULT_MESH_PORT),
+        uplink=validate.interface(req.uplink, "uplink")
+        if req.uplink
+        else (old.uplink if old else None),
+        mesh_range=old.mesh_range if old else MESH_RANGE,
+        upstreams=old.upstreams if old else (),
+    )
+
+
+def _check_renumber(conn: sqlite3.Connection, address: ipaddress.IPv4Interface) -> None:
+    top = address.network.num_addresses - 2
+    peers = peer_table.all_peers(conn)
+    services = service_table.all_services(conn)
+    used = [p.host_index for p in peers] + [top + 1 - s.vip_index for s in services]
+    own = int(address.ip) - int(address.network.network_address)
+    if any(i > top for i in used) or len(set(used)) != len(used) or own in used:
+        raise Conflict(
+            f"address: {address.network} cannot hold the existing devices and services",
+            field="address",
+        )

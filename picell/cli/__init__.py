@@ -1,0 +1,10 @@
+"""The `picell` command: every subcommand module registers itself on `base.app`."""
+
+from __future__ import annotations
+
+from picell.cli import cell, links  # noqa: F401 - registers the commands
+from picell.cli.base import app
+
+
+def main() -> None:
+    app()

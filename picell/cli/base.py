@@ -1,0 +1,89 @@
+"""What every `picell` command shares: the Typer app, global options, the admin-socket client,
+output and exit codes (DESIGN §9 is the contract: keep the words and options exactly).
+
+Human output by default, `--json` on every command. Exit 0 on success, 1 on a refused request (the
+API's message printed), 2 on bad usage. Everything but `init` and `serve` talks to the daemon's
+admin API over its unix socket.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import httpx
+import typer
+
+from picell.constants import DEFAULT_DATA_DIR
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Personal Internet Cell")
+peers_app = typer.Typer(no_args_is_help=True, help="The owner's devices")
+services_app = typer.Typer(no_args_is_help=True, help="Services the cell offers")
+app.add_typer(peers_app, name="peers")
+app.add_typer(services_app, name="services")
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
+
+
+class Ctx:
+    data_dir: Path = Path(DEFAULT_DATA_DIR)
+
+
+CTX = Ctx()
+
+
+@app.callback()
+def main_options(
+    data_dir: Annotated[
+        Path,
+        typer.Option("--data-dir", envvar="PICELL_DATA_DIR", help="Store, configs and sockets"),
+    ] = Path(DEFAULT_DATA_DIR),
+) -> None:
+    CTX.data_dir = data_dir
+
+
+def fail(message: str, as_json: bool, body: Any = None) -> NoReturn:
+    if as_json:
+        print(json.dumps(body or {"code": "error", "message": message, "field": None}))
+    else:
+        print(f"error: {message}", file=sys.stderr)
+    raise typer.Exit(1)
+
+
+def admin_client() -> httpx.Client:
+    sock = CTX.data_dir / "admin.sock"
+    return httpx.Client(
+        transport=httpx.HTTPTransport(uds=str(sock)), base_url="http://picell", timeout=60
+    )
+
+
+def call(method: str, path: str, as_json: bool, **kwargs: Any) -> httpx.Response:
+    try:
+        with admin_client() as client:
+            resp = client.request(method, path, **kwargs)
+    except (httpx.ConnectError, httpx.TransportError, FileNotFoundError):
+        fail(
+            f"the picell daemon is not running (no answer on {CTX.data_dir / 'admin.sock'}); "
+            "start it with `picell serve`",
+            as_json,
+        )
+    if resp.status_code >= 400:
+        try:
+            body = resp.json()
+            message = body.get("message") or str(body)
+        except ValueError:
+            body, message = None, resp.text
+        fail(message, as_json, body)
+    return resp
+
+
+def out(data: Any, as_json: bool, human: str) -> None:
+    print(json.dumps(data, indent=2) if as_json else human)
+
+
+def qr_terminal(text: str) -> None:
+    import segno
+
+    segno.make(text, error="m").terminal(compact=True)

@@ -1,0 +1,207 @@
+"""`picell init | serve | status | reconcile | peers … | services …`: the cell and its devices."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Annotated
+
+import httpx
+import typer
+
+from picell.cli.base import (
+    CTX,
+    JsonOpt,
+    admin_client,
+    app,
+    call,
+    fail,
+    out,
+    peers_app,
+    qr_terminal,
+    services_app,
+)
+from picell.errors import PicellError
+
+
+@app.command()
+def init(
+    name: Annotated[str | None, typer.Option(help="Cell name (default: the hostname)")] = None,
+    domain: Annotated[str | None, typer.Option(help="DNS domain (default: NAME.cell)")] = None,
+    address: Annotated[
+        str | None, typer.Option(help="Cell address and VPN network, e.g. 10.0.0.1/24")
+    ] = None,
+    endpoint: Annotated[
+        str | None, typer.Option(help="Public HOST:PORT that devices and cells dial")
+    ] = None,
+    interface: Annotated[str | None, typer.Option(help="WireGuard interface name")] = None,
+    pair_port: Annotated[int | None, typer.Option("--pair-port")] = None,
+    mesh_port: Annotated[int | None, typer.Option("--mesh-port")] = None,
+    uplink: Annotated[str | None, typer.Option(help="Internet-facing interface")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create this cell (or change its settings while the daemon is stopped)."""
+    from picell.cellinit import InitRequest
+    from picell.control import Control
+    from picell.store.db import Store
+    from picell.system.run import Runner
+
+    if (CTX.data_dir / "admin.sock").exists():
+        try:
+            with admin_client() as http:
+                http.get("/api/status")
+            fail("the daemon is running: stop it before changing the cell's settings", as_json)
+        except httpx.TransportError:
+            pass
+    CTX.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    store = Store(CTX.data_dir / "picell.db")
+    try:
+        cell = Control(store, Runner(), None).init_cell(
+            InitRequest(name, domain, address, endpoint, interface, pair_port, mesh_port, uplink)
+        )
+    except PicellError as exc:
+        fail(exc.message, as_json, {"code": exc.code, "message": exc.message, "field": exc.field})
+    finally:
+        store.close()
+    data = {
+        "name": cell.name,
+        "domain": cell.domain,
+        "address": str(cell.address),
+        "endpoint": cell.endpoint,
+        "interface": cell.interface,
+    }
+    out(data, as_json, "\n".join(f"{k}: {v}" for k, v in data.items()))
+
+
+@app.command()
+def serve(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run the daemon in the foreground (reconciles before it serves)."""
+    from picell.app import Daemon
+
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    Daemon(CTX.data_dir).serve()
+
+
+@app.command()
+def status(as_json: JsonOpt = False) -> None:
+    """The cell's identity and health."""
+    data = call("GET", "/api/status", as_json).json()
+    keys = ("name", "domain", "address", "endpoint", "interface", "public_key", "dns")
+    lines = [f"{k}: {data[k]}" for k in keys]
+    lines.append(f"devices: {data['devices']}  services: {data['services']}")
+    lines.append(f"dns running: {'yes' if data['dns_running'] else 'NO'}")
+    if data.get("last_error"):
+        lines.append(f"last error: {data['last_error']}")
+    out(data, as_json, "\n".join(lines))
+
+
+@app.command()
+def reconcile(as_json: JsonOpt = False) -> None:
+    """Converge the system to the store now, and show what changed."""
+    data = call("POST", "/api/reconcile", as_json).json()
+    human = "no change" if not data["changed"] else "\n".join(data["changes"])
+    out(data, as_json, human)
+
+
+@peers_app.command("add")
+def peers_add(
+    name: str,
+    public_key: Annotated[
+        str | None, typer.Option("--public-key", help="The device's own public key")
+    ] = None,
+    qr: Annotated[bool, typer.Option("--qr", help="Also print the config as a QR code")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Add a device and print its WireGuard config."""
+    data = call("POST", "/api/peers", as_json, json={"name": name, "public_key": public_key}).json()
+    if as_json:
+        out(data, True, "")
+        return
+    print(data["config"], end="")
+    if qr:
+        qr_terminal(data["config"])
+
+
+@peers_app.command("list")
+def peers_list(as_json: JsonOpt = False) -> None:
+    """The devices, with their address and last handshake."""
+    data = call("GET", "/api/peers", as_json).json()
+    rows = [
+        f"{p['name']:<20} {p['address']:<16} "
+        f"{'never' if p['handshake_age_s'] is None else str(p['handshake_age_s']) + 's ago':<12} "
+        f"rx {p['rx_bytes']} tx {p['tx_bytes']}"
+        for p in data
+    ]
+    out(data, as_json, "\n".join(rows) or "no devices")
+
+
+@peers_app.command("remove")
+def peers_remove(name: str, as_json: JsonOpt = False) -> None:
+    """Remove a device: its access ends at once."""
+    call("DELETE", f"/api/peers/{name}", as_json)
+    out({"removed": name}, as_json, f"removed {name}")
+
+
+@peers_app.command("config")
+def peers_config(
+    name: str,
+    qr: Annotated[bool, typer.Option("--qr", help="Print it as a QR code")] = False,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write to FILE (.conf, .svg or .png)")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show a device's config again (text, QR, or a file)."""
+    if output is not None:
+        fmt = {".svg": "svg", ".png": "png"}.get(output.suffix, "conf")
+        resp = call("GET", f"/api/peers/{name}/config", as_json, params={"format": fmt})
+        fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(resp.content)
+        out({"written": str(output), "format": fmt}, as_json, f"wrote {output}")
+        return
+    text = call("GET", f"/api/peers/{name}/config", as_json, params={"format": "text"}).text
+    if as_json:
+        out({"name": name, "config": text}, True, "")
+    elif qr:
+        qr_terminal(text)
+    else:
+        print(text, end="")
+
+
+@services_app.command("add")
+def services_add(
+    name: str,
+    backend: Annotated[str, typer.Option(help="HOST:PORT that serves it")],
+    port: Annotated[int | None, typer.Option(help="Port on the service address")] = None,
+    protocol: Annotated[str, typer.Option(help="tcp or udp")] = "tcp",
+    as_json: JsonOpt = False,
+) -> None:
+    """Offer a service on its own virtual IP and name."""
+    body = {"name": name, "backend": backend, "port": port, "protocol": protocol}
+    data = call("POST", "/api/services", as_json, json=body).json()
+    out(data, as_json, f"{data['fqdn']} -> {data['vip']}:{data['port']} ({data['backend']})")
+
+
+@services_app.command("list")
+def services_list(as_json: JsonOpt = False) -> None:
+    """The services, with their names and addresses."""
+    data = call("GET", "/api/services", as_json).json()
+    rows = [
+        f"{s['name']:<20} {s['vip']}:{s['port']}/{s['protocol']:<4} -> {s['backend']}" for s in data
+    ]
+    out(data, as_json, "\n".join(rows) or "no services")
+
+
+@services_app.command("remove")
+def services_remove(name: str, as_json: JsonOpt = False) -> None:
+    """Stop offering a service."""
+    call("DELETE", f"/api/services/{name}", as_json)
+    out({"removed": name}, as_json, f"removed {name}")

@@ -1,0 +1,172 @@
+"""`picell invite | connect | disconnect | share | unshare | cells | import-links`: links."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from picell.cli.base import JsonOpt, app, call, out, qr_terminal
+
+
+def _duration(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        if text and text[-1] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r}: use e.g. 3600, 30m, 24h or 7d") from None
+
+
+@app.command()
+def invite(
+    qr: Annotated[bool, typer.Option("--qr", help="Also print it as a QR code")] = False,
+    expires: Annotated[str, typer.Option(help="Token lifetime: 3600, 30m, 24h, 7d")] = "24h",
+    as_json: JsonOpt = False,
+) -> None:
+    """Print a fresh invite for another cell (single use; only its hash is kept)."""
+    data = call("GET", "/api/cells/invite", as_json, params={"expires": _duration(expires)}).json()
+    if as_json:
+        out(data, True, "")
+        return
+    print(json.dumps(data["invite"], indent=2))
+    print()
+    print("Copy-paste string (give it to the other cell's owner: picell connect STRING):")
+    print(data["string"])
+    if qr:
+        qr_terminal(data["string"])
+
+
+def _show_link(c: dict[str, Any]) -> str:
+    hs = "never" if c["handshake_age_s"] is None else f"{c['handshake_age_s']}s ago"
+    state = c["state"]
+    if state == "linked":
+        state = "linked, online" if c["online"] else "linked, offline"
+    lines = [
+        f"{c['name']}  [{state}]  {c['domain']}  {c['vpn_subnet']}  via {c['endpoint']}",
+        f"  handshake {hs}  rx {c['rx_bytes']} tx {c['tx_bytes']}",
+        f"  authentication string: {c['auth_string']} (compare it with {c['name']}'s owner)",
+    ]
+
+    def services(items: list[Any]) -> str:
+        return ", ".join(
+            f"{s['name']} ({s['vip']}:{','.join(map(str, s['ports']))})" if isinstance(s, dict)
+            and "vip" in s else str(s.get("name") if isinstance(s, dict) else s)
+            for s in items
+        ) or "nothing"  # fmt: skip
+
+    lines.append(f"  we share: {services(c['inbound'])}")
+    lines.append(f"  they share: {services(c['outbound'])}")
+    if c.get("last_push_at"):
+        when = time.strftime("%H:%M:%S", time.localtime(c["last_push_at"]))
+        lines.append(f"  last push: {c['last_push_status']} at {when}")
+    if c.get("last_remote_update_at"):
+        when = time.strftime("%H:%M:%S", time.localtime(c["last_remote_update_at"]))
+        lines.append(f"  they last told us their state at {when}")
+    if c.get("last_push_error"):
+        lines.append(f"  {c['last_push_error']}")
+    if c.get("pending_message"):
+        err = f": {c['pending_error']}" if c.get("pending_error") else ""
+        lines.append(f"  telling {c['name']}: {c['pending_message']} pending{err}")
+    return "\n".join(lines)
+
+
+@app.command()
+def connect(
+    invite: Annotated[str, typer.Argument(help="The other cell's invite string, or @FILE")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Link with another cell by importing its invite."""
+    if invite.startswith("@"):
+        try:
+            invite = Path(invite[1:]).read_text()
+        except OSError as exc:
+            raise typer.BadParameter(f"cannot read {invite[1:]}: {exc.strerror}") from None
+    data = call("POST", "/api/cells", as_json, json={"invite": invite}).json()
+    out(data, as_json, _show_link(data))
+
+
+@app.command()
+def share(
+    cell: Annotated[str, typer.Argument(help="The linked cell")],
+    service: Annotated[str, typer.Argument(help="One of this cell's services")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Let a linked cell's network use one of our services (by name and address)."""
+    data = call("POST", f"/api/cells/{cell}/shares/{service}", as_json).json()
+    out(data, as_json, _show_link(data))
+
+
+@app.command()
+def unshare(
+    cell: Annotated[str, typer.Argument(help="The linked cell")],
+    service: Annotated[str, typer.Argument(help="A service shared with it")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Stop sharing a service with a linked cell; its open connections stop too."""
+    data = call("DELETE", f"/api/cells/{cell}/shares/{service}", as_json).json()
+    out(data, as_json, _show_link(data))
+
+
+@app.command()
+def disconnect(
+    cell: Annotated[str, typer.Argument(help="The linked cell's name")], as_json: JsonOpt = False
+) -> None:
+    """End the link with a cell; the other cell is told and removes its side too."""
+    call("DELETE", f"/api/cells/{cell}", as_json)
+    out({"disconnected": cell}, as_json, f"disconnected {cell}; telling it to remove its side")
+
+
+def _cells(journal: str | None, as_json: bool) -> None:
+    if journal is not None:
+        entries = call("GET", "/api/cells/journal", as_json, params={"cell": journal}).json()
+        rows = [
+            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(e['at']))}  {e['event']}"
+            f"  by {e['actor']}" + (f"  ({e['detail']})" if e["detail"] else "")
+            for e in entries
+        ]
+        out(entries, as_json, "\n".join(rows) or f"no journal entries for {journal}")
+        return
+    data = call("GET", "/api/cells", as_json).json()
+    out(data, as_json, "\n".join(_show_link(c) for c in data) or "no linked cells")
+
+
+JournalOpt = Annotated[
+    str | None, typer.Option("--journal", help="Show the journal of link events with CELL")
+]
+
+
+@app.command("cells")
+def cells_cmd(
+    action: Annotated[str | None, typer.Argument(help="list (the default)")] = None,
+    journal: JournalOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Linked cells with their state, handshake, traffic and authentication string."""
+    if action not in (None, "list"):
+        raise typer.BadParameter(f"unknown action {action!r}; use `picell cells [list]`")
+    _cells(journal, as_json)
+
+
+@app.command("import-links")
+def import_links(
+    file: Annotated[Path, typer.Argument(help="The seed system's cell_links.json")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Import links from the seed system's cell_links.json."""
+    try:
+        content = file.read_text()
+    except OSError as exc:
+        raise typer.BadParameter(f"cannot read {file}: {exc.strerror}") from None
+    data = call("POST", "/api/cells/import", as_json, json={"content": content}).json()
+    human = "\n".join(
+        f"imported {i['name']}"
+        + (f" (unknown fields kept in the journal: {', '.join(i['unknown_fields'])})"
+           if i["unknown_fields"] else "")
+        for i in data["imported"]
+    ) or "nothing to import"  # fmt: skip
+    out(data, as_json, human)
