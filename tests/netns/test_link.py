@@ -243,6 +243,22 @@ def test_repairing_after_beta_moves_its_endpoint_heals_the_link(world: World) ->
     wait_until(lambda: world.phone.dig("beta.beta.test") == ["10.62.0.1"], 10, "no DNS")
 
 
+def test_a_moved_endpoint_reaches_alpha_in_beta_signed_state(world: World) -> None:
+    """No re-pairing this time: beta's next state document carries its new endpoint."""
+    alpha, beta = world.alpha, world.beta
+    wait_until(lambda: linked(alpha, "beta"), 10, "not linked")
+    uplink = _uplink(beta.ns)
+    beta.stop()
+    beta.ns.run(["ip", "addr", "add", "198.51.100.23/24", "dev", uplink])
+    beta.run("init", "--endpoint", "198.51.100.23:51820")
+    beta.start()
+    wait_until(lambda: alpha.links()["beta"]["endpoint"] == "198.51.100.23:51820", 20,
+               "alpha never learned beta's new endpoint")  # fmt: skip
+    assert "identity changed" in [e["event"] for e in alpha.journal("beta")]
+    beta.ns.run(["ip", "addr", "del", "198.51.100.22/24", "dev", uplink])
+    wait_until(lambda: world.phone.ping("10.62.0.1"), 30, "the link did not follow the move")
+
+
 def _uplink(ns: Netns) -> str:
     out = ns.run(["ip", "-j", "-4", "addr", "show"]).stdout
     return next(

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from picell import reconcile
-from picell.control import Control, InitRequest
+from picell.cellinit import InitRequest
+from picell.control import Control
 from picell.reconcile import Reconciler
 from picell.state import Paths
 from picell.store.db import Store

@@ -16,6 +16,12 @@ from picell.errors import CommandFailed
 from picell.system.run import Result, Runner
 
 
+def _elem(element: str) -> dict[str, object]:
+    net, vip, port = (p.strip() for p in element.split(" . "))
+    addr, length = net.split("/")
+    return {"concat": [{"prefix": {"addr": addr, "len": int(length)}}, vip, int(port)]}
+
+
 @dataclass
 class FakeChild:
     name: str
@@ -44,6 +50,8 @@ class FakeKernel(Runner):
     up: set[str] = field(default_factory=set)
     routes: dict[str, set[str]] = field(default_factory=dict)
     nft_text: str | None = None
+    grants: dict[str, set[str]] = field(default_factory=dict)
+    flows_cut: list[tuple[str, ...]] = field(default_factory=list)
     fail_on: str | None = None  # argv[0] of a command to fail
     handshake_resets: int = 0
 
@@ -91,9 +99,9 @@ class FakeKernel(Runner):
             flags = ["UP"] if ifname in self.up else []
             return json.dumps([{"ifname": ifname, "flags": flags, "addr_info": info}])
         if a[:4] == ("ip", "-j", "-4", "route"):
-            if a[5] not in self.interfaces:
+            if a[6] not in self.interfaces:
                 raise CommandFailed(a, 1, "Cannot find device")
-            return json.dumps([{"dst": r} for r in sorted(self.routes.get(a[5], set()))])
+            return json.dumps([{"dst": r} for r in sorted(self.routes.get(a[6], set()))])
         if a[:2] == ("ip", "-batch"):
             for line in (stdin or "").splitlines():
                 w = line.split()
@@ -119,19 +127,43 @@ class FakeKernel(Runner):
                 ),
                 "",
             )
-            return json.dumps(
-                {
-                    "nftables": [
-                        {"table": {"name": "picell"}},
-                        {"rule": {"comment": comment, "n": len(self.nft_text)}},
-                    ]
-                }
-            )
+            sets = [
+                {"set": {"name": name, "elem": [_elem(e) for e in sorted(elems)]}}
+                for name, elems in sorted(self.grants.items())
+            ]
+            rule = {"rule": {"comment": comment, "n": len(self.nft_text)}}
+            return json.dumps({"nftables": [{"table": {"name": "picell"}}, rule, *sets]})
+        if a[:3] == ("nft", "-f", "-"):
+            for line in (stdin or "").splitlines():
+                verb, _, _, _, name, rest = line.split(" ", 5)
+                elems = {e.strip() for e in rest.strip("{} ").split(",")}
+                target = self.grants.setdefault(name, set())
+                if verb == "add":
+                    target |= elems
+                else:
+                    target -= elems
+            return ""
         if a[:2] == ("nft", "-f"):
             self.nft_text = Path(a[2]).read_text()
+            self.grants = {}
+            current = None
+            for line in self.nft_text.splitlines():
+                words = line.split()
+                if words[:1] == ["set"]:
+                    current = words[1]
+                    self.grants[current] = set()
+                elif current and words[:2] == ["elements", "="]:
+                    inner = line.split("{", 1)[1].rsplit("}", 1)[0]
+                    self.grants[current] = {e.strip() for e in inner.split(",")}
+                elif words == ["}"]:
+                    current = None
+            self.grants = {k: v for k, v in self.grants.items() if k.startswith("grants_")}
             return ""
         if a[0] == "unbound-control":
             return "ok\n"
+        if a[:2] == ("conntrack", "-D"):
+            self.flows_cut.append(a)
+            return ""
         raise AssertionError(f"unexpected command {a}")
 
     def _syncconf(self, ifname: str, text: str) -> None:

@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
-from picell.control import Control, InitRequest
-from picell.errors import BadInput, Conflict, Forbidden
+from picell.cellinit import InitRequest
+from picell.control import Control
+from picell.errors import BadInput, Conflict, Forbidden, NotFound
 from picell.mesh.crypto import link_key, mac, pairing_key, short_auth_string
 from picell.mesh.invite import Identity, parse_invite
 from picell.mesh.links import Links, check_conflicts
@@ -224,3 +225,74 @@ def test_waiting_links_go_at_once_linked_ones_say_goodbye(control: Control) -> N
     assert [e["event"] for e in links.journal_entries("beta")] == [
         "linked", "unlinked", "unlink delivered"
     ]  # fmt: skip
+
+
+def _linked_pair(control: Control) -> tuple[Links, str, str]:
+    """alpha (the fixture's cell) linked with a made-up beta; returns beta's keys."""
+    links = Links(control)
+    inv = links.invite(3600)
+    assert inv.pairing is not None
+    beta_private, beta_public = keypair()
+    links.accept(redeem(inv.pairing.token, identity("beta", "10.62.0.0/24", "beta.test",
+                                                    beta_public)))  # fmt: skip
+    return links, beta_private, beta_public
+
+
+def _state_from_beta(control: Control, beta_private: str, seq: int, **extra: Any) -> Any:
+    alpha = Link("alpha", keys.public_from_private(control.cell().private_key), "x:1",
+                 ipaddress.IPv4Network("10.61.0.0/24"), ipaddress.IPv4Address("10.61.0.1"),
+                 "alpha.test")  # fmt: skip
+    body = {"shared_services": [], "exit_offered": False, "use_as_exit_relay": False, **extra}
+    return make_envelope(kind="state", from_cell="beta", our_private=beta_private,
+                         our_public=keys.public_from_private(beta_private), link=alpha, seq=seq,
+                         extra=body)  # fmt: skip
+
+
+def test_a_state_document_is_mirrored_once(control: Control) -> None:
+    from picell.mesh.sync import Sync
+
+    links, beta_private, _ = _linked_pair(control)
+    sync = Sync(links)
+    shared = [{"name": "files", "vip": "10.62.0.254", "ports": [80], "protocol": "tcp"}]
+    moved = {"endpoint": "198.51.100.44:51820", "domain": "beta.test", "dns_ip": "10.62.0.1",
+             "vpn_subnet": "10.62.0.0/24"}  # fmt: skip
+    env = _state_from_beta(
+        control, beta_private, 1, shared_services=shared, exit_offered=True, identity=moved
+    )
+    sync.receive_state(env, "10.62.0.1")
+    [beta] = links.overview()
+    assert beta["outbound"] == shared and beta["remote_exit_offered"] is True
+    assert beta["endpoint"] == "198.51.100.44:51820"
+    with pytest.raises(Forbidden):  # the same document again
+        sync.receive_state(env, "10.62.0.1")
+    with pytest.raises(Forbidden):  # from one of beta's devices
+        sync.receive_state(_state_from_beta(control, beta_private, 2), "10.62.0.9")
+    bad_vip = [{"name": "x", "vip": "10.99.0.1", "ports": [80]}]
+    with pytest.raises(BadInput) as err:
+        sync.receive_state(_state_from_beta(control, beta_private, 3, shared_services=bad_vip),
+                           "10.62.0.1")  # fmt: skip
+    assert err.value.field == "body.shared_services[0].vip"
+    renumbered = {"vpn_subnet": "10.70.0.0/24", "dns_ip": "10.70.0.1"}
+    with pytest.raises(BadInput):
+        sync.receive_state(_state_from_beta(control, beta_private, 4, identity=renumbered),
+                           "10.62.0.1")  # fmt: skip
+    assert links.overview()[0]["outbound"] == shared
+
+
+def test_sharing_marks_the_link_for_a_push_and_grants_it(control: Control) -> None:
+    from picell.mesh.sync import Sync
+
+    control.add_service("web", "127.0.0.1:8080", 80)
+    links, _, _ = _linked_pair(control)
+    sync = Sync(links)
+    out = sync.share("beta", "web")
+    assert [s["name"] for s in out["inbound"]] == ["web"] and out["pending_push"] >= 1
+    with control.store.read() as conn:
+        state = control.build(conn)
+    assert [g.element for g in state.grants] == ["10.62.0.0/24 . 10.61.0.254 . 80"]
+    assert "web.alpha.test" in [r.fqdn for r in state.dns.views[0].records]
+    with pytest.raises(NotFound) as err:
+        sync.share("beta", "nope")
+    assert err.value.field == "services"
+    control.remove_service("web")  # a removed service stops being shared
+    assert links.overview()[0]["inbound"] == []

@@ -128,3 +128,33 @@ def test_failed_apply_raises_apply_failed(reconciler: Reconciler, kernel: FakeKe
     with pytest.raises(ApplyFailed) as err:
         reconciler.set(state_with(1, 1))
     assert "nft" in err.value.message
+
+
+def _with_link(inbound: tuple[str, ...]) -> State:
+    from picell.store.links import Link
+
+    net, dns = ipaddress.IPv4Network("10.62.0.0/24"), ipaddress.IPv4Address("10.62.0.1")
+    beta = Link("beta", KEYS[259], "198.51.100.2:51820", net, dns, "beta.test", state="linked",
+                inbound=inbound)  # fmt: skip
+    services = [
+        Service(f"s{i}", i + 1, ipaddress.IPv4Address("127.0.0.1"), 8000 + i, "tcp", 80)
+        for i in range(3)
+    ]
+    return build_state(CELL, [], services, (), [beta])
+
+
+def test_a_grant_change_is_one_set_delta_and_a_revoke_cuts_flows(
+    reconciler: Reconciler, kernel: FakeKernel
+) -> None:
+    reconciler.set(_with_link(("s0",)))
+    report = reconciler.set(_with_link(("s0", "s1")))
+    nft_writes = [c for c in report.write_commands if c[0] == "nft"]
+    assert nft_writes == [("nft", "-f", "-")], report.commands  # no table reload
+    assert kernel.grants["grants_tcp"] == {"10.62.0.0/24 . 10.61.3.254 . 80",
+                                           "10.62.0.0/24 . 10.61.3.253 . 80"}  # fmt: skip
+    assert kernel.flows_cut == []
+    reconciler.set(_with_link(("s1",)))
+    assert kernel.grants["grants_tcp"] == {"10.62.0.0/24 . 10.61.3.253 . 80"}
+    cut = "conntrack -D -p tcp -s 10.62.0.0 --mask-src 255.255.255.0 -d 10.61.3.254 --dport 80"
+    assert kernel.flows_cut == [tuple(cut.split())]
+    assert not reconciler.set(_with_link(("s1",))).changed
