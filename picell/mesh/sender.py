@@ -48,6 +48,9 @@ class Sender:
         self.store = links.store
         self.pushes = 0  # documents sent (benchmarks read it)
         self._retry: dict[str, Retry] = {}
+        # links told our state since this daemon started: at start every link is told at once,
+        # since our identity (endpoint, domain) may have changed while we were stopped
+        self._told: set[str] = set()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sender", daemon=True)
@@ -85,7 +88,7 @@ class Sender:
             retry = self._retry.get(link.public_key)
             if retry and retry.attempts:
                 times.append(retry.at)
-            elif link.pending_push:
+            elif link.pending_push or link.public_key not in self._told:
                 times.append(now)
             else:
                 times.append((link.last_push_at or 0) + HEARTBEAT_S)
@@ -98,7 +101,11 @@ class Sender:
             links = [ln for ln in link_table.all_links(conn) if ln.state == "linked"]
         for link in links:
             retry = self._retry.get(link.public_key, Retry())
-            due = link.pending_push or (link.last_push_at or 0) + HEARTBEAT_S <= now
+            due = (
+                link.pending_push
+                or link.public_key not in self._told
+                or (link.last_push_at or 0) + HEARTBEAT_S <= now
+            )
             if due and retry.at <= now:
                 self.push(link.name)
 
@@ -129,6 +136,8 @@ class Sender:
             else:
                 link_table.push_failed(conn, name, error)
         self._note(link.public_key, error)
+        if error is None:
+            self._told.add(link.public_key)
         return error is None
 
     def _note(self, key: str, error: str | None) -> None:
