@@ -210,6 +210,7 @@ class Links:
             if state == "waiting":
                 link = replace(link, last_push_error=f"waiting for the other cell: {detail}")
             link_table.save(conn, link)
+            outbox.drop(conn, other.public_key)  # a pending unlink would end the new link
             journal.append(conn, other.cell_name, event, "local owner", detail)
         self.wake_sender()  # a new link gets our state at once
 
@@ -240,6 +241,7 @@ class Links:
             link_table.save(
                 conn, _link_from(other, link_table.by_key(conn, other.public_key), "linked")
             )
+            outbox.drop(conn, other.public_key)
             journal.append(conn, other.cell_name, "linked", f"cell {other.cell_name}",
                            "they redeemed our invite")  # fmt: skip
         self.wake_sender()

@@ -296,3 +296,15 @@ def test_sharing_marks_the_link_for_a_push_and_grants_it(control: Control) -> No
     assert err.value.field == "services"
     control.remove_service("web")  # a removed service stops being shared
     assert links.overview()[0]["inbound"] == []
+
+
+def test_pairing_again_after_a_disconnect_cancels_the_pending_unlink(control: Control) -> None:
+    links, _, beta_public = _linked_pair(control)
+    links.disconnect("beta")
+    assert links.overview()[0]["pending_message"] == "unlink"
+    inv = links.invite(3600)
+    assert inv.pairing is not None
+    links.accept(redeem(inv.pairing.token, identity("beta", "10.62.0.0/24", "beta.test",
+                                                    beta_public)))  # fmt: skip
+    [beta] = links.overview()
+    assert beta["state"] == "linked" and beta["pending_message"] is None
