@@ -23,6 +23,10 @@ class Permissions(BaseModel):
     services: list[str] = Field(max_length=1000)
 
 
+class ExitOffer(BaseModel):
+    offered: bool
+
+
 class LinksImport(BaseModel):
     content: str = Field(max_length=4_000_000)
 
@@ -82,6 +86,12 @@ def import_seed(body: LinksImport, links: LinksDep) -> dict[str, Any]:
 def set_permissions(name: str, body: Permissions, sync: SyncDep) -> dict[str, Any]:
     """The full set of our services that cell `name` may use."""
     return sync.set_permissions(name, body.services)
+
+
+@router.put("/{name}/exit-offer")
+def exit_offer(name: str, body: ExitOffer, sync: SyncDep) -> dict[str, Any]:
+    """Offer our internet exit to cell `name` (DESIGN §8); it sees `remote_exit_offered`."""
+    return sync.set_exit_offer(name, body.offered)
 
 
 @router.post("/{name}/shares/{service}")

@@ -60,6 +60,10 @@ def _show_link(c: dict[str, Any]) -> str:
         ) or "nothing"  # fmt: skip
 
     lines.append(f"  we share: {services(c['inbound'])}")
+    if c.get("exit_offered") or c.get("remote_exit_offered"):
+        ours = "we offer them our exit" if c.get("exit_offered") else ""
+        theirs = "they offer us their exit" if c.get("remote_exit_offered") else ""
+        lines.append("  " + "; ".join(x for x in (ours, theirs) if x))
     lines.append(f"  they share: {services(c['outbound'])}")
     if c.get("last_push_at"):
         when = time.strftime("%H:%M:%S", time.localtime(c["last_push_at"]))
@@ -109,6 +113,20 @@ def unshare(
 ) -> None:
     """Stop sharing a service with a linked cell; its open connections stop too."""
     data = call("DELETE", f"/api/cells/{cell}/shares/{service}", as_json).json()
+    out(data, as_json, _show_link(data))
+
+
+@app.command("exit-offer")
+def exit_offer(
+    cell: Annotated[str, typer.Argument(help="The linked cell")],
+    state: Annotated[str, typer.Argument(help="on or off")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Offer (on) or withdraw (off) this cell's internet exit to a linked cell."""
+    if state not in ("on", "off"):
+        raise typer.BadParameter(f"{state!r}: use on or off")
+    body = {"offered": state == "on"}
+    data = call("PUT", f"/api/cells/{cell}/exit-offer", as_json, json=body).json()
     out(data, as_json, _show_link(data))
 
 

@@ -84,6 +84,22 @@ class Sync:
         self.wake_sender()
         return self.links.describe(name)
 
+    def set_exit_offer(self, name: str, offered: bool) -> dict[str, Any]:
+        """Offer (or withdraw) our internet exit to a linked cell; it learns at once. Relaying
+        itself happens only once it also asks for it (`use_as_exit_relay`)."""
+        validate.name(name, "cell")
+        with self.control.change() as conn:
+            link = link_table.get(conn, name)
+            if link.state == "unlinking":
+                raise Conflict(f"cell: the link with {name} is ending", field="cell")
+            if link.exit_offered != offered:
+                link_table.save(conn, replace(link, exit_offered=offered))
+                link_table.mark_pending(conn, name)
+                event = "offered our exit" if offered else "withdrew our exit offer"
+                journal.append(conn, name, event, "local owner")
+        self.wake_sender()
+        return self.links.describe(name)
+
     def share(self, name: str, service: str) -> dict[str, Any]:
         current = self._inbound(name)
         return self.set_permissions(name, [*current, validate.name(service, "service")])
@@ -144,6 +160,13 @@ class Sync:
                 journal.append(conn, link.name, f"they shared {svc}", f"cell {link.name}")
             for svc in sorted(before - after):
                 journal.append(conn, link.name, f"they unshared {svc}", f"cell {link.name}")
+            if updated.remote_exit_offered != link.remote_exit_offered:
+                event = (
+                    "they offered their exit"
+                    if updated.remote_exit_offered
+                    else ("they withdrew their exit offer")
+                )
+                journal.append(conn, link.name, event, f"cell {link.name}")
             link_table.save(conn, updated)
         if before != after and self.control.reconciler is not None:
             self.control.reconciler.unbound.flush_zone(updated.domain)

@@ -243,3 +243,13 @@ def test_forged_replayed_retargeted_and_misplaced_messages_are_refused(world: Wo
     # alpha's own next push brings beta's view back in line
     alpha.cli("share", "beta", "web")
     wait_until(lambda: "web" in outbound(beta, "alpha"), 10, "no push after the restart")
+
+
+def test_an_exit_offer_reaches_the_other_cell(world: World) -> None:
+    alpha, beta = world.alpha, world.beta
+    alpha.cli("exit-offer", "beta", "on")
+    wait_until(lambda: beta.links()["alpha"]["remote_exit_offered"], 10, "beta never saw it")
+    assert "they offer us their exit" in beta.run("cells").stdout
+    alpha.cli("exit-offer", "beta", "off")
+    wait_until(lambda: not beta.links()["alpha"]["remote_exit_offered"], 10, "still offered")
+    assert alpha.run("exit-offer", "beta", "maybe", check=False).returncode == 2

@@ -15,10 +15,12 @@ from picell.cellinit import InitRequest
 from picell.control import Control
 from picell.errors import BadInput, Conflict, Forbidden, NotFound
 from picell.mesh.crypto import link_key, mac, pairing_key, short_auth_string
+from picell.mesh.document import document
 from picell.mesh.invite import Identity, parse_invite
 from picell.mesh.links import Links, check_conflicts
 from picell.mesh.protocol import check_envelope, make_envelope, parse_envelope
 from picell.mesh.seed import import_links
+from picell.store import links as link_table
 from picell.store.links import Link
 from picell.wireguard import keys
 
@@ -308,3 +310,17 @@ def test_pairing_again_after_a_disconnect_cancels_the_pending_unlink(control: Co
                                                     beta_public)))  # fmt: skip
     [beta] = links.overview()
     assert beta["state"] == "linked" and beta["pending_message"] is None
+
+
+def test_an_exit_offer_is_pushed_and_journalled(control: Control) -> None:
+    from picell.mesh.sync import Sync
+
+    links, _, _ = _linked_pair(control)
+    sync = Sync(links)
+    generation = links.overview()[0]["pending_push"]
+    out = sync.set_exit_offer("beta", True)
+    assert out["exit_offered"] is True and out["pending_push"] > generation
+    with control.store.read() as conn:
+        beta = link_table.get(conn, "beta")
+    assert document(control.cell(), beta, [])["exit_offered"] is True
+    assert "offered our exit" in [e["event"] for e in links.journal_entries("beta")]
