@@ -33,7 +33,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._netns import run_in_netns, scratch_netns  # noqa: E402
-from picell.control import Control, InitRequest  # noqa: E402
+from picell.cellinit import InitRequest  # noqa: E402
+from picell.control import Control  # noqa: E402
 from picell.reconcile import Reconciler  # noqa: E402
 from picell.state import Paths  # noqa: E402
 from picell.store import peers as peer_table  # noqa: E402
