@@ -26,16 +26,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench._stats import quantiles  # noqa: E402
 from tests.netns.cells import Cell  # noqa: E402
 from tests.netns.harness import Topology, wait_until  # noqa: E402
 
 POLL_S = 0.02
-
-
-def quantiles(samples: list[float]) -> dict[str, float]:
-    ordered = sorted(samples)
-    p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
-    return {"median": statistics.median(ordered), "p95": p95, "n": len(ordered)}
 
 
 def _until(check: Any, timeout_s: float) -> float:

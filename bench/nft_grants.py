@@ -25,6 +25,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._netns import run_in_netns, scratch_netns  # noqa: E402
+from bench._stats import quantiles  # noqa: E402
 from picell.firewall.apply import apply_grant_delta, apply_ruleset, observe_table  # noqa: E402
 from picell.firewall.render import grant_elements, render_grant_delta, render_ruleset  # noqa: E402
 from picell.state import State, build_state  # noqa: E402
@@ -64,12 +65,6 @@ def state_with(grants: int) -> State:
         for j in range(LINKS)
     ]
     return build_state(cell, [], services, (), links)
-
-
-def quantiles(samples: list[float]) -> dict[str, float]:
-    ordered = sorted(samples)
-    p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
-    return {"median": statistics.median(ordered), "p95": p95}
 
 
 def inner(runs: int, sizes: list[int]) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._netns import run_in_netns, scratch_netns  # noqa: E402
+from bench._stats import quantiles  # noqa: E402
 from picell.cellinit import InitRequest  # noqa: E402
 from picell.control import Control  # noqa: E402
 from picell.reconcile import Reconciler  # noqa: E402
@@ -47,12 +48,6 @@ from picell.system.run import Runner  # noqa: E402
 from picell.wireguard import keys  # noqa: E402
 from picell.wireguard.apply import apply_wg  # noqa: E402
 from picell.wireguard.render import render_interface  # noqa: E402
-
-
-def quantiles(samples: list[float]) -> dict[str, float]:
-    ordered = sorted(samples)
-    p95 = ordered[min(len(ordered) - 1, int(round(0.95 * (len(ordered) - 1))))]
-    return {"median": statistics.median(ordered), "p95": p95}
 
 
 def inner(reps: int, sizes: list[int]) -> dict[str, Any]:

@@ -22,7 +22,6 @@ import argparse
 import json
 import random
 import sqlite3
-import statistics
 import sys
 import time
 from functools import partial
@@ -33,6 +32,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench._stats import quantiles  # noqa: E402
 from tests.netns.cells import Cell  # noqa: E402
 from tests.netns.harness import Netns, Topology, wait_until  # noqa: E402
 
@@ -53,12 +53,6 @@ with open(out, "a", buffering=1) as f:
             state = ok
         time.sleep(0.005)
 """
-
-
-def quantiles(samples: list[float]) -> dict[str, float]:
-    ordered = sorted(samples)
-    p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
-    return {"median": statistics.median(ordered), "p95": p95, "n": len(ordered)}
 
 
 class Prober:

@@ -26,7 +26,7 @@ from picell.mesh import client
 from picell.mesh.crypto import mac, mac_ok, new_token, pairing_key, short_auth_string, token_hash
 from picell.mesh.document import shared_services
 from picell.mesh.invite import Identity, Invite, Pairing, parse_identity, parse_invite
-from picell.mesh.protocol import check_envelope, make_envelope, parse_envelope
+from picell.mesh.protocol import check_envelope, envelope_from, parse_envelope
 from picell.store import cell as cell_table
 from picell.store import invites as invite_table
 from picell.store import journal, outbox
@@ -262,14 +262,7 @@ class Links:
                 return
             cell = cell_table.load(conn)
             seq = link.local_seq + 1
-            envelope = make_envelope(
-                kind="unlink",
-                from_cell=cell.name,
-                our_private=cell.private_key,
-                our_public=keys.public_from_private(cell.private_key),
-                link=link,
-                seq=seq,
-            )
+            envelope = envelope_from(cell, link, "unlink", seq)
             link_table.save(conn, replace(link, state="unlinking", local_seq=seq))
             outbox.put(conn, link.public_key, "unlink", json.dumps(envelope))
             journal.append(conn, name, "unlinked", "local owner", "telling the other cell")

@@ -17,7 +17,9 @@ from typing import Any
 
 from picell.errors import BadInput, Forbidden
 from picell.mesh.crypto import link_key, mac, mac_ok
+from picell.store.cell import Cell
 from picell.store.links import Link
+from picell.wireguard.keys import public_from_private
 
 VERSION = 1
 MESSAGE_TYPES = ("unlink", "state")
@@ -44,6 +46,21 @@ def make_envelope(
         **(extra or {}),
     }
     return {"body": body, "mac": mac(link_key(our_private, link.public_key), body)}
+
+
+def envelope_from(
+    cell: Cell, link: Link, kind: str, seq: int, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """A message from our `cell` to `link`, signed with the key both derive."""
+    return make_envelope(
+        kind=kind,
+        from_cell=cell.name,
+        our_private=cell.private_key,
+        our_public=public_from_private(cell.private_key),
+        link=link,
+        seq=seq,
+        extra=extra,
+    )
 
 
 @dataclass(frozen=True)

@@ -24,14 +24,13 @@ from picell.errors import PicellError
 from picell.mesh import client
 from picell.mesh.document import document
 from picell.mesh.links import Links
-from picell.mesh.protocol import make_envelope
+from picell.mesh.protocol import envelope_from
 from picell.store import cell as cell_table
 from picell.store import links as link_table
 from picell.store import outbox
 from picell.store import services as service_table
 from picell.store.links import Link
 from picell.store.outbox import Message
-from picell.wireguard import keys
 
 log = logging.getLogger(__name__)
 
@@ -118,15 +117,8 @@ class Sender:
             cell = cell_table.load(conn)
             seq = link.local_seq + 1
             generation = link_table.pending_generation(conn, name)
-            envelope = make_envelope(
-                kind="state",
-                from_cell=cell.name,
-                our_private=cell.private_key,
-                our_public=keys.public_from_private(cell.private_key),
-                link=link,
-                seq=seq,
-                extra=document(cell, link, service_table.all_services(conn)),
-            )
+            extra = document(cell, link, service_table.all_services(conn))
+            envelope = envelope_from(cell, link, "state", seq, extra)
             conn.execute("UPDATE links SET local_seq = ? WHERE name = ?", (seq, name))
         self.pushes += 1
         error = self._send(cell.ip, link, "state", envelope)
