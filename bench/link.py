@@ -27,7 +27,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._stats import quantiles  # noqa: E402
-from tests.netns.cells import Cell  # noqa: E402
+from tests.netns.cells import cell_on_bridge  # noqa: E402
 from tests.netns.harness import Topology, wait_until  # noqa: E402
 
 POLL_S = 0.02
@@ -45,15 +45,11 @@ def _until(check: Any, timeout_s: float) -> float:
 def run(cycles: int) -> dict[str, Any]:
     with Topology() as topo:
         inet = topo.bridge("inet")
-        a_ns, b_ns, phone = topo.add_ns("alpha"), topo.add_ns("beta"), topo.add_ns("phone")
-        for ns, ip in ((a_ns, "1"), (b_ns, "2"), (phone, "11")):
-            topo.attach(ns, inet, f"198.51.100.{ip}/24")
-        alpha = Cell(topo, a_ns, "alpha", "alpha.test", "10.61.0.1/24", "198.51.100.1:51820")
-        beta = Cell(topo, b_ns, "beta", "beta.test", "10.62.0.1/24", "198.51.100.2:51820")
-        for cell in (alpha, beta):
-            cell.ns.set_resolver("198.51.100.53")  # nobody answers there: no internet here
-            cell.init()
-            cell.start()
+        phone = topo.add_ns("phone")
+        topo.attach(phone, inet, "198.51.100.11/24")
+        # nobody answers at .53: there is no internet here
+        alpha = cell_on_bridge(topo, inet, "alpha", 1, resolver="198.51.100.53")
+        beta = cell_on_bridge(topo, inet, "beta", 2, resolver="198.51.100.53")
         phone.device(alpha.add_device("phone"), hint="phone").up()
         wait_until(lambda: phone.ping("10.61.0.1"), 15, "phone cannot reach alpha")
 

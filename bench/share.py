@@ -33,7 +33,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._stats import quantiles  # noqa: E402
-from tests.netns.cells import Cell  # noqa: E402
+from tests.netns.cells import Cell, cell_on_bridge  # noqa: E402
 from tests.netns.harness import Netns, Topology, wait_until  # noqa: E402
 
 PROBER = r"""
@@ -89,14 +89,11 @@ def api(cell: Cell) -> httpx.Client:
 def run(grants: int, burst: int) -> dict[str, Any]:
     with Topology() as topo:
         inet = topo.bridge("inet")
-        a_ns, b_ns, laptop = topo.add_ns("alpha"), topo.add_ns("beta"), topo.add_ns("laptop")
-        for ns, ip in ((a_ns, "1"), (b_ns, "2"), (laptop, "12")):
-            topo.attach(ns, inet, f"198.51.100.{ip}/24")
-        alpha = Cell(topo, a_ns, "alpha", "alpha.test", "10.61.0.1/24", "198.51.100.1:51820")
-        beta = Cell(topo, b_ns, "beta", "beta.test", "10.62.0.1/24", "198.51.100.2:51820")
-        for cell in (alpha, beta):
-            cell.init()
-            cell.start()
+        laptop = topo.add_ns("laptop")
+        topo.attach(laptop, inet, "198.51.100.12/24")
+        alpha = cell_on_bridge(topo, inet, "alpha", 1)
+        beta = cell_on_bridge(topo, inet, "beta", 2)
+        a_ns = alpha.ns
         a_ns.serve_http("127.0.0.1", 8080, "web")
         a_ns.serve_tcp_echo("127.0.0.1", 7)
         alpha.cli("services", "add", "web", "--backend", "127.0.0.1:8080", "--port", "80")

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tests.netns.harness import Netns, Proc, Topology, wait_until
+from tests.netns.harness import Bridge, Netns, Proc, Topology, wait_until
 
 PICELL = [sys.executable, "-m", "picell"]
 
@@ -166,3 +166,19 @@ def start_upstream_dns(ns: Netns, addr: str, records: dict[str, str], workdir: P
     first = next(iter(records))
     wait_until(lambda: ns.dig(first, server=addr) == [records[first]], 15, "upstream DNS not up")
     return proc
+
+
+def cell_on_bridge(
+    topo: Topology, bridge: Bridge, role: str, number: int, resolver: str | None = None
+) -> Cell:
+    """A running cell `role` in its own namespace at 198.51.100.<number> on `bridge`: domain
+    `<role>.test`, VPN network 10.<60 + number>.0.0/24, endpoint port 51820."""
+    ns = topo.add_ns(role)
+    topo.attach(ns, bridge, f"198.51.100.{number}/24")
+    if resolver is not None:
+        ns.set_resolver(resolver)  # before the daemon starts: `ip netns exec` binds it then
+    cell = Cell(topo, ns, role, f"{role}.test", f"10.{60 + number}.0.1/24",
+                f"198.51.100.{number}:51820")  # fmt: skip
+    cell.init()
+    cell.start()
+    return cell

@@ -28,7 +28,7 @@ import pytest
 
 from picell.mesh.crypto import mac, pairing_key
 from picell.wireguard import keys
-from tests.netns.cells import Cell, post_json, start_upstream_dns
+from tests.netns.cells import Cell, cell_on_bridge, post_json, start_upstream_dns
 from tests.netns.harness import Netns, Topology, wait_until
 
 
@@ -50,19 +50,13 @@ def linked(cell: Cell, other: str) -> bool:
 def world() -> Iterator[World]:
     with Topology() as topo:
         inet = topo.bridge("inet")
-        nss = {r: topo.add_ns(r) for r in ("alpha", "beta", "phone", "laptop", "dns")}
-        for role, ip in (("alpha", "1"), ("beta", "2"), ("phone", "11"), ("laptop", "12"),
-                         ("dns", "53")):  # fmt: skip
+        nss = {r: topo.add_ns(r) for r in ("phone", "laptop", "dns")}
+        for role, ip in (("phone", "11"), ("laptop", "12"), ("dns", "53")):
             topo.attach(nss[role], inet, f"198.51.100.{ip}/24")
         start_upstream_dns(nss["dns"], "198.51.100.53", {"www.example.net": "192.0.2.80"},
                            topo.workdir)  # fmt: skip
-        alpha = Cell(topo, nss["alpha"], "alpha", "alpha.test", "10.61.0.1/24",
-                     "198.51.100.1:51820")  # fmt: skip
-        beta = Cell(topo, nss["beta"], "beta", "beta.test", "10.62.0.1/24", "198.51.100.2:51820")
-        for cell in (alpha, beta):
-            cell.ns.set_resolver("198.51.100.53")
-            cell.init()
-            cell.start()
+        alpha = cell_on_bridge(topo, inet, "alpha", 1, resolver="198.51.100.53")
+        beta = cell_on_bridge(topo, inet, "beta", 2, resolver="198.51.100.53")
         nss["phone"].device(alpha.add_device("phone"), hint="phone").up()
         nss["laptop"].device(beta.add_device("laptop"), hint="laptop").up()
         yield World(topo, alpha, beta, nss["phone"], nss["laptop"])

@@ -33,7 +33,7 @@ from picell.mesh.protocol import make_envelope
 from picell.store import cell as cell_table
 from picell.store import links as link_table
 from picell.wireguard import keys
-from tests.netns.cells import Cell, post_json, start_upstream_dns
+from tests.netns.cells import Cell, cell_on_bridge, post_json, start_upstream_dns
 from tests.netns.harness import Netns, Topology, wait_until
 
 MESH = "http://10.61.0.1:3000/api/cells/peer-sync/permissions"
@@ -54,23 +54,18 @@ class World:
 def world() -> Iterator[World]:
     with Topology() as topo:
         inet = topo.bridge("inet")
-        nss = {r: topo.add_ns(r) for r in ("alpha", "beta", "phone", "laptop", "net", "lan")}
-        for role, ip in (("alpha", "1"), ("beta", "2"), ("phone", "11"), ("laptop", "12"),
-                         ("net", "53")):  # fmt: skip
+        nss = {r: topo.add_ns(r) for r in ("phone", "laptop", "net", "lan")}
+        for role, ip in (("phone", "11"), ("laptop", "12"), ("net", "53")):
             topo.attach(nss[role], inet, f"198.51.100.{ip}/24")
         nss["net"].run(["ip", "addr", "add", "192.0.2.80/32", "dev", "lo"])
-        nss["alpha"].run(["ip", "route", "add", "default", "via", "198.51.100.53"])
         start_upstream_dns(nss["net"], "198.51.100.53", {"www.example.net": "192.0.2.80"},
                            topo.workdir)  # fmt: skip
-        topo.link(nss["alpha"], "203.0.113.1/24", nss["lan"], "203.0.113.5/24")
+        alpha = cell_on_bridge(topo, inet, "alpha", 1, resolver="198.51.100.53")
+        beta = cell_on_bridge(topo, inet, "beta", 2, resolver="198.51.100.53")
+        nss["alpha"], nss["beta"] = alpha.ns, beta.ns
+        alpha.ns.run(["ip", "route", "add", "default", "via", "198.51.100.53"])
+        topo.link(alpha.ns, "203.0.113.1/24", nss["lan"], "203.0.113.5/24")
         nss["lan"].run(["ip", "route", "replace", "default", "via", "203.0.113.1"])
-        alpha = Cell(topo, nss["alpha"], "alpha", "alpha.test", "10.61.0.1/24",
-                     "198.51.100.1:51820")  # fmt: skip
-        beta = Cell(topo, nss["beta"], "beta", "beta.test", "10.62.0.1/24", "198.51.100.2:51820")
-        for cell in (alpha, beta):
-            cell.ns.set_resolver("198.51.100.53")
-            cell.init()
-            cell.start()
         nss["alpha"].serve_http("127.0.0.1", 8080, "alpha web")
         nss["alpha"].serve_http("127.0.0.1", 9090, "alpha secret")
         nss["lan"].serve_http("203.0.113.5", 80, "alpha files")
