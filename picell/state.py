@@ -37,10 +37,6 @@ class ServiceState:
     backend_host: ipaddress.IPv4Address
     backend_port: int
 
-    @property
-    def local_backend(self) -> bool:
-        return self.backend_host.is_loopback
-
 
 @dataclass(frozen=True, order=True)
 class Grant:

@@ -100,8 +100,3 @@ def cut_flows(runner: Runner, grant: Grant) -> None:
         ],
         ok_codes=(0, 1),
     )  # fmt: skip
-
-
-def check_ruleset(runner: Runner, path: Path) -> None:
-    """`nft -c -f`: parse and verify without applying (used by tests and tooling)."""
-    runner.run(["nft", "-c", "-f", str(path)])

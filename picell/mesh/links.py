@@ -105,27 +105,25 @@ def check_conflicts(
 
 
 def _link_from(other: Identity, existing: Link | None, state: str) -> Link:
-    base = existing or Link(
-        name=other.cell_name,
-        public_key=other.public_key,
-        endpoint=other.endpoint,
-        vpn_subnet=other.vpn_subnet,
-        dns_ip=other.dns_ip,
-        domain=other.domain,
-        created_at=time.time(),
-    )
+    """The link row for `other`: a new one, or `existing` updated in place (a re-pairing)."""
+    fields: dict[str, Any] = {
+        "name": other.cell_name,
+        "endpoint": other.endpoint,
+        "vpn_subnet": other.vpn_subnet,
+        "dns_ip": other.dns_ip,
+        "domain": other.domain,
+        "mesh_port": other.mesh_port,
+        "remote_api_url": f"http://{other.dns_ip}:{other.mesh_port}",
+        "state": state,
+    }
+    if existing is None:
+        link = Link(public_key=other.public_key, created_at=time.time(), **fields)
+    else:
+        link = replace(existing, **fields)
     return replace(
-        base,
-        name=other.cell_name,
-        endpoint=other.endpoint,
-        vpn_subnet=other.vpn_subnet,
-        dns_ip=other.dns_ip,
-        domain=other.domain,
-        mesh_port=other.mesh_port,
-        remote_api_url=f"http://{other.dns_ip}:{other.mesh_port}",
-        state=state,
-        linked_at=base.linked_at or (time.time() if state == "linked" else None),
-        last_push_error=None if state == "linked" else base.last_push_error,
+        link,
+        linked_at=link.linked_at or (time.time() if state == "linked" else None),
+        last_push_error=None if state == "linked" else link.last_push_error,
     )
 
 

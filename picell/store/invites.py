@@ -37,11 +37,6 @@ def candidates(conn: sqlite3.Connection, now: float) -> list[Invite]:
     return [Invite(r[0], bytes.fromhex(r[1]), r[2], r[3]) for r in rows]
 
 
-def all_invites(conn: sqlite3.Connection) -> list[Invite]:
-    rows = conn.execute("SELECT id, mac_key, expires_at, used_at FROM invites")
-    return [Invite(r[0], bytes.fromhex(r[1]), r[2], r[3]) for r in rows]
-
-
 def consume(conn: sqlite3.Connection, invite_id: int, used_by: str) -> bool:
     """Mark the invite used; False when another redemption got there first."""
     cur = conn.execute(

@@ -115,7 +115,3 @@ def write_sysctl(key: str, value: str) -> bool:
         return False
     path.write_text(value + "\n")
     return True
-
-
-def read_sysctl(key: str) -> str:
-    return (Path("/proc/sys") / key.replace(".", "/")).read_text().strip()
