@@ -28,6 +28,7 @@ from picell.cellinit import InitRequest
 from picell.constants import CHILD_RESTART_BACKOFF_S, RECONCILE_PERIOD_S
 from picell.control import Control
 from picell.errors import PicellError
+from picell.mesh.exits import Exits
 from picell.mesh.links import Links
 from picell.mesh.sender import Sender
 from picell.mesh.sync import Sync
@@ -51,6 +52,7 @@ def build_api(
     links: Links | None = None,
     sync: Sync | None = None,
     sender: Sender | None = None,
+    exits: Exits | None = None,
 ) -> FastAPI:
     """The admin API; served on the unix socket (and later, behind login, on the web port)."""
     app = FastAPI(title="picell admin API", version=__version__)
@@ -58,6 +60,7 @@ def build_api(
     app.state.links = links or Links(control)
     app.state.sync = sync or Sync(app.state.links)
     app.state.sender = sender
+    app.state.exits = exits or Exits(control)
     errors.install(app)
     app.include_router(admin.router)
     app.include_router(cells.router)
@@ -103,6 +106,7 @@ class Daemon:
         self.links = Links(self.control, wake_sender=lambda: self.sender.wake())
         self.sync = Sync(self.links, wake_sender=lambda: self.sender.wake())
         self.sender = Sender(self.links)
+        self.exits = Exits(self.control, wake_sender=lambda: self.sender.wake())
         self.control.on_service_removed = self.sync.forget_service
         self.control.after_change = self.sender.wake
         self._wake = threading.Event()
@@ -163,7 +167,7 @@ class Daemon:
         if sock.exists():
             sock.unlink()
         old_umask = os.umask(0o077)  # the admin socket is root-only
-        admin_api = build_api(self.control, self.links, self.sync, self.sender)
+        admin_api = build_api(self.control, self.links, self.sync, self.sender, self.exits)
         servers: list[tuple[_Server, list[socket.socket] | None]] = [
             (_Server(_config(admin_api, uds=str(sock))), None),
             (

@@ -38,18 +38,12 @@ def observe_link(runner: Runner, ifname: str) -> ObservedLink | None:
     return ObservedLink(up="UP" in link.get("flags", []), addresses=addrs)
 
 
-def observe_routes(runner: Runner, ifname: str) -> frozenset[ipaddress.IPv4Network] | None:
-    """Our routes through the interface (protocol ROUTE_PROTO); None if it does not exist."""
-    try:
-        out = runner.run(
-            ["ip", "-j", "-4", "route", "show", "dev", ifname, "proto", str(ROUTE_PROTO)]
-        ).stdout
-    except CommandFailed:
-        return None
-    return frozenset(
-        ipaddress.IPv4Network(r["dst"] if "/" in r["dst"] else f"{r['dst']}/32")
-        for r in json.loads(out or "[]")
-    )
+def observe_routes(runner: Runner) -> list[dict[str, object]]:
+    """Our routes in every table (protocol ROUTE_PROTO): one read for the links' routes and the
+    exit tables alike (`routing.exits.split_routes` sorts them)."""
+    out = runner.run(["ip", "-j", "-4", "route", "show", "table", "all", "proto", str(ROUTE_PROTO)])
+    data: list[dict[str, object]] = json.loads(out.stdout or "[]")
+    return data
 
 
 def plan_link(
