@@ -22,12 +22,12 @@ from picell.dns.unbound import Unbound
 from picell.errors import ApplyFailed, CommandFailed
 from picell.firewall.apply import apply_grant_delta, apply_ruleset, cut_flows, observe_table
 from picell.firewall.render import grant_elements, render_grant_delta, render_ruleset
-from picell.routing.apply import apply_link, observe_link, observe_routes, plan_link
+from picell.routing.apply import apply_link, observe_links, observe_routes, plan_link
 from picell.routing.exits import (
     TableRoute,
     exit_ifname,
-    link_settings,
     observe_rules,
+    plan_exit_link,
     plan_exit_routing,
     split_routes,
 )
@@ -134,16 +134,20 @@ class Reconciler:
 
         raw_routes = observe_routes(self.runner)
         main_routes, table_routes = split_routes(raw_routes, ifname)
+        observed_links = observe_links(self.runner)
         lines = plan_link(
             ifname,
             state.address,
-            observe_link(self.runner, ifname),
+            observed_links.get(ifname),
             tuple(link.routed for link in state.links),
             main_routes,
         )
         for tunnel in state.exits:
             if tunnel.wg is not None:
-                lines += link_settings(tunnel.interface, tunnel.mtu)
+                lines += plan_exit_link(
+                    tunnel.interface, state.address.ip, tunnel.mtu,
+                    observed_links.get(tunnel.interface),
+                )  # fmt: skip
         want_routes, want_rules = _exit_routing(state.exits)
         if want_rules or table_routes:  # rules are read only where exits are or were
             lines += plan_exit_routing(

@@ -214,11 +214,14 @@ def _exit_rules(state: State) -> dict[str, list[str]]:
         f"\t\tip daddr {me} udp dport {ports} accept",
     ]
     out["input"] = [f"\t\tiifname {_set(tunnels)} jump exit_in"]
+    relays = [f'"{t.interface}"' for t in exits if t.relay]
+    uses = [f'"{t.interface}"' for t in exits if not t.relay]
     out["forward"] = [
         f"\t\toifname {_set(tunnels)} tcp flags syn tcp option maxseg size set rt mtu",
         *out["forward"],
-        f"\t\toifname {_set(tunnels)} jump vpn_deliver",
+        *([f"\t\toifname {_set(relays)} jump vpn_deliver"] if relays else []),
         f"\t\tiifname {_set(tunnels)} jump exit_in",
+        *([f'\t\toifname {_set(uses)} iifname != "{wg}" counter drop'] if uses else []),
     ]
     out["chains"] = [
         "\tchain exit_steer {",

@@ -11,7 +11,6 @@ import json
 from dataclasses import dataclass
 
 from picell.constants import ROUTE_PROTO
-from picell.errors import CommandFailed
 from picell.system.run import Runner
 
 
@@ -19,23 +18,22 @@ from picell.system.run import Runner
 class ObservedLink:
     up: bool
     addresses: frozenset[ipaddress.IPv4Interface]
+    mtu: int = 0
 
 
-def observe_link(runner: Runner, ifname: str) -> ObservedLink | None:
-    try:
-        out = runner.run(["ip", "-j", "addr", "show", "dev", ifname]).stdout
-    except CommandFailed:
-        return None
-    data = json.loads(out or "[]")
-    if not data:
-        return None
-    link = data[0]
-    addrs = frozenset(
-        ipaddress.IPv4Interface(f"{a['local']}/{a['prefixlen']}")
-        for a in link.get("addr_info", [])
-        if a.get("family") == "inet"
-    )
-    return ObservedLink(up="UP" in link.get("flags", []), addresses=addrs)
+def observe_links(runner: Runner) -> dict[str, ObservedLink]:
+    """Every interface's state and IPv4 addresses, in one read (`ip -j addr show`)."""
+    out = runner.run(["ip", "-j", "addr", "show"]).stdout
+    links = {}
+    for link in json.loads(out or "[]"):
+        addrs = frozenset(
+            ipaddress.IPv4Interface(f"{a['local']}/{a['prefixlen']}")
+            for a in link.get("addr_info", [])
+            if a.get("family") == "inet"
+        )
+        up = "UP" in link.get("flags", [])
+        links[str(link.get("ifname"))] = ObservedLink(up, addrs, int(link.get("mtu", 0)))
+    return links
 
 
 def observe_routes(runner: Runner) -> list[dict[str, object]]:

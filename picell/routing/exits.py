@@ -14,7 +14,6 @@ from __future__ import annotations
 import ipaddress
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 from picell.constants import (
     EXIT_BLACKHOLE_METRIC,
@@ -25,10 +24,10 @@ from picell.constants import (
     EXIT_TABLE_BASE,
     ROUTE_PROTO,
 )
+from picell.routing.apply import ObservedLink
 from picell.system.run import Runner
 
 IFNAME_MAX = 15
-IFF_UP = 0x1
 
 
 def exit_ifname(main: str, slot: int) -> str:
@@ -57,13 +56,16 @@ def exit_tables() -> range:
     return range(exit_table(0), exit_table(EXIT_MAX_SLOTS) + 1)
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class TableRoute:
     """One route of an exit table: `dev` None is the blackhole of last resort."""
 
     table: int
     dst: str  # "default" or a network
     dev: str | None
+
+    def key(self) -> tuple[int, str, str]:
+        return (self.table, self.dst, self.dev or "")
 
 
 def observe_rules(runner: Runner) -> frozenset[tuple[int, int]]:
@@ -101,7 +103,7 @@ def plan_exit_routing(
 ) -> list[str]:
     """`ip -batch` lines: routes and rules added (tables first, so that a rule never points at
     an empty table) before the stale ones go."""
-    lines = [_route("replace", r) for r in sorted(want_routes - have_routes)]
+    lines = [_route("replace", r) for r in sorted(want_routes - have_routes, key=TableRoute.key)]
     lines += [
         f"rule add fwmark {mark:#x} lookup {table} priority {EXIT_RULE_PRIORITY}"
         for mark, table in sorted(want_rules - have_rules)
@@ -110,7 +112,7 @@ def plan_exit_routing(
         f"rule del fwmark {mark:#x} lookup {table} priority {EXIT_RULE_PRIORITY}"
         for mark, table in sorted(have_rules - want_rules)
     ]
-    lines += [_route("del", r) for r in sorted(have_routes - want_routes)]
+    lines += [_route("del", r) for r in sorted(have_routes - want_routes, key=TableRoute.key)]
     return lines
 
 
@@ -123,14 +125,16 @@ def _route(verb: str, r: TableRoute) -> str:
     return f"route {verb} {r.dst} dev {r.dev} table {r.table} proto {ROUTE_PROTO}"
 
 
-def link_settings(ifname: str, mtu: int) -> list[str]:
-    """`ip -batch` lines that make an exit interface up with `mtu` (read from /sys: no process)."""
-    base = Path("/sys/class/net") / ifname
-    try:
-        have_mtu = int((base / "mtu").read_text())
-        up = bool(int((base / "flags").read_text(), 16) & IFF_UP)
-    except (OSError, ValueError):
-        have_mtu, up = 0, False
-    if have_mtu == mtu and up:
-        return []
-    return [f"link set dev {ifname} mtu {mtu} up"]
+def plan_exit_link(
+    ifname: str, address: ipaddress.IPv4Address, mtu: int, observed: ObservedLink | None
+) -> list[str]:
+    """`ip -batch` lines that make an exit interface up with `mtu` and our address (/32, no
+    route): loose reverse-path filtering (rp_filter 2) accepts the sources a tunnel carries only
+    on an interface that has an address."""
+    lines = []
+    want = ipaddress.IPv4Interface(f"{address}/32")
+    if observed is None or want not in observed.addresses:
+        lines.append(f"address replace {want} dev {ifname} noprefixroute")
+    if observed is None or observed.mtu != mtu or not observed.up:
+        lines.append(f"link set dev {ifname} mtu {mtu} up")
+    return lines

@@ -75,6 +75,9 @@ class FakeKernel(Runner):
     def _dispatch(self, a: tuple[str, ...], stdin: str | None) -> str:
         if a[:2] == ("ip", "link") and a[2] == "add":
             raise CommandFailed(a, 2, "Error: Unknown device type.")
+        if a[:4] == ("ip", "link", "del", "dev"):
+            self.delete_interface(a[4])
+            return ""
         if a[:2] == ("wg", "show"):
             dev = self.wg.get(a[2])
             if dev is None:
@@ -91,15 +94,16 @@ class FakeKernel(Runner):
             self._syncconf(a[2], Path(a[3]).read_text())
             return ""
         if a[:3] == ("ip", "-j", "addr"):
-            ifname = a[-1]
-            if ifname not in self.interfaces:
-                raise CommandFailed(a, 1, "Device does not exist")
-            info = [
-                {"family": "inet", "local": str(i.ip), "prefixlen": i.network.prefixlen}
-                for i in map(ipaddress.IPv4Interface, sorted(self.addrs.get(ifname, set())))
-            ]
-            flags = ["UP"] if ifname in self.up else []
-            return json.dumps([{"ifname": ifname, "flags": flags, "addr_info": info}])
+            links = []
+            for ifname in sorted(self.interfaces):
+                info = [
+                    {"family": "inet", "local": str(i.ip), "prefixlen": i.network.prefixlen}
+                    for i in map(ipaddress.IPv4Interface, sorted(self.addrs.get(ifname, set())))
+                ]
+                flags = ["UP"] if ifname in self.up else []
+                mtu = 1340 if ifname in self.up else 1420
+                links.append({"ifname": ifname, "flags": flags, "mtu": mtu, "addr_info": info})
+            return json.dumps(links)
         if a[:4] == ("ip", "-j", "-4", "route"):
             main = [{"dst": r, "dev": dev} for dev, rs in sorted(self.routes.items())
                     for r in sorted(rs)]  # fmt: skip
@@ -226,3 +230,4 @@ class FakeKernel(Runner):
         self.addrs.pop(ifname, None)
         self.up.discard(ifname)
         self.routes.pop(ifname, None)
+        self.table_routes = {r for r in self.table_routes if r[2] != ifname}

@@ -141,7 +141,8 @@ def exit_state() -> State:
                 ipaddress.IPv4Address("10.62.0.1"), "beta.test", state="linked",
                 exit_offered=True, remote_exit_offered=True, remote_exit_relay_active=True,
                 remote_exit_relay_key=KEY_EXIT_B, remote_exit_relay_port=51821,
-                remote_exit_client_key=KEY_EXIT_CLIENT_B, remote_exit_client_port=51822)  # fmt: skip
+                remote_exit_client_key=KEY_EXIT_CLIENT_B,
+                remote_exit_client_port=51822)  # fmt: skip
     gamma = Link("gamma", KEY_LINK_C, "198.51.100.3:51820", ipaddress.IPv4Network("10.63.0.0/24"),
                  ipaddress.IPv4Address("10.63.0.1"), "gamma.test", state="linked")  # fmt: skip
     services = [Service("web", 1, ipaddress.IPv4Address("127.0.0.1"), 8080, "tcp", 80)]
