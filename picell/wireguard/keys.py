@@ -29,6 +29,6 @@ def derive_private(private_b64: str, label: str) -> str:
     the same after a restart, and revealing it reveals nothing of `private_b64`."""
     raw = HKDF(algorithm=hashes.SHA256(), length=32, salt=b"picell derived key v1",
                info=label.encode()).derive(base64.b64decode(private_b64))  # fmt: skip
-    key = X25519PrivateKey.from_private_bytes(raw)  # clamped as X25519 (and WireGuard) clamp
-    out = key.private_bytes(_RAW, serialization.PrivateFormat.Raw, serialization.NoEncryption())
-    return base64.b64encode(out).decode()
+    # clamped as WireGuard stores it, so that `wg show` reads back the very same key
+    clamped = bytes([raw[0] & 248, *raw[1:31], (raw[31] & 127) | 64])
+    return base64.b64encode(clamped).decode()

@@ -274,3 +274,13 @@ def test_route_via_none_makes_the_cell_the_home_exit(routed: World) -> None:
     w.alpha.cli("route-via", "laptop", "charlie")
     wait_until(lambda: exit_of(w, w.laptop, "laptop") == UPLINK["charlie"], 30,
                "the laptop did not go back to charlie")  # fmt: skip
+
+
+def test_a_second_reconcile_changes_nothing_on_either_side(routed: World) -> None:
+    w = routed
+    wait_until(lambda: exit_of(w, w.phone, "phone") == UPLINK["beta"], 30, "no exit via beta")
+    for cell in (w.alpha, w.beta):
+        cell.cli("reconcile")
+        report = cell.cli("reconcile")
+        assert report["changed"] is False, (cell.name, report["changes"])
+        assert report["write_commands"] == 0, (cell.name, report["commands"])

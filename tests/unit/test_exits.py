@@ -96,3 +96,13 @@ def test_exit_routing_plans_tables_before_rules_and_deletes_last() -> None:
         "rule del fwmark 0x5c2 lookup 7702 priority 7700",
         "route del blackhole default metric 4096 table 7702 proto 77",
     ]
+
+
+def test_derived_keys_are_stable_and_clamped_as_wireguard_shows_them() -> None:
+    import base64
+
+    private = keys.generate_private()
+    a, b = keys.derive_private(private, "exit relay"), keys.derive_private(private, "exit relay")
+    raw = base64.b64decode(a)
+    assert a == b != keys.derive_private(private, "exit via someone")
+    assert raw[0] & 7 == 0 and raw[31] & 0x80 == 0 and raw[31] & 0x40
