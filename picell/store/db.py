@@ -107,6 +107,15 @@ MIGRATIONS: tuple[str, ...] = (
         created_at REAL NOT NULL DEFAULT 0
     );
     """,
+    # 3: the web UI's settings: its port and the admin password's argon2 hash (web issue)
+    """
+    CREATE TABLE admin (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        web_port INTEGER NOT NULL DEFAULT 8080,
+        password_hash TEXT,
+        password_set_at REAL
+    );
+    """,
 )
 
 
