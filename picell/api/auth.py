@@ -35,7 +35,14 @@ from picell.constants import (
     SESSION_IDLE_S,
     SESSION_TTL_S,
 )
-from picell.errors import BadInput, CsrfRefused, LoginRefused, LoginRequired, PicellError, RateLimited
+from picell.errors import (
+    BadInput,
+    CsrfRefused,
+    LoginRefused,
+    LoginRequired,
+    PicellError,
+    RateLimited,
+)
 from picell.store import admin as admin_table
 from picell.store.db import Store
 
@@ -184,9 +191,7 @@ class Auth:
         now = time.monotonic()
         session = Session(csrf=secrets.token_urlsafe(32), created=now, seen=now)
         with self._lock:
-            self._sessions = {
-                k: s for k, s in self._sessions.items() if not self._expired(s, now)
-            }
+            self._sessions = {k: s for k, s in self._sessions.items() if not self._expired(s, now)}
             self._sessions[_key(token)] = session
         return token, session
 

@@ -215,9 +215,7 @@ def _cells_context(links: Links) -> dict[str, Any]:
     }
 
 
-async def cells_page(
-    request: Request, status_code: int = 200, **context: Any
-) -> HTMLResponse:
+async def cells_page(request: Request, status_code: int = 200, **context: Any) -> HTMLResponse:
     links: Links = _state(request, "links")
     data = await run_in_threadpool(_cells_context, links)
     return await page(request, "cells.html", status_code, nav="cells", **data, **context)
