@@ -170,7 +170,7 @@ def _measure(
     # full apply of all N peers onto a second, empty interface (so the real session above is
     # not disturbed): picell's one `wg syncconf` against one `wg set` per peer
     state = replace(control.build(store.conn), interface=spare_if, listen_port=52999)
-    text = render_interface(state)
+    text = render_interface(state.wg)
     conf = Path(tempfile.mkdtemp()) / "wg.conf"
     empty = conf.with_name("empty.conf")
     empty.write_text(f"[Interface]\nPrivateKey = {state.private_key}\nListenPort = 52999\n")
@@ -178,7 +178,7 @@ def _measure(
     for _ in range(max(3, reps // 4)):
         runner.run(["wg", "syncconf", spare_if, str(empty)])
         t0 = time.perf_counter()
-        apply_wg(runner, state, text, conf)
+        apply_wg(runner, state.interface, text, conf)
         full_s.append(time.perf_counter() - t0)
         runner.run(["wg", "syncconf", spare_if, str(empty)])
         t0 = time.perf_counter()

@@ -29,6 +29,7 @@ from picell.cellinit import InitRequest
 from picell.constants import CHILD_RESTART_BACKOFF_S, RECONCILE_PERIOD_S
 from picell.control import Control
 from picell.errors import PicellError
+from picell.mesh.exits import Exits
 from picell.mesh.links import Links
 from picell.mesh.sender import Sender
 from picell.mesh.sync import Sync
@@ -53,6 +54,7 @@ def build_api(
     links: Links | None = None,
     sync: Sync | None = None,
     sender: Sender | None = None,
+    exits: Exits | None = None,
     auth: Auth | None = None,
     *,
     password_route: bool = True,
@@ -63,6 +65,7 @@ def build_api(
     app.state.links = links or Links(control)
     app.state.sync = sync or Sync(app.state.links)
     app.state.sender = sender
+    app.state.exits = exits or Exits(control)
     app.state.auth = auth or Auth(control.store)
     errors.install(app)
     app.include_router(admin.router)
@@ -77,10 +80,11 @@ def build_web_api(
     links: Links | None = None,
     sync: Sync | None = None,
     sender: Sender | None = None,
+    exits: Exits | None = None,
     auth: Auth | None = None,
 ) -> FastAPI:
     """The web listener: the pages and the same admin API, all behind login and CSRF checks."""
-    app = build_api(control, links, sync, sender, auth, password_route=False)
+    app = build_api(control, links, sync, sender, exits, auth, password_route=False)
     web.install(app, app.state.auth)
     return app
 
@@ -124,6 +128,7 @@ class Daemon:
         self.links = Links(self.control, wake_sender=lambda: self.sender.wake())
         self.sync = Sync(self.links, wake_sender=lambda: self.sender.wake())
         self.sender = Sender(self.links)
+        self.exits = Exits(self.control, wake_sender=lambda: self.sender.wake())
         self.auth = Auth(self.store)
         self.control.on_service_removed = self.sync.forget_service
         self.control.after_change = self.sender.wake
@@ -201,8 +206,9 @@ class Daemon:
         if sock.exists():
             sock.unlink()
         old_umask = os.umask(0o077)  # the admin socket is root-only
-        admin_api = build_api(self.control, self.links, self.sync, self.sender, self.auth)
-        web_api = build_web_api(self.control, self.links, self.sync, self.sender, self.auth)
+        apis = (self.control, self.links, self.sync, self.sender, self.exits, self.auth)
+        admin_api = build_api(*apis)
+        web_api = build_web_api(*apis)
         servers: list[tuple[_Server, list[socket.socket] | None]] = [
             (_Server(_config(admin_api, uds=str(sock))), None),
             (

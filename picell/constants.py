@@ -43,6 +43,33 @@ CROWDED_RANGES = tuple(
     )
 )
 
+# The exit relay (DESIGN §8). Each exit tunnel is a WireGuard interface of its own, nested in the
+# link, numbered by a slot: 0 is the relay (our uplink lent to linked cells), 1.. the exit cells
+# our devices leave through.
+EXIT_MAX_SLOTS = 8  # exit cells in use at once; each costs an interface and a resolver
+EXIT_MTU = 1340  # nested inside the link's WireGuard (1420) minus WireGuard's 80 bytes
+EXIT_MARK_BASE = 0x5C0  # fwmark of slot k is base + k: its packets use the slot's table
+EXIT_TABLE_BASE = 7700  # routing table of slot k is base + k
+EXIT_RULE_PRIORITY = 7700  # after `local` (0), before `main` (32766)
+EXIT_BLACKHOLE_METRIC = 4096  # an exit table's last route: without its tunnel, drop (fail closed)
+EXIT_DNS_PORT_BASE = 5300  # the resolver for devices of slot k listens on our address, base + k
+# What an exit lends: the internet, never these (private, shared, loopback, link-local,
+# multicast and reserved ranges); the host's own on-link networks are added at run time.
+NOT_INTERNET = tuple(
+    ipaddress.IPv4Network(n)
+    for n in (
+        "0.0.0.0/8",
+        "10.0.0.0/8",
+        "100.64.0.0/10",
+        "127.0.0.0/8",
+        "169.254.0.0/16",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "224.0.0.0/4",
+        "240.0.0.0/4",
+    )
+)
+
 DEFAULT_INVITE_TTL_S = 24 * 3600.0  # an invite's token expires after a day unless told
 INVITE_MIN_TTL_S = 60.0
 INVITE_MAX_TTL_S = 30 * 24 * 3600.0

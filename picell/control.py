@@ -26,8 +26,11 @@ from picell.cellinit import InitRequest, check_links, plan_cell
 from picell.dns.unbound import read_upstreams
 from picell.errors import ApplyFailed, BadInput, Conflict
 from picell.reconcile import Reconciler, Report
+from picell.routing.host import observe_onlink
 from picell.state import State, build_state
 from picell.store import cell as cell_table
+from picell.store import exits as exit_table
+from picell.store import journal
 from picell.store import links as link_table
 from picell.store import peers as peer_table
 from picell.store import services as service_table
@@ -61,6 +64,8 @@ class Control:
             service_table.all_services(conn),
             read_upstreams(),
             link_table.all_links(conn),
+            exit_table.slots(conn),
+            observe_onlink(),
         )
 
     def converge(self) -> Report | None:
@@ -153,7 +158,15 @@ class Control:
     def remove_peer(self, name: str) -> None:
         validate.name(name)
         with self.change() as conn:
+            via = peer_table.get(conn, name).route_via
             peer_table.remove(conn, name)
+            exit_table.release_unused(conn)
+            if via is not None and link_table.find(conn, via) is not None:
+                link_table.mark_pending(conn, via)  # it may stop relaying for us
+                journal.append(conn, via, f"device {name} left their exit", "local owner",
+                               "the device was removed")  # fmt: skip
+        if via is not None and self.after_change is not None:
+            self.after_change()
 
     def peer_public(
         self, cell: Cell, peer: Peer, live: dict[str, Any] | None = None
@@ -191,11 +204,14 @@ class Control:
             out.append(self.peer_public(cell, p, live))
         return out
 
-    def peer_config(self, name: str) -> str:
+    def peer_config(self, name: str, full_tunnel: bool | None = None) -> str:
+        """The device's config: full tunnel when asked, or when it is routed via an exit cell
+        (its internet must enter the tunnel to leave there); split tunnel otherwise."""
         validate.name(name)
         with self.store.read() as conn:
             cell = cell_table.load(conn)
             peer = peer_table.get(conn, name)
+        full = peer.route_via is not None if full_tunnel is None else full_tunnel
         return render_device(
             device_name=peer.name,
             private_key=peer.private_key,
@@ -204,7 +220,7 @@ class Control:
             domain=cell.domain,
             cell_public_key=keys.public_from_private(cell.private_key),
             endpoint=cell.endpoint,
-            allowed_ips=device_allowed_ips(cell.network, cell.mesh_range),
+            allowed_ips=device_allowed_ips(cell.network, cell.mesh_range, full),
         )
 
     # -- services ------------------------------------------------------------------------------

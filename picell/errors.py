@@ -4,6 +4,7 @@
     ├── BadInput                a field of a request is malformed (HTTP 422, names the field)
     ├── NotFound                a named thing does not exist (HTTP 404)
     ├── Conflict                the request collides with what exists (HTTP 409, names it)
+    │   └── ExitNotOffered      a device routed via a cell that does not offer its exit
     ├── NotInitialised          no cell in the store yet (HTTP 409)
     ├── Forbidden               a cross-cell message failed authentication (HTTP 403)
     │   └── CsrfRefused         a state-changing web request without its session's token (403)
@@ -11,7 +12,7 @@
     │   └── LoginRefused        a wrong admin password at the login page (HTTP 401)
     ├── RateLimited             too many requests from one source (HTTP 429)
     ├── CommandFailed           a system command exited badly (raised by system.run)
-    └── ApplyFailed             the reconciler could not converge (HTTP 503, store kept)
+    └── ApplyFailed             the reconciler could not converge (HTTP 409, nothing kept)
 
 Foreign exceptions (sqlite3, subprocess, pydantic) are translated once where they enter picell.
 The HTTP mapping lives in one table: `picell.api.errors.STATUS`.
@@ -43,6 +44,10 @@ class NotFound(PicellError):
 
 class Conflict(PicellError):
     code = "conflict"
+
+
+class ExitNotOffered(Conflict):
+    code = "exit_not_offered"
 
 
 class NotInitialised(PicellError):

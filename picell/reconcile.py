@@ -14,14 +14,24 @@ import threading
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from picell.dns.render import render_unbound
+from picell.constants import EXIT_MAX_SLOTS
+from picell.dns.render import render_exit_resolver, render_unbound
 from picell.dns.unbound import Unbound
 from picell.errors import ApplyFailed, CommandFailed
 from picell.firewall.apply import apply_grant_delta, apply_ruleset, cut_flows, observe_table
 from picell.firewall.render import grant_elements, render_grant_delta, render_ruleset
-from picell.routing.apply import apply_link, observe_link, observe_routes, plan_link
-from picell.state import Grant, Paths, State
+from picell.routing.apply import apply_link, observe_links, observe_routes, plan_link
+from picell.routing.exits import (
+    TableRoute,
+    exit_ifname,
+    observe_rules,
+    plan_exit_link,
+    plan_exit_routing,
+    split_routes,
+)
+from picell.state import ExitTunnel, Grant, Paths, State, WgDevice
 from picell.system.children import Child, write_sysctl
 from picell.system.run import Runner
 from picell.wireguard.apply import (
@@ -88,7 +98,10 @@ class Reconciler:
         self.make_child = make_child
         self.unbound = Unbound(runner, paths.unbound_conf, make_child)
         self.wg_child: Child | None = None
-        self._endpoints: dict[str, str] = {}  # peer endpoints as we last applied them
+        self.exit_children: dict[str, Child] = {}  # wireguard-go of exit tunnels, by interface
+        self.exit_resolvers: dict[int, Unbound] = {}  # resolvers of routed devices, by slot
+        # peer endpoints as we last applied them, by interface
+        self._endpoints: dict[str, dict[str, str]] = {}
         self._grants: set[Grant] = set()  # grants as we last applied them
         self._nft_seen: tuple[str, str] | None = None  # (digest, kernel fingerprint) we applied
         self._lock = threading.Lock()
@@ -116,21 +129,30 @@ class Reconciler:
             self._create_interface(ifname)
             report.changes.append(Change("interface", "create", ifname))
 
-        observed_wg = observe_wg(self.runner, ifname)
-        wg_changes = wg_needs_sync(state, observed_wg, self._endpoints)
-        if wg_changes:
-            apply_wg(self.runner, state, render_interface(state), self.paths.wg_conf)
-            self.applied["wg syncconf"] += 1
-            self._endpoints = {p.public_key: p.endpoint for p in state.peers if p.endpoint}
-            report.changes += [Change("wireguard", k, t) for k, t in wg_changes]
+        self._sync_wg(state.wg, self.paths.wg_conf, report)
+        self._converge_exit_interfaces(state, report)
 
+        raw_routes = observe_routes(self.runner)
+        main_routes, table_routes = split_routes(raw_routes, ifname)
+        observed_links = observe_links(self.runner)
         lines = plan_link(
             ifname,
             state.address,
-            observe_link(self.runner, ifname),
+            observed_links.get(ifname),
             tuple(link.routed for link in state.links),
-            observe_routes(self.runner, ifname),
+            main_routes,
         )
+        for tunnel in state.exits:
+            if tunnel.wg is not None:
+                lines += plan_exit_link(
+                    tunnel.interface, state.address.ip, tunnel.mtu,
+                    observed_links.get(tunnel.interface),
+                )  # fmt: skip
+        want_routes, want_rules = _exit_routing(state.exits)
+        if want_rules or table_routes:  # rules are read only where exits are or were
+            lines += plan_exit_routing(
+                want_routes, table_routes, want_rules, observe_rules(self.runner)
+            )
         if lines:
             apply_link(self.runner, lines)
             report.changes += [Change("address", "update", line) for line in lines]
@@ -138,6 +160,9 @@ class Reconciler:
         for key, value in (
             ("net.ipv4.ip_forward", "1"),  # LAN-backed services are forwarded
             (f"net.ipv4.conf.{ifname}.route_localnet", "1"),  # DNAT to 127.0.0.1 backends
+            # an exit tunnel carries sources (the internet's, or a linked cell's devices) that
+            # the main table routes elsewhere: check them loosely
+            *((f"net.ipv4.conf.{t.interface}.rp_filter", "2") for t in state.exits if t.wg),
         ):
             if write_sysctl(key, value):
                 report.changes.append(Change("sysctl", "update", f"{key}={value}"))
@@ -173,6 +198,68 @@ class Reconciler:
             self.unbound.apply(conf, dns_changes)
             self.applied["unbound"] += 1
             report.changes += [Change("dns", k, "unbound") for k in dns_changes]
+        self._converge_exit_resolvers(state, report)
+
+    def _sync_wg(self, dev: WgDevice, conf_path: Path, report: Report) -> None:
+        observed = observe_wg(self.runner, dev.interface)
+        applied = self._endpoints.get(dev.interface, {})
+        changes = wg_needs_sync(dev, observed, applied)
+        if changes:
+            apply_wg(self.runner, dev.interface, render_interface(dev), conf_path)
+            self.applied["wg syncconf"] += 1
+            self._endpoints[dev.interface] = {p.public_key: p.endpoint for p in dev.peers
+                                              if p.endpoint}  # fmt: skip
+            report.changes += [Change("wireguard", k, t) for k, t in changes]
+
+    def _converge_exit_interfaces(self, state: State, report: Report) -> None:
+        """One WireGuard interface per exit tunnel that is up; any other of our exit names that
+        exists (a withdrawn offer, a daemon killed earlier) is removed."""
+        wanted = {t.interface: t.wg for t in state.exits if t.wg is not None}
+        for slot in range(EXIT_MAX_SLOTS + 1):
+            name = exit_ifname(state.interface, slot)
+            if name not in wanted and interface_exists(name):
+                self._remove_interface(name)
+                report.changes.append(Change("interface", "remove", name))
+        for name, dev in sorted(wanted.items()):
+            if not interface_exists(name):
+                child = self.exit_children.pop(name, None)
+                if child is not None:
+                    child.stop()
+                if not kernel_wireguard(self.runner, name):
+                    self.exit_children[name] = start_userspace(name, self.make_child)
+                self._endpoints.pop(name, None)
+                report.changes.append(Change("interface", "create", name))
+            self._sync_wg(dev, self.paths.run_dir / f"wg-{name}.conf", report)
+
+    def _remove_interface(self, name: str) -> None:
+        child = self.exit_children.pop(name, None)
+        if child is not None:
+            child.stop()  # wireguard-go takes its interface with it
+        if interface_exists(name):
+            self.runner.run(["ip", "link", "del", "dev", name], ok_codes=(0, 1))
+        self._endpoints.pop(name, None)
+
+    def _converge_exit_resolvers(self, state: State, report: Report) -> None:
+        """A resolver per exit cell our devices use: their internet lookups go to that cell's
+        resolver through the link, never to our upstreams (no DNS leak)."""
+        wanted = {t.slot: t for t in state.exits if not t.relay}
+        for slot in sorted(set(self.exit_resolvers) - set(wanted)):
+            self.exit_resolvers.pop(slot).stop()
+            report.changes.append(Change("dns", "remove", f"exit resolver {slot}"))
+        for slot, tunnel in sorted(wanted.items()):
+            resolver = self.exit_resolvers.get(slot)
+            if resolver is None:
+                conf_path = self.paths.unbound_dir / f"exit{slot}.conf"
+                resolver = Unbound(self.runner, conf_path, self.make_child, f"unbound-exit{slot}")
+                self.exit_resolvers[slot] = resolver
+            conf = render_exit_resolver(
+                state, tunnel, self.paths.unbound_dir, self.paths.unbound_dir / f"exit{slot}.sock"
+            )
+            changes = resolver.needs(conf)
+            if changes:
+                resolver.apply(conf, changes)
+                self.applied["unbound"] += 1
+                report.changes += [Change("dns", k, f"exit resolver {slot}") for k in changes]
 
     def _create_interface(self, ifname: str) -> None:
         if self.wg_child is not None:
@@ -181,10 +268,32 @@ class Reconciler:
         if not kernel_wireguard(self.runner, ifname):
             self.wg_child = start_userspace(ifname, self.make_child)
         self._nft_seen = None  # rules naming the interface are re-applied with it
-        self._endpoints = {}
+        self._endpoints.pop(ifname, None)
 
     def stop(self) -> None:
         self.unbound.stop()
+        for resolver in self.exit_resolvers.values():
+            resolver.stop()
+        for child in self.exit_children.values():
+            child.stop()
         if self.wg_child is not None:
             self.wg_child.stop()
             self.wg_child = None
+
+
+def _exit_routing(
+    exits: tuple[ExitTunnel, ...],
+) -> tuple[frozenset[TableRoute], frozenset[tuple[int, int]]]:
+    """Each exit's table ends in a blackhole (fail closed); the relay routes the networks it
+    relays for back into its tunnel, an exit in use sends everything into its tunnel."""
+    routes, rules = set(), set()
+    for t in exits:
+        rules.add((t.mark, t.table))
+        routes.add(TableRoute(t.table, "default", None))
+        if t.wg is None:
+            continue
+        if t.relay:
+            routes |= {TableRoute(t.table, str(n), t.interface) for n in t.relayed}
+        else:
+            routes.add(TableRoute(t.table, "default", t.interface))
+    return frozenset(routes), frozenset(rules)

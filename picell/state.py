@@ -12,11 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from picell.addressing import peer_address, vip_address
-from picell.constants import DNS_PORT, LINK_KEEPALIVE_S
+from picell.constants import DNS_PORT, EXIT_MTU, LINK_KEEPALIVE_S, NOT_INTERNET
+from picell.routing.exits import exit_ifname, exit_mark, exit_port, exit_table
 from picell.store.cell import Cell
 from picell.store.links import Link
 from picell.store.peers import Peer
 from picell.store.services import Service
+from picell.wireguard import keys
+
+ANY = ipaddress.IPv4Network("0.0.0.0/0")
 
 
 @dataclass(frozen=True, order=True)
@@ -26,6 +30,48 @@ class PeerState:
     allowed_ips: tuple[ipaddress.IPv4Network, ...]
     endpoint: str | None = None
     keepalive_s: int = 0
+
+
+@dataclass(frozen=True, order=True)
+class WgDevice:
+    """One WireGuard interface as `wg syncconf` sets it."""
+
+    interface: str
+    private_key: str
+    listen_port: int
+    peers: tuple[PeerState, ...]
+
+
+@dataclass(frozen=True, order=True)
+class ExitTunnel:
+    """An exit tunnel (DESIGN §8): a WireGuard interface of its own, nested in the link.
+
+    Slot 0 is the relay: our uplink lent to the linked cells in `relayed` (each offered our exit
+    and asked for it). Slot k >= 1 carries `devices` to exit cell `cell`; `wg` is None while
+    that cell does not offer its exit (or we do not know its tunnel's key yet): its devices'
+    traffic is then dropped, never sent out of our own uplink.
+    """
+
+    slot: int
+    interface: str
+    wg: WgDevice | None
+    cell: str = ""
+    devices: tuple[ipaddress.IPv4Address, ...] = ()
+    relayed: tuple[ipaddress.IPv4Network, ...] = ()
+    dns_server: ipaddress.IPv4Address | None = None  # exit cell's resolver, through the link
+    mtu: int = EXIT_MTU
+
+    @property
+    def mark(self) -> int:
+        return exit_mark(self.slot)
+
+    @property
+    def table(self) -> int:
+        return exit_table(self.slot)
+
+    @property
+    def relay(self) -> bool:
+        return self.slot == 0
 
 
 @dataclass(frozen=True, order=True)
@@ -68,11 +114,15 @@ class DnsForward:
 
 @dataclass(frozen=True, order=True)
 class DnsView:
-    """What a linked cell's network may resolve here: only `records` of our domain."""
+    """What a linked cell's network may resolve here: only `records` of our domain, and
+    internet names only while we relay its devices' internet (`internet`), never the domains
+    of the other cells we are linked with (`hidden`)."""
 
     name: str
     network: ipaddress.IPv4Network
     records: tuple[DnsRecord, ...]
+    internet: bool = False
+    hidden: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -116,6 +166,17 @@ class State:
     links: tuple[LinkState, ...] = ()
     mesh_port: int = 3000
     grants: tuple[Grant, ...] = ()
+    exits: tuple[ExitTunnel, ...] = ()
+    not_internet: tuple[ipaddress.IPv4Network, ...] = NOT_INTERNET
+    uplink: str | None = None
+
+    @property
+    def wg(self) -> WgDevice:
+        return WgDevice(self.interface, self.private_key, self.listen_port, self.peers)
+
+    @property
+    def wg_interfaces(self) -> tuple[str, ...]:
+        return (self.interface, *(t.interface for t in self.exits))
 
     @property
     def linked_networks(self) -> tuple[ipaddress.IPv4Network, ...]:
@@ -171,6 +232,8 @@ def build_state(
     services: list[Service],
     upstreams: tuple[ipaddress.IPv4Address, ...],
     links: Sequence[Link] = (),
+    exit_slots: dict[str, int] | None = None,
+    onlink: Sequence[tuple[str, ipaddress.IPv4Network]] = (),
 ) -> State:
     net = cell.network
     link_states = tuple(
@@ -240,6 +303,9 @@ def build_state(
         DnsRecord(f"{p.name}.{cell.domain}", peer_address(net, p.host_index)) for p in peers
     }
     records |= {DnsRecord(f"{s.name}.{cell.domain}", s.vip) for s in service_states}
+    exits = _exits(cell, peers, links, exit_slots or {})
+    relayed = {n for t in exits for n in t.relayed}
+    live_domains = sorted(ln.domain for ln in links if ln.state != "unlinking")
     dns = DnsState(
         domain=cell.domain,
         listen=cell.ip,
@@ -252,7 +318,13 @@ def build_state(
         ),
         views=tuple(
             sorted(
-                DnsView(link.name, link.vpn_subnet, _view_records(cell, shared[link.name]))
+                DnsView(
+                    link.name,
+                    link.vpn_subnet,
+                    _view_records(cell, shared[link.name]),
+                    internet=link.vpn_subnet in relayed,
+                    hidden=tuple(d for d in live_domains if d != link.domain),
+                )
                 for link in links
                 if link.state != "unlinking"
             )
@@ -269,7 +341,91 @@ def build_state(
         links=link_states,
         mesh_port=cell.mesh_port,
         grants=grants,
+        exits=exits,
+        not_internet=_not_internet(cell, links, exits, onlink),
+        uplink=cell.uplink,
     )
+
+
+def _exits(
+    cell: Cell, peers: Sequence[Peer], links: Sequence[Link], slots: dict[str, int]
+) -> tuple[ExitTunnel, ...]:
+    """The relay (slot 0) while any link both has our offer and asked for it, and one tunnel
+    per exit cell our devices leave through (their slot from the store)."""
+    tunnels = []
+    relay_peers = tuple(
+        sorted(
+            PeerState(
+                public_key=str(ln.remote_exit_client_key),
+                name=f"exit client {ln.name}",
+                allowed_ips=(ln.vpn_subnet,),
+                endpoint=f"{ln.dns_ip}:{ln.remote_exit_client_port}",
+                keepalive_s=LINK_KEEPALIVE_S,
+            )
+            for ln in links
+            if ln.state == "linked"
+            and ln.exit_offered
+            and ln.remote_exit_relay_active
+            and ln.remote_exit_client_key
+            and ln.remote_exit_client_port
+        )
+    )
+    if relay_peers:
+        ifname = exit_ifname(cell.interface, 0)
+        relay = WgDevice(ifname, exit_private_key(cell, None), exit_port(cell.listen_port, 0),
+                         relay_peers)  # fmt: skip
+        relayed = tuple(sorted(n for p in relay_peers for n in p.allowed_ips))
+        tunnels.append(ExitTunnel(0, ifname, relay, relayed=relayed))
+    by_name = {ln.name: ln for ln in links}
+    for via, slot in sorted(slots.items(), key=lambda kv: kv[1]):
+        devices = tuple(
+            sorted(peer_address(cell.network, p.host_index) for p in peers if p.route_via == via)
+        )
+        if not devices:
+            continue
+        link = by_name.get(via)
+        ifname = exit_ifname(cell.interface, slot)
+        up = (
+            link is not None
+            and link.state == "linked"
+            and link.remote_exit_offered
+            and link.remote_exit_relay_key
+            and link.remote_exit_relay_port
+        )
+        wg: WgDevice | None = None
+        if up and link is not None:
+            peer = PeerState(
+                public_key=str(link.remote_exit_relay_key),
+                name=f"exit {via}",
+                allowed_ips=(ANY,),
+                endpoint=f"{link.dns_ip}:{link.remote_exit_relay_port}",
+                keepalive_s=LINK_KEEPALIVE_S,
+            )
+            wg = WgDevice(ifname, exit_private_key(cell, link.public_key),
+                          exit_port(cell.listen_port, slot), (peer,))  # fmt: skip
+        dns = link.dns_ip if link is not None and link.state != "unlinking" else None
+        tunnels.append(ExitTunnel(slot, ifname, wg, cell=via, devices=devices, dns_server=dns))
+    return tuple(tunnels)
+
+
+def exit_private_key(cell: Cell, their_public_key: str | None) -> str:
+    """Our end of an exit tunnel: the relay's (None) or the one toward an exit cell."""
+    label = "exit relay" if their_public_key is None else f"exit via {their_public_key}"
+    return keys.derive_private(cell.private_key, label)
+
+
+def _not_internet(
+    cell: Cell,
+    links: Sequence[Link],
+    exits: Sequence[ExitTunnel],
+    onlink: Sequence[tuple[str, ipaddress.IPv4Network]],
+) -> tuple[ipaddress.IPv4Network, ...]:
+    """Where an exit (ours as home exit, or as relay) never leads: private and reserved ranges,
+    our network, linked networks and the host's own on-link networks (its LANs)."""
+    ours = {cell.interface, *(t.interface for t in exits)}
+    nets = [*NOT_INTERNET, cell.network, *(ln.vpn_subnet for ln in links)]
+    nets += [n for dev, n in onlink if dev not in ours]
+    return tuple(ipaddress.collapse_addresses(nets))
 
 
 def _view_records(cell: Cell, shared: Sequence[ServiceState]) -> tuple[DnsRecord, ...]:

@@ -10,11 +10,16 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, Field
 
 from picell.control import Control
+from picell.mesh.exits import Exits
 
 
 class PeerCreate(BaseModel):
     name: str = Field(max_length=64)
     public_key: str | None = Field(default=None, max_length=64)
+
+
+class RouteVia(BaseModel):
+    via_cell: str | None = Field(max_length=64)
 
 
 class ServiceCreate(BaseModel):
@@ -68,14 +73,24 @@ def remove_peer(name: str, ctl: Ctl) -> Response:
     return Response(status_code=204)
 
 
+@router.put("/peers/{name}/route-via")
+def route_via(name: str, body: RouteVia, request: Request) -> dict[str, Any]:
+    """Send the device's internet through a linked cell that offers its exit (null: through
+    this cell). The answer carries the full-tunnel config the device must import."""
+    exits: Exits = request.app.state.exits
+    return exits.route_via(name, body.via_cell)
+
+
 @router.get("/peers/{name}/config")
 def peer_config(
     name: str,
     ctl: Ctl,
     format: Annotated[Literal["conf", "svg", "png", "text"], Query()] = "conf",
+    tunnel: Annotated[Literal["auto", "full", "split"], Query()] = "auto",
 ) -> Response:
-    """The device's WireGuard config as a download (.conf) or as a QR code (SVG or PNG)."""
-    text = ctl.peer_config(name)
+    """The device's WireGuard config as a download (.conf) or as a QR code (SVG or PNG).
+    `tunnel=auto`: full tunnel when the device is routed via an exit cell, split otherwise."""
+    text = ctl.peer_config(name, None if tunnel == "auto" else tunnel == "full")
     if format == "text":
         return Response(text, media_type="text/plain")
     if format == "conf":

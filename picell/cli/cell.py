@@ -170,6 +170,7 @@ def peers_list(as_json: JsonOpt = False) -> None:
         f"{p['name']:<20} {p['address']:<16} "
         f"{'never' if p['handshake_age_s'] is None else str(p['handshake_age_s']) + 's ago':<12} "
         f"rx {p['rx_bytes']} tx {p['tx_bytes']}"
+        + (f"  internet via {p['route_via']}" if p.get("route_via") else "")
         for p in data
     ]
     out(data, as_json, "\n".join(rows) or "no devices")
@@ -189,18 +190,28 @@ def peers_config(
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Write to FILE (.conf, .svg or .png)")
     ] = None,
+    full_tunnel: Annotated[
+        bool | None,
+        typer.Option(
+            "--full-tunnel/--split-tunnel",
+            help="All traffic through the cell (default: full when routed via an exit cell)",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Show a device's config again (text, QR, or a file)."""
+    tunnel = "auto" if full_tunnel is None else ("full" if full_tunnel else "split")
     if output is not None:
         fmt = {".svg": "svg", ".png": "png"}.get(output.suffix, "conf")
-        resp = call("GET", f"/api/peers/{name}/config", as_json, params={"format": fmt})
+        params = {"format": fmt, "tunnel": tunnel}
+        resp = call("GET", f"/api/peers/{name}/config", as_json, params=params)
         fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as fh:
             fh.write(resp.content)
         out({"written": str(output), "format": fmt}, as_json, f"wrote {output}")
         return
-    text = call("GET", f"/api/peers/{name}/config", as_json, params={"format": "text"}).text
+    params = {"format": "text", "tunnel": tunnel}
+    text = call("GET", f"/api/peers/{name}/config", as_json, params=params).text
     if as_json:
         out({"name": name, "config": text}, True, "")
     elif qr:

@@ -60,10 +60,14 @@ def _show_link(c: dict[str, Any]) -> str:
         ) or "nothing"  # fmt: skip
 
     lines.append(f"  we share: {services(c['inbound'])}")
-    if c.get("exit_offered") or c.get("remote_exit_offered"):
-        ours = "we offer them our exit" if c.get("exit_offered") else ""
-        theirs = "they offer us their exit" if c.get("remote_exit_offered") else ""
-        lines.append("  " + "; ".join(x for x in (ours, theirs) if x))
+    exits = [
+        "we offer them our exit" if c.get("exit_offered") else "",
+        "they offer us their exit" if c.get("remote_exit_offered") else "",
+        "some of our devices use their exit" if c.get("exit_relay_active") else "",
+        "their devices use our exit" if c.get("relaying") else "",
+    ]
+    if any(exits):
+        lines.append("  " + "; ".join(x for x in exits if x))
     lines.append(f"  they share: {services(c['outbound'])}")
     if c.get("last_push_at"):
         when = time.strftime("%H:%M:%S", time.localtime(c["last_push_at"]))
@@ -188,3 +192,16 @@ def import_links(
         for i in data["imported"]
     ) or "nothing to import"  # fmt: skip
     out(data, as_json, human)
+
+
+@app.command("route-via")
+def route_via(
+    peer: Annotated[str, typer.Argument(help="One of this cell's devices")],
+    cell: Annotated[str, typer.Argument(help="A linked cell that offers its exit, or none")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Send a device's internet traffic through a linked cell's exit (none: through this cell).
+    The device then needs the full-tunnel config printed here."""
+    body = {"via_cell": None if cell == "none" else cell}
+    data = call("PUT", f"/api/peers/{peer}/route-via", as_json, json=body).json()
+    out(data, as_json, f"{data['message']}\n\n{data['config']}")

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from picell.state import DnsState
+from picell.routing.exits import exit_dns_port
+from picell.state import DnsState, ExitTunnel, State
 
 
 def render_unbound(dns: DnsState, workdir: Path, control_socket: Path) -> str:
@@ -51,7 +52,14 @@ def render_unbound(dns: DnsState, workdir: Path, control_socket: Path) -> str:
         "\tcontrol-use-cert: no",
     ]
     for view in dns.views:
-        lines += ["", "view:", f'\tname: "link-{view.name}"', '\tlocal-zone: "." refuse']
+        lines += ["", "view:", f'\tname: "link-{view.name}"']
+        # while we relay their devices' internet, internet names resolve for them too (the
+        # lookups leave where the traffic leaves); names of the other linked cells never do
+        lines += (
+            [f'\tlocal-zone: "{d}." refuse' for d in view.hidden]
+            if view.internet
+            else ['\tlocal-zone: "." refuse']
+        )
         lines.append(f'\tlocal-zone: "{dns.domain}." static')
         lines += [f'\tlocal-data: "{r.fqdn}. 60 IN A {r.address}"' for r in view.records]
     for fwd in dns.forwards:
@@ -59,4 +67,49 @@ def render_unbound(dns: DnsState, workdir: Path, control_socket: Path) -> str:
     if dns.upstreams:
         lines += ["", "forward-zone:", '\tname: "."']
         lines += [f"\tforward-addr: {u}" for u in dns.upstreams]
+    return "\n".join(lines) + "\n"
+
+
+def render_exit_resolver(
+    state: State, tunnel: ExitTunnel, workdir: Path, control_socket: Path
+) -> str:
+    """The resolver of the devices that leave through exit cell `tunnel.cell`: our own and our
+    linked cells' names from our main resolver, every other name from the exit cell's resolver
+    through the link, so that their lookups leave where their traffic leaves. Without a tunnel
+    (no offer, no link) it answers only our names: it never asks our upstreams."""
+    dns = state.dns
+    local = [dns.domain, *(f.domain for f in dns.forwards)]
+    lines = [
+        "# rendered by picell; edits are overwritten",
+        "server:",
+        '\tusername: ""',
+        '\tchroot: ""',
+        f'\tdirectory: "{workdir}"',
+        '\tpidfile: ""',
+        "\tuse-syslog: no",
+        "\tverbosity: 1",
+        "\tinterface-automatic: no",
+        f"\tinterface: {dns.listen}@{exit_dns_port(tunnel.slot)}",
+        "\tip-freebind: yes",
+        "\tdo-ip6: no",
+        "\tdo-not-query-localhost: no",
+        "\thide-identity: yes",
+        "\thide-version: yes",
+        '\tmodule-config: "iterator"',
+        "\tnum-threads: 1",
+        "\taccess-control: 0.0.0.0/0 refuse",
+        "\taccess-control: 127.0.0.0/8 allow",
+        *(f"\taccess-control: {d}/32 allow" for d in tunnel.devices),
+        *(f'\tlocal-zone: "{d}." transparent' for d in local),
+        *([] if tunnel.wg is not None and tunnel.dns_server else ['\tlocal-zone: "." refuse']),
+        "",
+        "remote-control:",
+        "\tcontrol-enable: yes",
+        f'\tcontrol-interface: "{control_socket}"',
+        "\tcontrol-use-cert: no",
+    ]
+    for domain in local:
+        lines += ["", "forward-zone:", f'\tname: "{domain}."', f"\tforward-addr: {dns.listen}"]
+    if tunnel.wg is not None and tunnel.dns_server:
+        lines += ["", "forward-zone:", '\tname: "."', f"\tforward-addr: {tunnel.dns_server}"]
     return "\n".join(lines) + "\n"

@@ -41,10 +41,12 @@ class Unbound:
         runner: Runner,
         conf_path: Path,
         make_child: Callable[[str, list[str]], Child],
+        name: str = "unbound",
     ) -> None:
         self.runner = runner
         self.conf_path = conf_path
-        self.pidfile = conf_path.parent / "unbound.pid"
+        self.name = name
+        self.pidfile = conf_path.with_suffix(".pid")
         self.make_child = make_child
         self.child: Child | None = None
 
@@ -74,7 +76,7 @@ class Unbound:
             if self.child is None:
                 kill_stale(self.pidfile, "unbound")
                 self.child = self.make_child(
-                    "unbound", ["unbound", "-d", "-p", "-c", str(self.conf_path)]
+                    self.name, ["unbound", "-d", "-p", "-c", str(self.conf_path)]
                 )
             self.child.start()
             self.pidfile.write_text(f"{self.child.pid}\n")
@@ -103,3 +105,5 @@ class Unbound:
     def stop(self) -> None:
         if self.child is not None:
             self.child.stop()
+        else:
+            kill_stale(self.pidfile, "unbound")  # left by a daemon killed earlier

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 
 from picell.constants import TABLE_NAME
+from picell.routing.exits import exit_dns_port, exit_port
 from picell.state import State
 
 GRANT_SETS = {"tcp": "grants_tcp", "udp": "grants_udp"}
@@ -35,6 +36,7 @@ def render_table_body(state: State, with_elements: bool = True) -> list[str]:
         for s in state.services
     ]
     linked = ", ".join(str(n) for n in state.linked_networks)
+    ex = _exit_rules(state)
     grant_sets: list[str] = []
     for name, elements in grant_elements(state).items():
         grant_sets += [
@@ -54,7 +56,14 @@ def render_table_body(state: State, with_elements: bool = True) -> list[str]:
         "\t\tflags interval",
         *([f"\t\telements = {{ {linked} }}"] if linked else []),
         "\t}",
+        "\tset not_internet {",
+        "\t\t# where an exit never leads: private ranges, our and linked networks, our LANs",
+        "\t\ttype ipv4_addr",
+        "\t\tflags interval",
+        f"\t\telements = {{ {', '.join(str(n) for n in state.not_internet)} }}",
+        "\t}",
         *grant_sets,
+        *ex["chains"],
         "\tchain link_gate {",
         "\t\ttype filter hook prerouting priority -150; policy accept;",
         "\t\t# before DNAT: a linked cell's traffic to anything but this cell's own address",
@@ -72,16 +81,21 @@ def render_table_body(state: State, with_elements: bool = True) -> list[str]:
         "\t}",
         "\tchain prerouting {",
         "\t\ttype nat hook prerouting priority dstnat; policy accept;",
+        *ex["dns"],
         *dnat,
         "\t}",
         "\tchain postrouting {",
         "\t\ttype nat hook postrouting priority srcnat; policy accept;",
         "\t\t# services whose backend is a LAN host answer to the cell, not to the device",
         f'\t\tiifname "{wg}" oifname != "{wg}" ct status dnat masquerade',
+        "\t\t# the cell as home exit of its devices, and as relay of linked cells' devices",
+        f'\t\tiifname "{wg}" ip saddr {net} {_uplink(state)} ip daddr != @not_internet masquerade',
+        *ex["masquerade"],
         "\t}",
         "\tchain input {",
         "\t\ttype filter hook input priority filter; policy accept;",
         f'\t\tiifname "{wg}" jump vpn_input comment "{{digest}}"',
+        *ex["input"],
         "\t}",
         "\tchain vpn_input {",
         "\t\tct state established,related accept",
@@ -96,6 +110,7 @@ def render_table_body(state: State, with_elements: bool = True) -> list[str]:
         f"\t\tip daddr {me} tcp dport {state.dns.port} accept",
         f"\t\tip daddr {me} tcp dport {state.mesh_port} accept",
         f"\t\tip daddr {me} icmp type echo-request accept",
+        *ex["link_input"],
         "\t\t# granted services with a backend on the cell host (link_gate let only those by)",
         "\t\tct status dnat accept",
         "\t\tcounter drop",
@@ -110,6 +125,7 @@ def render_table_body(state: State, with_elements: bool = True) -> list[str]:
         "\t}",
         "\tchain forward {",
         "\t\ttype filter hook forward priority filter; policy accept;",
+        *ex["forward"],
         f'\t\tiifname "{wg}" jump vpn_forward',
         f'\t\toifname "{wg}" jump vpn_deliver',
         "\t}",
@@ -123,6 +139,9 @@ def render_table_body(state: State, with_elements: bool = True) -> list[str]:
         "\t\t# services with a backend on the LAN (for linked cells: granted ones only)",
         f"\t\tip saddr {net} ct status dnat accept",
         "\t\tip saddr @linked_nets ct status dnat accept",
+        *ex["vpn_forward"],
+        "\t\t# every other device may use the cell as its home exit: the internet only",
+        f"\t\tip saddr {net} {_uplink(state)} ip daddr != @not_internet accept",
         "\t\tcounter drop",
         "\t}",
         "\tchain vpn_deliver {",
@@ -131,6 +150,100 @@ def render_table_body(state: State, with_elements: bool = True) -> list[str]:
         "\t\tcounter drop",
         "\t}",
     ]
+
+
+def _set(items: list[str]) -> str:
+    return "{ " + ", ".join(items) + " }"
+
+
+def _uplink(state: State) -> str:
+    """Where the internet is: the configured uplink, else anything but our WireGuard
+    interfaces (the `not_internet` set keeps LANs and private ranges out either way)."""
+    if state.uplink:
+        return f'oifname "{state.uplink}"'
+    return "oifname != " + _set([f'"{n}"' for n in state.wg_interfaces])
+
+
+def _exit_rules(state: State) -> dict[str, list[str]]:
+    """The lines the exit relay adds to the table (DESIGN §8), by where they go.
+
+    Our devices routed via an exit cell are marked for its table (routing does the rest) and
+    their DNS goes to that exit's resolver; their packets may leave only into its tunnel. The
+    relay forwards and masquerades what arrives through its tunnel to the internet only, and
+    marks those connections so that replies are routed back into the tunnel. Nothing arriving
+    through an exit tunnel may open anything here.
+    """
+    wg, me, net = state.interface, state.address.ip, state.network
+    exits = state.exits
+    uplink = _uplink(state)
+    parts = ("chains", "dns", "masquerade", "input", "link_input", "forward", "vpn_forward")
+    out: dict[str, list[str]] = {k: [] for k in parts}
+    if not exits:
+        return out
+    tunnels = [f'"{t.interface}"' for t in exits]
+    steer = []
+    for t in exits:
+        if t.relay:
+            steer += [
+                f'\t\tiifname "{t.interface}" ct mark set {t.mark:#x}',
+                f"\t\tct direction reply ct mark {t.mark:#x} meta mark set {t.mark:#x}",
+            ]
+            out["masquerade"].append(f'\t\tiifname "{t.interface}" {uplink} masquerade')
+            out["forward"].append(f'\t\tiifname "{t.interface}" jump exit_relay')
+            continue
+        devices = _set([str(d) for d in t.devices])
+        steer.append(
+            f'\t\tiifname "{wg}" ip saddr {devices} ip daddr != {net} '
+            f"ip daddr != @linked_nets meta mark set {t.mark:#x}"
+        )
+        out["dns"] += [
+            f'\t\tiifname "{wg}" ip saddr {devices} ip daddr {me} {proto} dport 53 '
+            f"dnat ip to {me}:{exit_dns_port(t.slot)}"
+            for proto in ("udp", "tcp")
+        ]
+        out["vpn_forward"].append(f'\t\tip saddr {devices} oifname "{t.interface}" accept')
+    routed = [str(d) for t in exits for d in t.devices]
+    if routed:
+        out["vpn_forward"] += [
+            "\t\t# devices routed via an exit cell never leave through our own uplink",
+            f"\t\tip saddr {_set(routed)} counter drop",
+        ]
+    ports = _set([str(exit_port(state.listen_port, t.slot)) for t in exits])
+    out["link_input"] = [
+        "\t\t# exit tunnels, nested in the link (WireGuard authenticates their peers)",
+        f"\t\tip daddr {me} udp dport {ports} accept",
+    ]
+    out["input"] = [f"\t\tiifname {_set(tunnels)} jump exit_in"]
+    relays = [f'"{t.interface}"' for t in exits if t.relay]
+    uses = [f'"{t.interface}"' for t in exits if not t.relay]
+    out["forward"] = [
+        f"\t\toifname {_set(tunnels)} tcp flags syn tcp option maxseg size set rt mtu",
+        *out["forward"],
+        *([f"\t\toifname {_set(relays)} jump vpn_deliver"] if relays else []),
+        f"\t\tiifname {_set(tunnels)} jump exit_in",
+        *([f'\t\toifname {_set(uses)} iifname != "{wg}" counter drop'] if uses else []),
+    ]
+    out["chains"] = [
+        "\tchain exit_steer {",
+        "\t\ttype filter hook prerouting priority mangle; policy accept;",
+        *steer,
+        "\t}",
+        "\tchain exit_in {",
+        "\t\t# through an exit tunnel only replies come in: it opens nothing here",
+        "\t\tct state established,related accept",
+        "\t\tcounter drop",
+        "\t}",
+    ]
+    if any(t.relay for t in exits):
+        out["chains"] += [
+            "\tchain exit_relay {",
+            "\t\t# a linked cell's devices borrow our uplink: the internet, never our devices,",
+            "\t\t# our LAN or our services",
+            f"\t\t{uplink} ip daddr != @not_internet accept",
+            "\t\tcounter drop",
+            "\t}",
+        ]
+    return out
 
 
 def ruleset_hash(body: list[str]) -> str:

@@ -5,9 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from picell.addressing import vip_address
+from picell.routing.exits import exit_port
+from picell.state import exit_private_key
 from picell.store.cell import Cell
 from picell.store.links import Link
 from picell.store.services import Service
+from picell.wireguard import keys
 
 
 def shared_services(
@@ -26,12 +29,27 @@ def shared_services(
     ]
 
 
-def document(cell: Cell, link: Link, services: list[Service]) -> dict[str, Any]:
-    """What we tell `link` about our side (the envelope adds v, type, keys, seq, sent_at)."""
+def document(
+    cell: Cell, link: Link, services: list[Service], exit_slot: int | None = None
+) -> dict[str, Any]:
+    """What we tell `link` about our side (the envelope adds v, type, keys, seq, sent_at).
+
+    With an exit offer goes our relay end of the exit tunnel; with a request to use theirs
+    (`exit_slot`: the slot our devices leave through them) our client end.
+    """
+    wg = keys.public_from_private
+    relay = {"public_key": wg(exit_private_key(cell, None)),
+             "port": exit_port(cell.listen_port, 0)}  # fmt: skip
+    client = None
+    if exit_slot is not None:
+        client = {"public_key": wg(exit_private_key(cell, link.public_key)),
+                  "port": exit_port(cell.listen_port, exit_slot)}  # fmt: skip
     return {
         "shared_services": shared_services(cell, services, link.inbound),
         "exit_offered": link.exit_offered,
-        "use_as_exit_relay": link.exit_relay_active,
+        "use_as_exit_relay": exit_slot is not None,
+        "exit_relay": relay if link.exit_offered else None,
+        "exit_client": client,
         "identity": {
             "endpoint": cell.endpoint,
             "vpn_subnet": str(cell.network),

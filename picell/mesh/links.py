@@ -338,6 +338,12 @@ class Links:
                     "outbound": list(link.outbound),
                     "exit_offered": link.exit_offered,
                     "remote_exit_offered": link.remote_exit_offered,
+                    # we use their exit (devices routed via them); they use ours
+                    "exit_relay_active": link.exit_relay_active,
+                    "remote_exit_relay_active": link.remote_exit_relay_active,
+                    "relaying": link.state == "linked"
+                    and link.exit_offered
+                    and link.remote_exit_relay_active,
                     "pending_push": link.pending_push,
                     "last_push_status": link.last_push_status,
                     "last_push_at": link.last_push_at,

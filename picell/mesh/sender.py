@@ -26,6 +26,7 @@ from picell.mesh.document import document
 from picell.mesh.links import Links
 from picell.mesh.protocol import envelope_from
 from picell.store import cell as cell_table
+from picell.store import exits as exit_table
 from picell.store import links as link_table
 from picell.store import outbox
 from picell.store import services as service_table
@@ -117,7 +118,8 @@ class Sender:
             cell = cell_table.load(conn)
             seq = link.local_seq + 1
             generation = link_table.pending_generation(conn, name)
-            extra = document(cell, link, service_table.all_services(conn))
+            slot = exit_table.slots(conn).get(name)
+            extra = document(cell, link, service_table.all_services(conn), slot)
             envelope = envelope_from(cell, link, "state", seq, extra)
             conn.execute("UPDATE links SET local_seq = ? WHERE name = ?", (seq, name))
         self.pushes += 1

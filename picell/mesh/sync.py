@@ -55,6 +55,28 @@ def _parse_shared(raw: Any, link: Link) -> tuple[dict[str, Any], ...]:
     return tuple(sorted(out, key=lambda s: s["name"]))
 
 
+def _exit_end(raw: Any, field: str) -> tuple[str | None, int | None]:
+    if raw is None:
+        return None, None
+    if not isinstance(raw, dict):
+        raise BadInput(f"{field}: an object is expected", field=field)
+    key = validate.wg_key(str(raw.get("public_key", "")), f"{field}.public_key")
+    return key, validate.port(raw.get("port", ""), f"{field}.port")
+
+
+def _exit_ends(body: dict[str, Any]) -> dict[str, Any]:
+    """Their ends of the exit tunnels: the relay's (with an offer), the client's (with a
+    request to use our exit)."""
+    relay_key, relay_port = _exit_end(body.get("exit_relay"), "body.exit_relay")
+    client_key, client_port = _exit_end(body.get("exit_client"), "body.exit_client")
+    return {
+        "remote_exit_relay_key": relay_key,
+        "remote_exit_relay_port": relay_port,
+        "remote_exit_client_key": client_key,
+        "remote_exit_client_port": client_port,
+    }
+
+
 class Sync:
     def __init__(self, links: Links, wake_sender: Callable[[], None] = lambda: None) -> None:
         self.links = links
@@ -139,6 +161,7 @@ class Sync:
                 outbound=outbound,
                 remote_exit_offered=bool(body.get("exit_offered", False)),
                 remote_exit_relay_active=bool(body.get("use_as_exit_relay", False)),
+                **_exit_ends(body),
                 last_remote_update_at=time.time(),
                 remote_seq=body["seq"],
             )
@@ -167,6 +190,15 @@ class Sync:
                     else ("they withdrew their exit offer")
                 )
                 journal.append(conn, link.name, event, f"cell {link.name}")
+            if updated.remote_exit_relay_active != link.remote_exit_relay_active:
+                event = (
+                    "they use our exit"
+                    if updated.remote_exit_relay_active
+                    else "they stopped using our exit"
+                )
+                relaying = "relaying" if link.exit_offered else "not relaying: we do not offer it"
+                detail = relaying if updated.remote_exit_relay_active else ""
+                journal.append(conn, link.name, event, f"cell {link.name}", detail)
             link_table.save(conn, updated)
         if before != after and self.control.reconciler is not None:
             self.control.reconciler.unbound.flush_zone(updated.domain)

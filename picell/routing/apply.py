@@ -11,7 +11,6 @@ import json
 from dataclasses import dataclass
 
 from picell.constants import ROUTE_PROTO
-from picell.errors import CommandFailed
 from picell.system.run import Runner
 
 
@@ -19,37 +18,30 @@ from picell.system.run import Runner
 class ObservedLink:
     up: bool
     addresses: frozenset[ipaddress.IPv4Interface]
+    mtu: int = 0
 
 
-def observe_link(runner: Runner, ifname: str) -> ObservedLink | None:
-    try:
-        out = runner.run(["ip", "-j", "addr", "show", "dev", ifname]).stdout
-    except CommandFailed:
-        return None
-    data = json.loads(out or "[]")
-    if not data:
-        return None
-    link = data[0]
-    addrs = frozenset(
-        ipaddress.IPv4Interface(f"{a['local']}/{a['prefixlen']}")
-        for a in link.get("addr_info", [])
-        if a.get("family") == "inet"
-    )
-    return ObservedLink(up="UP" in link.get("flags", []), addresses=addrs)
+def observe_links(runner: Runner) -> dict[str, ObservedLink]:
+    """Every interface's state and IPv4 addresses, in one read (`ip -j addr show`)."""
+    out = runner.run(["ip", "-j", "addr", "show"]).stdout
+    links = {}
+    for link in json.loads(out or "[]"):
+        addrs = frozenset(
+            ipaddress.IPv4Interface(f"{a['local']}/{a['prefixlen']}")
+            for a in link.get("addr_info", [])
+            if a.get("family") == "inet"
+        )
+        up = "UP" in link.get("flags", [])
+        links[str(link.get("ifname"))] = ObservedLink(up, addrs, int(link.get("mtu", 0)))
+    return links
 
 
-def observe_routes(runner: Runner, ifname: str) -> frozenset[ipaddress.IPv4Network] | None:
-    """Our routes through the interface (protocol ROUTE_PROTO); None if it does not exist."""
-    try:
-        out = runner.run(
-            ["ip", "-j", "-4", "route", "show", "dev", ifname, "proto", str(ROUTE_PROTO)]
-        ).stdout
-    except CommandFailed:
-        return None
-    return frozenset(
-        ipaddress.IPv4Network(r["dst"] if "/" in r["dst"] else f"{r['dst']}/32")
-        for r in json.loads(out or "[]")
-    )
+def observe_routes(runner: Runner) -> list[dict[str, object]]:
+    """Our routes in every table (protocol ROUTE_PROTO): one read for the links' routes and the
+    exit tables alike (`routing.exits.split_routes` sorts them)."""
+    out = runner.run(["ip", "-j", "-4", "route", "show", "table", "all", "proto", str(ROUTE_PROTO)])
+    data: list[dict[str, object]] = json.loads(out.stdout or "[]")
+    return data
 
 
 def plan_link(

@@ -107,7 +107,19 @@ MIGRATIONS: tuple[str, ...] = (
         created_at REAL NOT NULL DEFAULT 0
     );
     """,
-    # 3: the web UI's settings: its port and the admin password's argon2 hash (web issue)
+    # 3: the exit relay (DESIGN §8): which exit slot (interface, mark, table) each exit cell our
+    # devices leave through holds, and the other cell's ends of the exit tunnels
+    """
+    CREATE TABLE exits (
+        cell TEXT PRIMARY KEY,
+        slot INTEGER NOT NULL UNIQUE
+    );
+    ALTER TABLE links ADD COLUMN remote_exit_relay_key TEXT;
+    ALTER TABLE links ADD COLUMN remote_exit_relay_port INTEGER;
+    ALTER TABLE links ADD COLUMN remote_exit_client_key TEXT;
+    ALTER TABLE links ADD COLUMN remote_exit_client_port INTEGER;
+    """,
+    # 4: the web UI's settings: its port and the admin password's argon2 hash (web issue)
     """
     CREATE TABLE admin (
         id INTEGER PRIMARY KEY CHECK (id = 1),

@@ -45,6 +45,12 @@ class Link:
     remote_seq: int = 0
     created_at: float = 0.0
     linked_at: float | None = None
+    # their ends of the exit tunnels (DESIGN §8), as their state document announced them:
+    # the relay end (when they offer their exit) and the client end (when they use ours)
+    remote_exit_relay_key: str | None = None
+    remote_exit_relay_port: int | None = None
+    remote_exit_client_key: str | None = None
+    remote_exit_client_port: int | None = None
 
 
 def _row(r: sqlite3.Row) -> Link:
@@ -73,6 +79,10 @@ def _row(r: sqlite3.Row) -> Link:
         remote_seq=r["remote_seq"],
         created_at=r["created_at"],
         linked_at=r["linked_at"],
+        remote_exit_relay_key=r["remote_exit_relay_key"],
+        remote_exit_relay_port=r["remote_exit_relay_port"],
+        remote_exit_client_key=r["remote_exit_client_key"],
+        remote_exit_client_port=r["remote_exit_client_port"],
     )
 
 
@@ -105,8 +115,10 @@ def save(conn: sqlite3.Connection, link: Link) -> None:
                remote_api_url, state, inbound, outbound, exit_offered, remote_exit_offered,
                exit_relay_active, remote_exit_relay_active, pending_push, last_push_status,
                last_push_at, last_push_error, last_remote_update_at, local_seq, remote_seq,
-               created_at, linked_at)
-           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+               created_at, linked_at, remote_exit_relay_key, remote_exit_relay_port,
+               remote_exit_client_key, remote_exit_client_port)
+           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,
+                   ?, ?, ?, ?)""",
         (
             link.name,
             link.public_key,
@@ -132,6 +144,10 @@ def save(conn: sqlite3.Connection, link: Link) -> None:
             link.remote_seq,
             link.created_at or time.time(),
             link.linked_at,
+            link.remote_exit_relay_key,
+            link.remote_exit_relay_port,
+            link.remote_exit_client_key,
+            link.remote_exit_client_port,
         ),
     )
 

@@ -67,3 +67,8 @@ def add(conn: sqlite3.Connection, peer: Peer) -> None:
 def remove(conn: sqlite3.Connection, name: str) -> None:
     if conn.execute("DELETE FROM peers WHERE name = ?", (name,)).rowcount == 0:
         raise NotFound(f"no device named {name!r}", field="name")
+
+
+def set_route_via(conn: sqlite3.Connection, name: str, via: str | None) -> None:
+    if conn.execute("UPDATE peers SET route_via = ? WHERE name = ?", (via, name)).rowcount == 0:
+        raise NotFound(f"no device named {name!r}", field="name")

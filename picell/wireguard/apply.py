@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from picell.errors import ApplyFailed, CommandFailed
-from picell.state import PeerState, State
+from picell.state import PeerState, WgDevice
 from picell.system.children import Child
 from picell.system.run import Runner
 
@@ -108,23 +108,23 @@ def diff_peers(
 
 
 def wg_needs_sync(
-    state: State, observed: ObservedWg | None, applied_endpoints: dict[str, str] | None = None
+    dev: WgDevice, observed: ObservedWg | None, applied_endpoints: dict[str, str] | None = None
 ) -> list[tuple[str, str]]:
-    changes = diff_peers(state.peers, observed, applied_endpoints)
-    if observed is None or observed.private_key != state.private_key:
+    changes = diff_peers(dev.peers, observed, applied_endpoints)
+    if observed is None or observed.private_key != dev.private_key:
         changes.insert(0, ("interface", "private key"))
-    elif observed.listen_port != state.listen_port:
+    elif observed.listen_port != dev.listen_port:
         changes.insert(0, ("interface", "listen port"))
     return changes
 
 
-def apply_wg(runner: Runner, state: State, conf_text: str, conf_path: Path) -> None:
+def apply_wg(runner: Runner, ifname: str, conf_text: str, conf_path: Path) -> None:
     """Write the config 0600 (it holds the private key) and `wg syncconf` it: one process."""
     conf_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd = os.open(conf_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(conf_text)
-    runner.run(["wg", "syncconf", state.interface, str(conf_path)])
+    runner.run(["wg", "syncconf", ifname, str(conf_path)])
 
 
 def kernel_wireguard(runner: Runner, ifname: str) -> bool:

@@ -10,16 +10,16 @@ from __future__ import annotations
 import ipaddress
 
 from picell.constants import DEVICE_KEEPALIVE_S
-from picell.state import State
+from picell.state import WgDevice
 
 
-def render_interface(state: State) -> str:
+def render_interface(dev: WgDevice) -> str:
     lines = [
         "[Interface]",
-        f"PrivateKey = {state.private_key}",
-        f"ListenPort = {state.listen_port}",
+        f"PrivateKey = {dev.private_key}",
+        f"ListenPort = {dev.listen_port}",
     ]
-    for peer in state.peers:
+    for peer in dev.peers:
         lines += ["", f"# {peer.name}", "[Peer]", f"PublicKey = {peer.public_key}"]
         lines.append("AllowedIPs = " + ", ".join(str(n) for n in peer.allowed_ips))
         if peer.endpoint:
@@ -30,8 +30,13 @@ def render_interface(state: State) -> str:
 
 
 def device_allowed_ips(
-    network: ipaddress.IPv4Network, mesh_range: ipaddress.IPv4Network
-) -> list[ipaddress.IPv4Network]:
+    network: ipaddress.IPv4Network, mesh_range: ipaddress.IPv4Network, full_tunnel: bool = False
+) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """Split tunnel: the cell's network and the mesh range. Full tunnel (the device's internet
+    through the cell, or through the exit cell it is routed via): everything, IPv6 included,
+    so that nothing leaks around the tunnel on a network with IPv6."""
+    if full_tunnel:
+        return [ipaddress.IPv4Network("0.0.0.0/0"), ipaddress.IPv6Network("::/0")]
     return list(ipaddress.collapse_addresses([network, mesh_range]))
 
 
@@ -44,7 +49,7 @@ def render_device(
     domain: str,
     cell_public_key: str,
     endpoint: str,
-    allowed_ips: list[ipaddress.IPv4Network],
+    allowed_ips: list[ipaddress.IPv4Network | ipaddress.IPv6Network],
 ) -> str:
     """A config for a stock WireGuard app. Without a private key the device brought its own."""
     key_line = (

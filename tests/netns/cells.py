@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from picell.routing.exits import exit_ifname
 from tests.netns.harness import Bridge, Netns, Proc, Topology, wait_until
 
 PICELL = [sys.executable, "-m", "picell"]
@@ -40,6 +41,8 @@ class Cell:
         self.endpoint = endpoint
         self.interface = topo.ifname("cell")
         topo.claim_wg_ifname(self.interface)  # its socket is removed even if picell is killed
+        for slot in range(4):  # the exit tunnels picell may create (picell.routing.exits)
+            topo.claim_wg_ifname(exit_ifname(self.interface, slot))
         self.data_dir = topo.workdir / f"data-{ns.name}"
         self.proc: Proc | None = None
 

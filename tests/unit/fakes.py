@@ -49,6 +49,8 @@ class FakeKernel(Runner):
     addrs: dict[str, set[str]] = field(default_factory=dict)
     up: set[str] = field(default_factory=set)
     routes: dict[str, set[str]] = field(default_factory=dict)
+    table_routes: set[tuple[int, str, str | None]] = field(default_factory=set)
+    rules: set[tuple[int, int]] = field(default_factory=set)
     nft_text: str | None = None
     grants: dict[str, set[str]] = field(default_factory=dict)
     flows_cut: list[tuple[str, ...]] = field(default_factory=list)
@@ -73,6 +75,9 @@ class FakeKernel(Runner):
     def _dispatch(self, a: tuple[str, ...], stdin: str | None) -> str:
         if a[:2] == ("ip", "link") and a[2] == "add":
             raise CommandFailed(a, 2, "Error: Unknown device type.")
+        if a[:4] == ("ip", "link", "del", "dev"):
+            self.delete_interface(a[4])
+            return ""
         if a[:2] == ("wg", "show"):
             dev = self.wg.get(a[2])
             if dev is None:
@@ -89,19 +94,28 @@ class FakeKernel(Runner):
             self._syncconf(a[2], Path(a[3]).read_text())
             return ""
         if a[:3] == ("ip", "-j", "addr"):
-            ifname = a[-1]
-            if ifname not in self.interfaces:
-                raise CommandFailed(a, 1, "Device does not exist")
-            info = [
-                {"family": "inet", "local": str(i.ip), "prefixlen": i.network.prefixlen}
-                for i in map(ipaddress.IPv4Interface, sorted(self.addrs.get(ifname, set())))
-            ]
-            flags = ["UP"] if ifname in self.up else []
-            return json.dumps([{"ifname": ifname, "flags": flags, "addr_info": info}])
+            links = []
+            for ifname in sorted(self.interfaces):
+                info = [
+                    {"family": "inet", "local": str(i.ip), "prefixlen": i.network.prefixlen}
+                    for i in map(ipaddress.IPv4Interface, sorted(self.addrs.get(ifname, set())))
+                ]
+                flags = ["UP"] if ifname in self.up else []
+                mtu = 1340 if ifname in self.up else 1420
+                links.append({"ifname": ifname, "flags": flags, "mtu": mtu, "addr_info": info})
+            return json.dumps(links)
         if a[:4] == ("ip", "-j", "-4", "route"):
-            if a[6] not in self.interfaces:
-                raise CommandFailed(a, 1, "Cannot find device")
-            return json.dumps([{"dst": r} for r in sorted(self.routes.get(a[6], set()))])
+            main = [{"dst": r, "dev": dev} for dev, rs in sorted(self.routes.items())
+                    for r in sorted(rs)]  # fmt: skip
+            tables = [
+                {"dst": dst, "table": str(table)} | ({"dev": dev} if dev else {"type": "blackhole"})
+                for table, dst, dev in sorted(self.table_routes, key=str)
+            ]
+            return json.dumps(main + tables)
+        if a[:4] == ("ip", "-j", "-4", "rule"):
+            return json.dumps(
+                [{"priority": 7700, "fwmark": hex(m), "table": str(t)} for m, t in self.rules]
+            )
         if a[:2] == ("ip", "-batch"):
             for line in (stdin or "").splitlines():
                 w = line.split()
@@ -111,6 +125,20 @@ class FakeKernel(Runner):
                     self.addrs.get(w[4], set()).discard(w[2])
                 elif w[:3] == ["link", "set", "dev"]:
                     self.up.add(w[3])
+                elif w[:1] == ["route"] and "table" in w:
+                    blackhole = w[2] == "blackhole"
+                    dst = w[3] if blackhole else w[2]
+                    entry = (int(w[w.index("table") + 1]), dst, None if blackhole else w[4])
+                    if w[1] == "replace":
+                        self.table_routes.add(entry)
+                    else:
+                        self.table_routes.discard(entry)
+                elif w[:1] == ["rule"]:
+                    rule = (int(w[3], 16), int(w[5]))
+                    if w[1] == "add":
+                        self.rules.add(rule)
+                    else:
+                        self.rules.discard(rule)
                 elif w[:2] == ["route", "replace"]:
                     self.routes.setdefault(w[4], set()).add(w[2])
                 elif w[:2] == ["route", "del"]:
@@ -202,3 +230,4 @@ class FakeKernel(Runner):
         self.addrs.pop(ifname, None)
         self.up.discard(ifname)
         self.routes.pop(ifname, None)
+        self.table_routes = {r for r in self.table_routes if r[2] != ifname}

@@ -65,7 +65,7 @@ def check_golden(name: str, text: str) -> None:
 
 
 def test_wireguard_interface() -> None:
-    check_golden("wg-interface.conf", render_interface(sample_state()))
+    check_golden("wg-interface.conf", render_interface(sample_state().wg))
 
 
 def test_device_config() -> None:
@@ -119,3 +119,73 @@ def test_rendered_text_cannot_carry_injected_lines(bad: str) -> None:
 
     with pytest.raises(BadInput):
         validate.name(bad)
+
+
+KEY_EXIT_B = "SHr6/9F0kwxmnnzYqUAF14ynpLIyh7iUGRB4LbIWimM="
+KEY_EXIT_CLIENT_B = "ECuhqKB16cXuKelpUsBxhpOi4xRyVmmCJCwE+Ly0r0o="
+
+
+def exit_state() -> State:
+    """alpha routes phone via beta (which offers), laptop via gamma (which does not: fail
+    closed), and relays for beta's devices (offered to beta, and beta asked)."""
+    base = sample_state()
+    cell = Cell("alpha", "alpha.test", ipaddress.IPv4Interface("10.61.0.1/24"), 51820,
+                "198.51.100.1:51820", KEY_CELL, "pcalpha0", 51821, 3000, None,
+                ipaddress.IPv4Network("10.0.0.0/8"), ())  # fmt: skip
+    now = time.time()
+    peers = [
+        Peer("phone", KEY_A, None, 2, "beta", now),
+        Peer("laptop", KEY_B, None, 3, "gamma", now),
+    ]
+    beta = Link("beta", KEY_LINK_B, "198.51.100.2:51820", ipaddress.IPv4Network("10.62.0.0/24"),
+                ipaddress.IPv4Address("10.62.0.1"), "beta.test", state="linked",
+                exit_offered=True, remote_exit_offered=True, remote_exit_relay_active=True,
+                remote_exit_relay_key=KEY_EXIT_B, remote_exit_relay_port=51821,
+                remote_exit_client_key=KEY_EXIT_CLIENT_B,
+                remote_exit_client_port=51822)  # fmt: skip
+    gamma = Link("gamma", KEY_LINK_C, "198.51.100.3:51820", ipaddress.IPv4Network("10.63.0.0/24"),
+                 ipaddress.IPv4Address("10.63.0.1"), "gamma.test", state="linked")  # fmt: skip
+    services = [Service("web", 1, ipaddress.IPv4Address("127.0.0.1"), 8080, "tcp", 80)]
+    onlink = (("pcalpha0", ipaddress.IPv4Network("10.61.0.0/24")),
+              ("eth1", ipaddress.IPv4Network("203.0.113.0/24")))  # fmt: skip
+    state = build_state(cell, peers, services, base.dns.upstreams, [beta, gamma],
+                        {"beta": 1, "gamma": 2}, onlink)  # fmt: skip
+    return state
+
+
+def test_exit_tunnels_are_built_from_the_store() -> None:
+    state = exit_state()
+    relay, via_beta, via_gamma = state.exits
+    assert relay.relay and relay.interface == "pcalpha0x0" and relay.wg is not None
+    assert [str(n) for n in relay.relayed] == ["10.62.0.0/24"]
+    assert via_beta.wg is not None and via_beta.wg.peers[0].public_key == KEY_EXIT_B
+    assert [str(n) for n in via_beta.wg.peers[0].allowed_ips] == ["0.0.0.0/0"]
+    assert via_beta.wg.peers[0].endpoint == "10.62.0.1:51821"
+    assert via_gamma.wg is None and [str(d) for d in via_gamma.devices] == ["10.61.0.3"]
+    assert ipaddress.IPv4Network("203.0.113.0/24") in state.not_internet
+    view = next(v for v in state.dns.views if v.name == "beta")
+    assert view.internet and view.hidden == ("gamma.test",)
+
+
+def test_ruleset_with_exits() -> None:
+    text, _ = render_ruleset(exit_state())
+    check_golden("ruleset-exits.nft", text)
+
+
+def test_unbound_with_exits() -> None:
+    from picell.dns.render import render_exit_resolver
+
+    state = exit_state()
+    workdir = Path("/var/lib/picell/unbound")
+    check_golden("unbound-exits.conf", render_unbound(state.dns, workdir, workdir / "ctl.sock"))
+    up, down = state.exits[1], state.exits[2]
+    check_golden("exit-resolver.conf", render_exit_resolver(state, up, workdir, workdir / "x.sock"))
+    closed = render_exit_resolver(state, down, workdir, workdir / "x.sock")
+    assert 'local-zone: "." refuse' in closed and 'name: "."' not in closed
+
+
+def test_full_tunnel_device_config_covers_everything() -> None:
+    nets = device_allowed_ips(
+        ipaddress.IPv4Network("10.61.0.0/24"), ipaddress.IPv4Network("10.0.0.0/8"), True
+    )
+    assert [str(n) for n in nets] == ["0.0.0.0/0", "::/0"]
