@@ -211,6 +211,46 @@ def step_add_device(page: Any, shots: bool) -> dict[str, Any]:
     return {"qr_width": width, "config": config, "filename": download.suggested_filename}
 
 
+def step_route_refused(page: Any) -> dict[str, str]:
+    from playwright.sync_api import expect
+
+    page.goto("/devices")
+    label = page.inner_text("#via_cell-phone option[value=beta]")
+    page.select_option("#via_cell-phone", "beta")
+    page.click("#exit-phone button[type=submit]")
+    expect(page.locator("#via_cell-phone-error")).to_be_visible()
+    return {"label": label, "error": page.inner_text("#via_cell-phone-error")}
+
+
+def step_offer_exit(page: Any) -> None:
+    page.goto("/cells")
+    page.click("#exit-alpha button[type=submit]")
+    _flash(page, "Offering our internet exit to alpha")
+
+
+def step_route(page: Any) -> dict[str, str]:
+    from playwright.sync_api import expect
+
+    page.goto("/devices")
+    label = page.inner_text("#via_cell-phone option[value=beta]")
+    page.select_option("#via_cell-phone", "beta")
+    page.click("#exit-phone button[type=submit]")
+    expect(page).to_have_url(re.compile(r"/devices/phone$"))
+    _flash(page, "full-tunnel config")
+    expect(page.locator("#full-tunnel")).to_be_visible()
+    with page.expect_download() as info:
+        page.click("#download-config")
+    config = Path(info.value.path()).read_text()
+    _shot(page, "device-exit")
+    page.goto("/devices")
+    expect(page.locator("#device-phone")).to_contain_text("through beta")
+    _shot(page, "devices-exit")
+    page.select_option("#via_cell-phone", "")  # back to this cell's own uplink
+    page.click("#exit-phone button[type=submit]")
+    _flash(page, "this cell's own uplink")
+    return {"label": label, "config": config}
+
+
 def step_phone_screens(page: Any) -> None:
     for name, path in (("devices-phone", "/devices"), ("cells-phone", "/cells")):
         page.goto(path)
@@ -322,6 +362,20 @@ def test_add_a_device_and_get_its_qr_and_config(world: World) -> None:
     assert got["config"] == alpha.cli("peers", "config", "phone")["config"]
     assert "[Interface]" in got["config"] and "Address = 10.61.0.2" in got["config"]
     world.browser(alpha, phone=True).step(step_phone_screens)
+
+
+def test_internet_exit_per_device(world: World) -> None:
+    alpha, beta = world.alpha, world.beta
+    refused = world.browser(alpha).step(step_route_refused)
+    assert "does not offer" in refused["label"]
+    assert "does not offer its internet exit" in refused["error"], refused
+    assert alpha.cli("peers", "list")[0]["route_via"] is None  # nothing changed
+    world.browser(beta).step(step_offer_exit)
+    wait_until(lambda: alpha.links()["beta"]["remote_exit_offered"], 20, "beta's offer unseen")
+    routed = world.browser(alpha).step(step_route)
+    assert "offers its exit" in routed["label"]
+    assert "AllowedIPs = 0.0.0.0/0" in routed["config"], routed["config"]
+    assert alpha.cli("peers", "list")[0]["route_via"] is None
 
 
 def test_requests_without_the_csrf_token_are_refused_and_change_nothing(world: World) -> None:

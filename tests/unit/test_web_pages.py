@@ -157,3 +157,16 @@ def test_pages_render(client: TestClient) -> None:
         assert resp.status_code == 200
         assert 'name="csrf_token"' in resp.text
         assert 'name="viewport"' in resp.text
+
+
+def test_internet_exit_choice_names_the_field(client: TestClient, control: Control) -> None:
+    post(client, "/devices", name="phone")
+    html = client.get("/devices").text
+    assert 'id="via_cell-phone"' in html and "This cell (alpha)" in html
+    resp = post(client, "/devices/phone/route-via", via_cell="nope")
+    assert resp.status_code == 404  # type: ignore[attr-defined]
+    assert "nope" in (field_error(resp.text, "via_cell-phone") or "")  # type: ignore[attr-defined]
+    assert control.list_peers()[0]["route_via"] is None
+    resp = post(client, "/devices/phone/route-via", via_cell="")
+    assert resp.url.path == "/devices/phone"  # type: ignore[attr-defined]
+    assert "this cell&#39;s own uplink" in resp.text  # type: ignore[attr-defined]
