@@ -19,6 +19,7 @@ Each browser runs inside its cell's namespace, since the web UI listens on 127.0
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from typing import Any
 import pytest
 
 from tests.netns.browser import REPO, Browser
-from tests.netns.cells import Cell
+from tests.netns.cells import PICELL, Cell
 from tests.netns.harness import Topology, wait_until
 
 SHOTS = REPO / "docs" / "screenshots"
@@ -281,6 +282,30 @@ def step_csrf(page: Any) -> dict[str, Any]:
     return {"none": none, "wrong": wrong, "form": refusal}
 
 
+def step_cross_site(page: Any, target: str) -> str:
+    """Another site's page posts a form to the UI, even with a valid token: the browser leaves
+    the SameSite=Strict cookie out, so the UI sees no session."""
+    from playwright.sync_api import expect
+
+    page.goto("/devices")
+    token = page.input_value("#add-device input[name=csrf_token]")
+    page.goto("about:blank")
+    page.set_content(
+        f'<form method="post" action="{target}/devices"><input name="name" value="evil">'
+        f'<input name="csrf_token" value="{token}"></form>'
+    )
+    page.eval_on_selector("form", "f => f.submit()")
+    expect(page).to_have_url(re.compile(r"/login$"))
+    page.goto("/devices")  # still logged in: only the foreign request went without the cookie
+    expect(page.locator("h1")).to_have_text("Devices")
+    return str(page.url)
+
+
+def step_logged_out(page: Any) -> str:
+    page.goto("/cells")
+    return str(page.url)
+
+
 def step_stranger(page: Any) -> dict[str, Any]:
     """A browser without a session: every page sends it to the login page, the API says 401."""
     urls = {}
@@ -386,6 +411,22 @@ def test_requests_without_the_csrf_token_are_refused_and_change_nothing(world: W
         assert status == 403 and '"csrf_refused"' in body, seen
     assert "CSRF token" in seen["form"]
     assert [p["name"] for p in alpha.cli("peers", "list")] == before == ["phone"]
+
+
+def test_another_sites_form_gets_no_session(world: World) -> None:
+    world.browser(world.alpha).step(step_cross_site, target="http://127.0.0.1:8181")
+    assert [p["name"] for p in world.alpha.cli("peers", "list")] == ["phone"]
+
+
+def test_admin_password_changes_from_the_cli_and_ends_sessions(world: World) -> None:
+    alpha = world.alpha
+    argv = ["--data-dir", str(alpha.data_dir), "admin", "password", "--json"]
+    proc = alpha.ns.run([*PICELL, *argv], input="a brand new password\n")
+    assert json.loads(proc.stdout) == {"changed": True}
+    short = alpha.ns.run([*PICELL, *argv], input="short\n", check=False)
+    assert short.returncode == 1 and json.loads(short.stdout)["field"] == "password"
+    assert world.browser(alpha).step(step_logged_out).endswith("/login")
+    world.browser(alpha).step(step_login, password="a brand new password")
 
 
 def test_disconnect_after_a_confirmation(world: World) -> None:
