@@ -85,6 +85,10 @@ def build_web_api(
 ) -> FastAPI:
     """The web listener: the pages and the same admin API, all behind login and CSRF checks."""
     app = build_api(control, links, sync, sender, exits, auth, password_route=False)
+    # Swagger's pages load scripts from a CDN, which the UI's CSP forbids; /openapi.json stays
+    app.router.routes = [
+        r for r in app.router.routes if getattr(r, "path", "") not in (app.docs_url, app.redoc_url)
+    ]
     web.install(app, app.state.auth)
     return app
 

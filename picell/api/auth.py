@@ -129,7 +129,10 @@ class FailureLimiter:
         now = time.monotonic()
         with self._lock:
             if len(self._by_source) > 10_000:  # forget idle sources rather than grow unbounded
-                self._by_source = {k: v for k, v in self._by_source.items() if v}
+                window = self.per_source[1]
+                self._by_source = {
+                    k: v for k, v in self._by_source.items() if v and now - v[-1] < window
+                }
             self._by_source.setdefault(source, deque()).append(now)
             self._all.append(now)
 

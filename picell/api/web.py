@@ -67,6 +67,7 @@ async def login(request: Request) -> Response:
             CsrfRefused("login_token: the login form expired; reload it and try again"),
         )
     source = request.client.host if request.client else "?"
+    state(request, "auth").logout(request.cookies.get(auth.COOKIE))  # never reuse a session id
     try:
         token, _ = await run_in_threadpool(
             state(request, "auth").login, source, str(form.get("password", ""))

@@ -210,3 +210,16 @@ def test_pages_carry_security_headers(client: TestClient) -> None:
     assert "frame-ancestors 'none'" in resp.headers["content-security-policy"]
     assert resp.headers["x-frame-options"] == "DENY"
     assert resp.headers["cache-control"] == "no-store"
+
+
+def test_web_listener_serves_the_same_admin_routes_but_the_password(
+    control: Control, auth: Auth
+) -> None:
+    def paths(app: object) -> set[str]:
+        return {getattr(r, "path", "") for r in getattr(app, "routes", [])}
+
+    socket_api, web_api = paths(build_api(control, auth=auth)), paths(build_web_api(control))
+    admin_routes = {p for p in socket_api if p.startswith("/api/")}
+    assert admin_routes - web_api == {"/api/admin/password"}
+    assert "/docs" in socket_api and "/docs" not in web_api
+    assert {"/login", "/cells", "/devices", "/services"} <= web_api
