@@ -65,7 +65,7 @@ class Browser:
 
 
 def _main() -> None:
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
     target, params, state, base_url, failure, kind = sys.argv[1:7]
     module, _, name = target.partition(":")
@@ -81,7 +81,8 @@ def _main() -> None:
                 permissions=["clipboard-read", "clipboard-write"],
                 accept_downloads=True,
             )
-            context.set_default_timeout(30_000)
+            context.set_default_timeout(30_000)  # loaded CI hosts: generous, never a sleep
+            expect.set_options(timeout=30_000)
             page = context.new_page()
             try:
                 result = func(page, **json.loads(params))
