@@ -9,6 +9,7 @@ touch the cell's state.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import secrets
@@ -90,7 +91,10 @@ def generate_password() -> str:
 # -- failed logins -----------------------------------------------------------------------------
 class FailureLimiter:
     """Refuses login attempts after too many recent failures from one address, or from all
-    addresses together (an SSH tunnel makes every browser look like 127.0.0.1)."""
+    addresses together (an SSH tunnel makes every browser look like 127.0.0.1).
+
+    An attempt counts as a failure from the moment it starts (`begin`) until it succeeds, so
+    that many concurrent guesses cannot all slip under the limit while argon2 verifies them."""
 
     def __init__(
         self,
@@ -107,10 +111,16 @@ class FailureLimiter:
         while times and now - times[0] > window_s:
             times.popleft()
 
-    def check(self, source: str) -> None:
+    def begin(self, source: str) -> float:
+        """Count an attempt from `source` (RateLimited if over a limit); return its stamp."""
         now = time.monotonic()
         with self._lock:
-            mine = self._by_source.get(source, deque())
+            if len(self._by_source) > 10_000:  # forget idle sources rather than grow unbounded
+                window = self.per_source[1]
+                self._by_source = {
+                    k: v for k, v in self._by_source.items() if v and now - v[-1] < window
+                }
+            mine = self._by_source.setdefault(source, deque())
             self._trim(mine, self.per_source[1], now)
             self._trim(self._all, self.overall[1], now)
             if len(mine) >= self.per_source[0]:
@@ -124,21 +134,16 @@ class FailureLimiter:
                 raise RateLimited(
                     f"password: too many failed logins; try again in {wait} s", field="password"
                 )
-
-    def failed(self, source: str) -> None:
-        now = time.monotonic()
-        with self._lock:
-            if len(self._by_source) > 10_000:  # forget idle sources rather than grow unbounded
-                window = self.per_source[1]
-                self._by_source = {
-                    k: v for k, v in self._by_source.items() if v and now - v[-1] < window
-                }
-            self._by_source.setdefault(source, deque()).append(now)
+            mine.append(now)
             self._all.append(now)
+            return now
 
-    def succeeded(self, source: str) -> None:
+    def succeeded(self, source: str, stamp: float) -> None:
+        """The attempt `stamp` was right: it was no failure, and its address starts afresh."""
         with self._lock:
             self._by_source.pop(source, None)
+            with contextlib.suppress(ValueError):
+                self._all.remove(stamp)
 
 
 # -- sessions ----------------------------------------------------------------------------------
@@ -185,11 +190,10 @@ class Auth:
 
     def login(self, source: str, password: str) -> tuple[str, Session]:
         """A new session for the right password; RateLimited or LoginRefused otherwise."""
-        self.limiter.check(source)
+        stamp = self.limiter.begin(source)
         if not verify_password(self.password_hash(), password):
-            self.limiter.failed(source)
             raise LoginRefused("password: wrong password", field="password")
-        self.limiter.succeeded(source)
+        self.limiter.succeeded(source, stamp)
         token = secrets.token_urlsafe(32)
         now = time.monotonic()
         session = Session(csrf=secrets.token_urlsafe(32), created=now, seen=now)

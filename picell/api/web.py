@@ -1,7 +1,7 @@
 """The web UI's pages (DESIGN §9): login, Cell Network, Devices, Services. Server-rendered with
 Jinja2 from `picell/web/templates`; plain HTML forms that work without JavaScript.
 
-Handlers call the same `Control`, `Links` and `Sync` objects as the admin API
+Handlers call the same `Control`, `Links`, `Sync` and `Exits` objects as the admin API
 (`request.app.state.*`), so a change from a page is the same commit + converge. A refused change
 re-renders its form with the message next to the field the error names. Must not run system
 commands, check sessions or CSRF tokens (`picell.api.auth` does, before any handler), nor build

@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 from picell.api.auth import Auth, FailureLimiter, hash_password, verify_password
 from picell.app import build_api, build_web_api
 from picell.control import Control
+from picell.errors import RateLimited
 from picell.store import admin as admin_table
 
 PASSWORD = "a long enough password"
@@ -159,10 +160,22 @@ def test_repeated_failed_logins_are_refused_with_429(client: TestClient) -> None
 def test_failures_from_all_addresses_count_together() -> None:
     limiter = FailureLimiter(per_source=(3, 900.0), overall=(4, 900.0))
     for source in ("a", "b", "c", "d"):
-        limiter.check(source)
-        limiter.failed(source)
-    with pytest.raises(Exception, match="too many failed logins"):
-        limiter.check("e")
+        limiter.begin(source)
+    with pytest.raises(RateLimited, match="too many failed logins"):
+        limiter.begin("e")
+
+
+def test_a_success_does_not_count_and_clears_its_address() -> None:
+    limiter = FailureLimiter(per_source=(2, 900.0), overall=(4, 900.0))
+    limiter.begin("a")
+    limiter.succeeded("a", limiter.begin("a"))
+    for _ in range(2):
+        limiter.begin("a")
+    with pytest.raises(RateLimited):
+        limiter.begin("a")  # two failures since the success
+    limiter.begin("b")  # overall: 4 failures (the success does not count)
+    with pytest.raises(RateLimited):
+        limiter.begin("c")
 
 
 def test_logout_ends_the_session(client: TestClient) -> None:
