@@ -170,3 +170,31 @@ def test_internet_exit_choice_names_the_field(client: TestClient, control: Contr
     resp = post(client, "/devices/phone/route-via", via_cell="")
     assert resp.url.path == "/devices/phone"  # type: ignore[attr-defined]
     assert "this cell&#39;s own uplink" in resp.text  # type: ignore[attr-defined]
+
+
+def test_exit_choice_marks_offers_and_warns_when_one_is_withdrawn(
+    client: TestClient, control: Control
+) -> None:
+    from picell.mesh.sync import Sync
+    from tests.unit.test_exits import RELAY_END
+    from tests.unit.test_mesh import _linked_pair, _state_from_beta
+
+    links, beta_private, _ = _linked_pair(control)
+    sync = Sync(links)
+    post(client, "/devices", name="phone")
+    assert "beta (does not offer its exit)" in client.get("/devices").text
+    resp = post(client, "/devices/phone/route-via", via_cell="beta")
+    assert resp.status_code == 409  # type: ignore[attr-defined]
+    assert "does not offer" in (field_error(resp.text, "via_cell-phone") or "")  # type: ignore[attr-defined]
+
+    sync.receive_state(_state_from_beta(control, beta_private, 1, exit_offered=True,
+                                        exit_relay=RELAY_END), "10.62.0.1")  # fmt: skip
+    assert "beta ✓ offers its exit" in client.get("/devices").text
+    html = post(client, "/devices/phone/route-via", via_cell="beta").text  # type: ignore[attr-defined]
+    assert 'id="full-tunnel"' in html and "full-tunnel config" in html
+    full = client.get("/api/peers/phone/config?format=text").text
+    assert "AllowedIPs = 0.0.0.0/0" in full
+
+    sync.receive_state(_state_from_beta(control, beta_private, 2, exit_offered=False),
+                       "10.62.0.1")  # fmt: skip
+    assert 'id="exit-warning-phone"' in client.get("/devices").text
