@@ -89,6 +89,12 @@ def generate_password() -> str:
 
 
 # -- failed logins -----------------------------------------------------------------------------
+def _minutes(seconds: float) -> str:
+    if seconds < 90:
+        return f"{max(1, round(seconds))} seconds"
+    return f"{round(seconds / 60)} minutes"
+
+
 class FailureLimiter:
     """Refuses login attempts after too many recent failures from one address, or from all
     addresses together (an SSH tunnel makes every browser look like 127.0.0.1).
@@ -124,15 +130,15 @@ class FailureLimiter:
             self._trim(mine, self.per_source[1], now)
             self._trim(self._all, self.overall[1], now)
             if len(mine) >= self.per_source[0]:
-                wait = round(self.per_source[1] - (now - mine[0]))
+                wait = _minutes(self.per_source[1] - (now - mine[0]))
                 raise RateLimited(
-                    f"password: too many failed logins from this address; try again in {wait} s",
+                    f"password: too many failed logins from this address; try again in {wait}",
                     field="password",
                 )
             if len(self._all) >= self.overall[0]:
-                wait = round(self.overall[1] - (now - self._all[0]))
+                wait = _minutes(self.overall[1] - (now - self._all[0]))
                 raise RateLimited(
-                    f"password: too many failed logins; try again in {wait} s", field="password"
+                    f"password: too many failed logins; try again in {wait}", field="password"
                 )
             mine.append(now)
             self._all.append(now)
