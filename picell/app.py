@@ -22,7 +22,8 @@ import uvicorn
 from fastapi import FastAPI
 
 from picell import __version__
-from picell.api import admin, cells, errors
+from picell.api import admin, cells, errors, web
+from picell.api.auth import Auth, password_router
 from picell.api.peer import build_mesh_api, build_pairing_api
 from picell.cellinit import InitRequest
 from picell.constants import CHILD_RESTART_BACKOFF_S, RECONCILE_PERIOD_S
@@ -34,6 +35,7 @@ from picell.mesh.sender import Sender
 from picell.mesh.sync import Sync
 from picell.reconcile import Reconciler
 from picell.state import Paths
+from picell.store import admin as admin_table
 from picell.store import cell as cell_table
 from picell.store.db import Store
 from picell.system.children import Child
@@ -53,17 +55,41 @@ def build_api(
     sync: Sync | None = None,
     sender: Sender | None = None,
     exits: Exits | None = None,
+    auth: Auth | None = None,
+    *,
+    password_route: bool = True,
 ) -> FastAPI:
-    """The admin API; served on the unix socket (and later, behind login, on the web port)."""
+    """The admin API; served on the unix socket and, behind login, on the web port."""
     app = FastAPI(title="picell admin API", version=__version__)
     app.state.control = control
     app.state.links = links or Links(control)
     app.state.sync = sync or Sync(app.state.links)
     app.state.sender = sender
     app.state.exits = exits or Exits(control)
+    app.state.auth = auth or Auth(control.store)
     errors.install(app)
     app.include_router(admin.router)
     app.include_router(cells.router)
+    if password_route:  # root on the cell host only: `picell admin password`
+        app.include_router(password_router)
+    return app
+
+
+def build_web_api(
+    control: Control,
+    links: Links | None = None,
+    sync: Sync | None = None,
+    sender: Sender | None = None,
+    exits: Exits | None = None,
+    auth: Auth | None = None,
+) -> FastAPI:
+    """The web listener: the pages and the same admin API, all behind login and CSRF checks."""
+    app = build_api(control, links, sync, sender, exits, auth, password_route=False)
+    # Swagger's pages load scripts from a CDN, which the UI's CSP forbids; /openapi.json stays
+    app.router.routes = [
+        r for r in app.router.routes if getattr(r, "path", "") not in (app.docs_url, app.redoc_url)
+    ]
+    web.install(app, app.state.auth)
     return app
 
 
@@ -107,6 +133,7 @@ class Daemon:
         self.sync = Sync(self.links, wake_sender=lambda: self.sender.wake())
         self.sender = Sender(self.links)
         self.exits = Exits(self.control, wake_sender=lambda: self.sender.wake())
+        self.auth = Auth(self.store)
         self.control.on_service_removed = self.sync.forget_service
         self.control.after_change = self.sender.wake
         self._wake = threading.Event()
@@ -134,6 +161,21 @@ class Daemon:
                 cell.endpoint,
             )
 
+    def ensure_password(self) -> None:
+        """Without an admin password, make one and show it once (only its hash is kept)."""
+        password = self.auth.ensure_password()
+        if password is not None:
+            log.warning(
+                "web UI: no admin password was set; generated one, shown only this once: %s "
+                "(log in at http://127.0.0.1:%d; change it with `picell admin password`)",
+                password,
+                self.web_port(),
+            )
+
+    def web_port(self) -> int:
+        with self.store.read() as conn:
+            return admin_table.load(conn).web_port
+
     def _converge_quietly(self) -> bool:
         try:
             self.control.converge()
@@ -160,6 +202,7 @@ class Daemon:
 
     def serve(self) -> None:
         self.ensure_cell()
+        self.ensure_password()
         if not self._converge_quietly():
             self._failures = 1
         cell = self.control.cell()
@@ -167,7 +210,9 @@ class Daemon:
         if sock.exists():
             sock.unlink()
         old_umask = os.umask(0o077)  # the admin socket is root-only
-        admin_api = build_api(self.control, self.links, self.sync, self.sender, self.exits)
+        apis = (self.control, self.links, self.sync, self.sender, self.exits, self.auth)
+        admin_api = build_api(*apis)
+        web_api = build_web_api(*apis)
         servers: list[tuple[_Server, list[socket.socket] | None]] = [
             (_Server(_config(admin_api, uds=str(sock))), None),
             (
@@ -178,6 +223,8 @@ class Daemon:
                 _Server(_config(build_pairing_api(self.links))),
                 [_listen("0.0.0.0", cell.pair_port)],
             ),
+            # the web UI: loopback only; from elsewhere through an SSH tunnel
+            (_Server(_config(web_api)), [_listen("127.0.0.1", self.web_port())]),
         ]
         loop = threading.Thread(target=self._loop, name="reconcile", daemon=True)
         loop.start()

@@ -80,6 +80,11 @@ UNLINK_GIVE_UP_S = 30 * 24 * 3600.0  # an unlink undelivered this long is droppe
 PAIRING_BODY_MAX = 8192  # bytes; an identity and a MAC fit many times over
 PAIRING_RATE = (10, 10.0)  # requests per window (s) per source address on the pairing port
 MESH_BODY_MAX = 65536  # bytes; a state document with many services
+SESSION_TTL_S = 12 * 3600.0  # a web session lasts a working day, then the owner logs in again
+SESSION_IDLE_S = 2 * 3600.0  # ... and ends sooner if left idle
+LOGIN_FAILURES_PER_SOURCE = (5, 900.0)  # failed logins per window (s) from one address
+LOGIN_FAILURES_GLOBAL = (20, 900.0)  # ... and from all addresses: a tunnel hides the source
+PASSWORD_MIN_LEN = 10  # the admin password; a generated one has 96 bits
 
 RECONCILE_PERIOD_S = 30.0  # drift is fixed at most this long after it happens
 COMMAND_TIMEOUT_S = 20.0  # no system command may hang the reconciler longer

@@ -7,6 +7,9 @@
     │   └── ExitNotOffered      a device routed via a cell that does not offer its exit
     ├── NotInitialised          no cell in the store yet (HTTP 409)
     ├── Forbidden               a cross-cell message failed authentication (HTTP 403)
+    │   └── CsrfRefused         a state-changing web request without its session's token (403)
+    ├── LoginRequired           the web listener needs a logged-in session (HTTP 401)
+    │   └── LoginRefused        a wrong admin password at the login page (HTTP 401)
     ├── RateLimited             too many requests from one source (HTTP 429)
     ├── CommandFailed           a system command exited badly (raised by system.run)
     └── ApplyFailed             the reconciler could not converge (HTTP 409, nothing kept)
@@ -53,6 +56,18 @@ class NotInitialised(PicellError):
 
 class Forbidden(PicellError):
     code = "forbidden"
+
+
+class CsrfRefused(Forbidden):
+    code = "csrf_refused"
+
+
+class LoginRequired(PicellError):
+    code = "login_required"
+
+
+class LoginRefused(LoginRequired):
+    code = "login_refused"
 
 
 class RateLimited(PicellError):

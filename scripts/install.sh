@@ -8,7 +8,7 @@ extras=""
 pkgs="python3 python3-venv ca-certificates iproute2 wireguard-tools wireguard-go nftables unbound conntrack"
 if [ "${1:-}" = "--test" ]; then
     extras="[test]"
-    pkgs="$pkgs dnsutils iputils-ping procps"
+    pkgs="$pkgs dnsutils iputils-ping procps chromium"  # chromium: the web UI's browser tests
 fi
 missing=""
 for p in $pkgs; do

@@ -101,15 +101,20 @@ def peer_config(
         )
     qr = segno.make(text, error="m")
     if format == "svg":
-        return Response(qr.svg_inline(scale=4), media_type="image/svg+xml")
-    return Response(_png(qr), media_type="image/png")
+        return Response(image(qr, "svg"), media_type="image/svg+xml")
+    return Response(image(qr, "png"), media_type="image/png")
 
 
-def _png(qr: segno.QRCode) -> bytes:
+def image(qr: segno.QRCode, kind: Literal["svg", "png"]) -> bytes:
+    """A QR code as a standalone image file (an SVG with its namespace, so that browsers and
+    viewers load it; `svg_inline` output only works inside an HTML page)."""
     import io
 
     buf = io.BytesIO()
-    qr.save(buf, kind="png", scale=6)
+    if kind == "svg":
+        qr.save(buf, kind="svg", scale=4, xmldecl=False, light="white")
+    else:
+        qr.save(buf, kind="png", scale=6)
     return buf.getvalue()
 
 

@@ -9,6 +9,7 @@ import segno
 from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, Field
 
+from picell.api.admin import image
 from picell.constants import DEFAULT_INVITE_TTL_S
 from picell.mesh.links import Links
 from picell.mesh.seed import import_links
@@ -62,7 +63,7 @@ def invite(
     """A fresh invite (each call makes a new single-use token)."""
     inv = links.invite(expires)
     if format == "svg":
-        return Response(segno.make(inv.encode(), error="m").svg_inline(scale=4),
+        return Response(image(segno.make(inv.encode(), error="m"), "svg"),
                         media_type="image/svg+xml")  # fmt: skip
     return {"invite": inv.as_dict(), "string": inv.encode()}
 

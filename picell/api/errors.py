@@ -15,6 +15,7 @@ from picell.errors import (
     CommandFailed,
     Conflict,
     Forbidden,
+    LoginRequired,
     NotFound,
     NotInitialised,
     PicellError,
@@ -27,6 +28,7 @@ STATUS: dict[type[PicellError], int] = {
     Conflict: 409,
     NotInitialised: 409,
     Forbidden: 403,
+    LoginRequired: 401,
     RateLimited: 429,
     # The host refused the change: nothing was committed and the previous state was restored.
     ApplyFailed: 409,
@@ -38,10 +40,18 @@ def error_body(code: str, message: str, field: str | None) -> dict[str, str | No
     return {"code": code, "message": message, "field": field}
 
 
+def status_of(exc: PicellError) -> int:
+    return next((s for t, s in STATUS.items() if isinstance(exc, t)), 409)
+
+
+def error_response(exc: PicellError) -> JSONResponse:
+    """The JSON answer for `exc`; also used by middleware, which runs outside the handlers."""
+    return JSONResponse(error_body(exc.code, exc.message, exc.field), status_code=status_of(exc))
+
+
 async def _picell_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, PicellError)
-    status = next((s for t, s in STATUS.items() if isinstance(exc, t)), 409)
-    return JSONResponse(error_body(exc.code, exc.message, exc.field), status_code=status)
+    return error_response(exc)
 
 
 async def _validation_error(_: Request, exc: Exception) -> JSONResponse:

@@ -39,13 +39,38 @@ def init(
     pair_port: Annotated[int | None, typer.Option("--pair-port")] = None,
     mesh_port: Annotated[int | None, typer.Option("--mesh-port")] = None,
     uplink: Annotated[str | None, typer.Option(help="Internet-facing interface")] = None,
+    web_port: Annotated[
+        int | None, typer.Option("--web-port", help="Web UI port on 127.0.0.1 (default 8080)")
+    ] = None,
+    admin_password_file: Annotated[
+        Path | None,
+        typer.Option("--admin-password-file", help="File whose first line is the web password"),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Create this cell (or change its settings while the daemon is stopped)."""
+    from picell.api.auth import check_password, hash_password
     from picell.cellinit import InitRequest
     from picell.control import Control
+    from picell.store import admin as admin_table
     from picell.store.db import Store
     from picell.system.run import Runner
+    from picell.validate import port as check_port
+
+    password = None
+    try:
+        if web_port is not None:
+            check_port(web_port, "web_port")
+        if admin_password_file is not None:
+            try:
+                lines = admin_password_file.read_text().splitlines()
+            except OSError as exc:
+                raise typer.BadParameter(
+                    f"cannot read {admin_password_file}: {exc.strerror}"
+                ) from None
+            password = check_password(lines[0] if lines else "")
+    except PicellError as exc:
+        fail(exc.message, as_json, {"code": exc.code, "message": exc.message, "field": exc.field})
 
     if (CTX.data_dir / "admin.sock").exists():
         try:
@@ -60,6 +85,12 @@ def init(
         cell = Control(store, Runner(), None).init_cell(
             InitRequest(name, domain, address, endpoint, interface, pair_port, mesh_port, uplink)
         )
+        with store.transaction() as conn:
+            if web_port is not None:
+                admin_table.set_web_port(conn, web_port)
+            if password is not None:
+                admin_table.set_password_hash(conn, hash_password(password))
+            web = admin_table.load(conn)
     except PicellError as exc:
         fail(exc.message, as_json, {"code": exc.code, "message": exc.message, "field": exc.field})
     finally:
@@ -70,6 +101,8 @@ def init(
         "address": str(cell.address),
         "endpoint": cell.endpoint,
         "interface": cell.interface,
+        "web": f"http://127.0.0.1:{web.web_port}",
+        "admin_password": "set" if web.password_hash else "generated at the next start",
     }
     out(data, as_json, "\n".join(f"{k}: {v}" for k, v in data.items()))
 

@@ -119,6 +119,15 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE links ADD COLUMN remote_exit_client_key TEXT;
     ALTER TABLE links ADD COLUMN remote_exit_client_port INTEGER;
     """,
+    # 4: the web UI's settings: its port and the admin password's argon2 hash (web issue)
+    """
+    CREATE TABLE admin (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        web_port INTEGER NOT NULL DEFAULT 8080,
+        password_hash TEXT,
+        password_set_at REAL
+    );
+    """,
 )
 
 

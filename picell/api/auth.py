@@ -1,0 +1,352 @@
+"""Login for the web listener: the admin password (argon2), sessions, CSRF, the login rate limit.
+
+Owns `Auth` (password hash in the store's `admin` table, in-memory sessions, failed-login
+limiter), the `guard` middleware of the web app (nothing but the login page and static files
+without a session; a CSRF token on every state-changing request; only local host names), and
+the unix-socket route that sets the password. Must not render pages (`picell.api.web` does) nor
+touch the cell's state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi.responses import RedirectResponse
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+
+from picell.api.errors import error_response
+from picell.constants import (
+    LOGIN_FAILURES_GLOBAL,
+    LOGIN_FAILURES_PER_SOURCE,
+    PASSWORD_MIN_LEN,
+    SESSION_IDLE_S,
+    SESSION_TTL_S,
+)
+from picell.errors import (
+    BadInput,
+    CsrfRefused,
+    LoginRefused,
+    LoginRequired,
+    PicellError,
+    RateLimited,
+)
+from picell.store import admin as admin_table
+from picell.store.db import Store
+
+COOKIE = "picell_session"
+LOGIN_COOKIE = "picell_login"  # binds the login form to the browser that loaded it
+CSRF_FIELD = "csrf_token"
+CSRF_HEADER = "x-csrf-token"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+PUBLIC_PATHS = ("/login",)
+PUBLIC_PREFIXES = ("/static/",)
+# DNS rebinding: a foreign page whose name points at 127.0.0.1 must not reach the UI.
+LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "[::1]", "::1"})
+FORM_BODY_MAX = 65536
+_hasher = PasswordHasher()
+
+
+# -- the password ------------------------------------------------------------------------------
+def check_password(password: str) -> str:
+    if not isinstance(password, str) or len(password) < PASSWORD_MIN_LEN:
+        raise BadInput(
+            f"password: at least {PASSWORD_MIN_LEN} characters are needed", field="password"
+        )
+    if len(password) > 1024 or any(c in password for c in "\r\n\0"):
+        raise BadInput("password: one line of at most 1024 characters", field="password")
+    return password
+
+
+def hash_password(password: str) -> str:
+    return _hasher.hash(check_password(password))
+
+
+def verify_password(password_hash: str | None, password: str) -> bool:
+    if password_hash is None:
+        return False
+    try:
+        return _hasher.verify(password_hash, password)
+    except (VerificationError, InvalidHashError):
+        return False
+
+
+def generate_password() -> str:
+    return secrets.token_urlsafe(12)  # 96 bits, 16 characters
+
+
+# -- failed logins -----------------------------------------------------------------------------
+def _minutes(seconds: float) -> str:
+    if seconds < 90:
+        return f"{max(1, round(seconds))} seconds"
+    return f"{round(seconds / 60)} minutes"
+
+
+class FailureLimiter:
+    """Refuses login attempts after too many recent failures from one address, or from all
+    addresses together (an SSH tunnel makes every browser look like 127.0.0.1).
+
+    An attempt counts as a failure from the moment it starts (`begin`) until it succeeds, so
+    that many concurrent guesses cannot all slip under the limit while argon2 verifies them."""
+
+    def __init__(
+        self,
+        per_source: tuple[int, float] = LOGIN_FAILURES_PER_SOURCE,
+        overall: tuple[int, float] = LOGIN_FAILURES_GLOBAL,
+    ) -> None:
+        self.per_source, self.overall = per_source, overall
+        self._by_source: dict[str, deque[float]] = {}
+        self._all: deque[float] = deque()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _trim(times: deque[float], window_s: float, now: float) -> None:
+        while times and now - times[0] > window_s:
+            times.popleft()
+
+    def begin(self, source: str) -> float:
+        """Count an attempt from `source` (RateLimited if over a limit); return its stamp."""
+        now = time.monotonic()
+        with self._lock:
+            if len(self._by_source) > 10_000:  # forget idle sources rather than grow unbounded
+                window = self.per_source[1]
+                self._by_source = {
+                    k: v for k, v in self._by_source.items() if v and now - v[-1] < window
+                }
+            mine = self._by_source.setdefault(source, deque())
+            self._trim(mine, self.per_source[1], now)
+            self._trim(self._all, self.overall[1], now)
+            if len(mine) >= self.per_source[0]:
+                wait = _minutes(self.per_source[1] - (now - mine[0]))
+                raise RateLimited(
+                    f"password: too many failed logins from this address; try again in {wait}",
+                    field="password",
+                )
+            if len(self._all) >= self.overall[0]:
+                wait = _minutes(self.overall[1] - (now - self._all[0]))
+                raise RateLimited(
+                    f"password: too many failed logins; try again in {wait}", field="password"
+                )
+            mine.append(now)
+            self._all.append(now)
+            return now
+
+    def succeeded(self, source: str, stamp: float) -> None:
+        """The attempt `stamp` was right: it was no failure, and its address starts afresh."""
+        with self._lock:
+            self._by_source.pop(source, None)
+            with contextlib.suppress(ValueError):
+                self._all.remove(stamp)
+
+
+# -- sessions ----------------------------------------------------------------------------------
+@dataclass
+class Session:
+    csrf: str
+    created: float
+    seen: float
+    flash: list[str] = field(default_factory=list)
+
+
+def _key(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class Auth:
+    """The admin password and the web sessions of one daemon (shared by its two listeners, so
+    a password set on the unix socket ends every web session at once)."""
+
+    def __init__(self, store: Store, limiter: FailureLimiter | None = None) -> None:
+        self.store = store
+        self.limiter = limiter or FailureLimiter()
+        self._sessions: dict[str, Session] = {}
+        self._lock = threading.Lock()
+
+    def password_hash(self) -> str | None:
+        with self.store.read() as conn:
+            return admin_table.load(conn).password_hash
+
+    def set_password(self, password: str) -> None:
+        hashed = hash_password(password)
+        with self.store.transaction() as conn:
+            admin_table.set_password_hash(conn, hashed)
+        with self._lock:
+            self._sessions.clear()
+
+    def ensure_password(self) -> str | None:
+        """Generate a password if none is set; return it (to be shown once) or None."""
+        if self.password_hash() is not None:
+            return None
+        password = generate_password()
+        self.set_password(password)
+        return password
+
+    def login(self, source: str, password: str) -> tuple[str, Session]:
+        """A new session for the right password; RateLimited or LoginRefused otherwise."""
+        stamp = self.limiter.begin(source)
+        if not verify_password(self.password_hash(), password):
+            raise LoginRefused("password: wrong password", field="password")
+        self.limiter.succeeded(source, stamp)
+        token = secrets.token_urlsafe(32)
+        now = time.monotonic()
+        session = Session(csrf=secrets.token_urlsafe(32), created=now, seen=now)
+        with self._lock:
+            self._sessions = {k: s for k, s in self._sessions.items() if not self._expired(s, now)}
+            self._sessions[_key(token)] = session
+        return token, session
+
+    @staticmethod
+    def _expired(session: Session, now: float) -> bool:
+        return now - session.created > SESSION_TTL_S or now - session.seen > SESSION_IDLE_S
+
+    def session(self, token: str | None) -> Session | None:
+        if not token:
+            return None
+        now = time.monotonic()
+        with self._lock:
+            session = self._sessions.get(_key(token))
+            if session is None:
+                return None
+            if self._expired(session, now):
+                del self._sessions[_key(token)]
+                return None
+            session.seen = now
+            return session
+
+    def logout(self, token: str | None) -> None:
+        if token:
+            with self._lock:
+                self._sessions.pop(_key(token), None)
+
+
+def set_session_cookie(response: Response, name: str, value: str, max_age: int | None) -> None:
+    response.set_cookie(
+        name, value, max_age=max_age, httponly=True, samesite="strict", path="/", secure=False
+    )
+
+
+# -- the guard ---------------------------------------------------------------------------------
+def _host_ok(request: Request) -> bool:
+    host = request.headers.get("host", "")
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    return name.lower() in LOCAL_HOSTS
+
+
+def _origin_ok(request: Request) -> bool:
+    """A browser names the site a request comes from; it must be this UI itself. ("null", sent
+    by some privacy settings, says nothing: the CSRF token decides then.)"""
+    origin = request.headers.get("origin")
+    if origin is None or origin == "null":
+        return True
+    return urlsplit(origin).netloc == request.headers.get("host")
+
+
+async def csrf_token_of(request: Request) -> str:
+    header = request.headers.get(CSRF_HEADER)
+    if header is not None:
+        return header
+    ctype = request.headers.get("content-type", "").split(";")[0].strip()
+    if ctype != "application/x-www-form-urlencoded":
+        return ""
+    body = await request.body()  # replayed to the handler by Starlette's middleware
+    if len(body) > FORM_BODY_MAX:
+        raise BadInput(f"body: larger than {FORM_BODY_MAX} bytes", field="body")
+    values = parse_qs(body.decode(errors="replace")).get(CSRF_FIELD, [""])
+    return values[0]
+
+
+PageError = Callable[[Request, PicellError], Awaitable[Response]]
+
+
+def install(app: FastAPI, auth: Auth, page_error: PageError) -> None:
+    """Put the whole app behind login; `page_error` renders a refusal for a browser page."""
+    app.state.auth = auth
+
+    async def refuse(request: Request, exc: PicellError) -> Response:
+        if request.url.path.startswith("/api/"):
+            return error_response(exc)
+        if isinstance(exc, LoginRequired):
+            return RedirectResponse("/login", status_code=303)
+        return await page_error(request, exc)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Any:
+        path = request.url.path
+        try:
+            if not _host_ok(request):
+                raise BadInput(
+                    "host: open the web UI as http://127.0.0.1:PORT or http://localhost:PORT "
+                    "(through an SSH tunnel from elsewhere)",
+                    field="host",
+                )
+            public = path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
+            if not public:
+                token = request.cookies.get(COOKIE)
+                session = await run_in_threadpool(auth.session, token)
+                if session is None:
+                    raise LoginRequired("log in first: this page needs the admin password")
+                request.state.session = session
+                request.state.session_token = token
+                if request.method not in SAFE_METHODS:
+                    if not _origin_ok(request):
+                        raise CsrfRefused(
+                            "csrf_token: the request comes from another site's page",
+                            field="csrf_token",
+                        )
+                    given = await csrf_token_of(request)
+                    if not given or not hmac.compare_digest(given, session.csrf):
+                        raise CsrfRefused(
+                            "csrf_token: missing or wrong CSRF token; reload the page and try "
+                            "again",
+                            field="csrf_token",
+                        )
+        except PicellError as exc:
+            response = await refuse(request, exc)
+        else:
+            response = await call_next(request)
+        _harden(response, path)
+        return response
+
+
+def _harden(response: Response, path: str) -> None:
+    headers = response.headers
+    headers.setdefault(
+        "content-security-policy",
+        "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+        "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+    )
+    headers.setdefault("x-content-type-options", "nosniff")
+    headers.setdefault("x-frame-options", "DENY")
+    # same-origin, not no-referrer: with no-referrer Chromium sends `Origin: null` on form posts
+    headers.setdefault("referrer-policy", "same-origin")
+    if not path.startswith("/static/"):
+        headers.setdefault("cache-control", "no-store")
+
+
+# -- setting the password (unix socket only) ---------------------------------------------------
+class PasswordSet(BaseModel):
+    password: str = Field(max_length=1024)
+
+
+password_router = APIRouter(prefix="/api/admin")
+
+
+@password_router.put("/password")
+def set_password(body: PasswordSet, request: Request) -> dict[str, Any]:
+    """Set the web UI's admin password (stored as an argon2 hash); ends every web session."""
+    auth: Auth = request.app.state.auth
+    auth.set_password(body.password)
+    return {"changed": True}

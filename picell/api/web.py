@@ -1,0 +1,321 @@
+"""The web UI's pages (DESIGN §9): login, Cell Network, Devices, Services. Server-rendered with
+Jinja2 from `picell/web/templates`; plain HTML forms that work without JavaScript.
+
+Handlers call the same `Control`, `Links`, `Sync` and `Exits` objects as the admin API
+(`request.app.state.*`), so a change from a page is the same commit + converge. A refused change
+re-renders its form with the message next to the field the error names. Must not run system
+commands, check sessions or CSRF tokens (`picell.api.auth` does, before any handler), nor build
+error responses for `/api/...` (the error table does).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import secrets
+from typing import Any
+
+import segno
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+
+from picell import validate
+from picell.api import auth
+from picell.api.webrender import (
+    WEB_DIR,
+    FormError,
+    back,
+    flash,
+    page,
+    read_form,
+    refused_page,
+    state,
+    templates,
+)
+from picell.constants import DEFAULT_INVITE_TTL_S
+from picell.control import Control
+from picell.errors import BadInput, CsrfRefused, PicellError
+from picell.mesh.exits import Exits
+from picell.mesh.links import Links
+from picell.mesh.sync import Sync
+
+
+# -- login -------------------------------------------------------------------------------------
+async def login_form(request: Request, error: FormError | None = None) -> Response:
+    if error is None and state(request, "auth").session(request.cookies.get(auth.COOKIE)):
+        return back("/cells")
+    token = request.cookies.get(auth.LOGIN_COOKIE) or secrets.token_urlsafe(24)
+    response = templates.TemplateResponse(
+        request,
+        "login.html",
+        {"cell": None, "csrf": "", "flash": [], "login_token": token,
+         "err": (lambda form, field: error.on(form, field)) if error else (lambda *_: None)},
+        status_code=error.status if error else 200,
+    )  # fmt: skip
+    auth.set_session_cookie(response, auth.LOGIN_COOKIE, token, max_age=3600)
+    return response
+
+
+async def login(request: Request) -> Response:
+    form = await read_form(request)
+    expected = request.cookies.get(auth.LOGIN_COOKIE, "")
+    if not expected or not hmac.compare_digest(expected, str(form.get("login_token", ""))):
+        return await refused_page(
+            request,
+            CsrfRefused("login_token: the login form expired; reload it and try again"),
+        )
+    source = request.client.host if request.client else "?"
+    state(request, "auth").logout(request.cookies.get(auth.COOKIE))  # never reuse a session id
+    try:
+        token, _ = await run_in_threadpool(
+            state(request, "auth").login, source, str(form.get("password", ""))
+        )
+    except PicellError as exc:
+        return await login_form(request, FormError("login", exc, ("password",)))
+    response = back("/cells")
+    auth.set_session_cookie(response, auth.COOKIE, token, max_age=None)
+    response.delete_cookie(auth.LOGIN_COOKIE, path="/", httponly=True, samesite="strict")
+    return response
+
+
+async def logout(request: Request) -> Response:
+    state(request, "auth").logout(getattr(request.state, "session_token", None))
+    response = back("/login")
+    response.delete_cookie(auth.COOKIE, path="/", httponly=True, samesite="strict")
+    return response
+
+
+# -- Cell Network ------------------------------------------------------------------------------
+def _invite_view(links: Links) -> dict[str, Any]:
+    inv = links.invite(DEFAULT_INVITE_TTL_S)
+    text = inv.encode()
+    return {
+        "json": json.dumps(inv.as_dict(), indent=2),
+        "string": text,
+        "qr": segno.make(text, error="m").svg_inline(scale=3, light="white"),
+        "expires_at": inv.pairing.expires_at if inv.pairing else None,
+    }
+
+
+def _cells_context(links: Links) -> dict[str, Any]:
+    overview = links.overview()
+    return {
+        "links": overview,
+        "services": links.control.list_services(),
+        "journals": {c["name"]: links.journal_entries(c["name"])[-30:] for c in overview},
+    }
+
+
+async def cells_page(request: Request, status_code: int = 200, **context: Any) -> HTMLResponse:
+    links: Links = state(request, "links")
+    data = await run_in_threadpool(_cells_context, links)
+    return await page(request, "cells.html", status_code, nav="cells", **data, **context)
+
+
+async def make_invite(request: Request) -> Response:
+    links: Links = state(request, "links")
+    invite = await run_in_threadpool(_invite_view, links)
+    return await cells_page(request, invite=invite)
+
+
+async def connect(request: Request) -> Response:
+    form = await read_form(request)
+    links: Links = state(request, "links")
+    text = str(form.get("invite", "")).strip()
+    try:
+        if not text:
+            raise BadInput("invite: paste the other cell's invite here", field="invite")
+        link = await run_in_threadpool(links.connect, text)
+    except PicellError as exc:
+        err = FormError("connect", exc, ("invite",))
+        return await cells_page(request, err.status, error=err, form=form)
+    if link["state"] == "waiting":
+        flash(request, f"Saved {link['name']}: waiting for the other cell to import our invite")
+    else:
+        flash(request, f"Linked with {link['name']}")
+    return back("/cells")
+
+
+async def set_sharing(request: Request) -> Response:
+    name = request.path_params["name"]
+    form = await read_form(request)
+    sync: Sync = state(request, "sync")
+    wanted = [s for s in form.get("services", []) if s]
+    try:
+        await run_in_threadpool(sync.set_permissions, name, wanted)
+    except PicellError as exc:
+        err = FormError(f"share-{name}", exc, ("services",))
+        return await cells_page(request, err.status, error=err)
+    flash(request, f"Sharing with {name}: {', '.join(wanted) or 'nothing'}")
+    return back("/cells")
+
+
+async def set_exit_offer(request: Request) -> Response:
+    name = request.path_params["name"]
+    form = await read_form(request)
+    sync: Sync = state(request, "sync")
+    offered = form.get("offered") == "1"
+    try:
+        await run_in_threadpool(sync.set_exit_offer, name, offered)
+    except PicellError as exc:
+        err = FormError(f"exit-{name}", exc, ("offered",))
+        return await cells_page(request, err.status, error=err)
+    flash(request, f"{'Offering' if offered else 'Not offering'} our internet exit to {name}")
+    return back("/cells")
+
+
+async def disconnect(request: Request) -> Response:
+    name = request.path_params["name"]
+    links: Links = state(request, "links")
+    try:
+        await run_in_threadpool(links.disconnect, name)
+    except PicellError as exc:
+        err = FormError(f"disconnect-{name}", exc, ())
+        return await cells_page(request, err.status, error=err)
+    flash(request, f"Disconnected {name}; it is told to remove its side too")
+    return back("/cells")
+
+
+# -- Devices -----------------------------------------------------------------------------------
+def _devices_context(links: Links) -> dict[str, Any]:
+    return {"peers": links.control.list_peers(), "links": links.overview()}
+
+
+async def devices_page(request: Request, status_code: int = 200, **context: Any) -> HTMLResponse:
+    data = await run_in_threadpool(_devices_context, state(request, "links"))
+    return await page(request, "devices.html", status_code, nav="devices", **data, **context)
+
+
+async def add_device(request: Request) -> Response:
+    form = await read_form(request)
+    ctl: Control = state(request, "control")
+    name = str(form.get("name", "")).strip()
+    key = str(form.get("public_key", "")).strip() or None
+    try:
+        await run_in_threadpool(ctl.add_peer, name, key)
+    except PicellError as exc:
+        err = FormError("add", exc, ("name", "public_key"))
+        return await devices_page(request, err.status, error=err, form=form)
+    flash(request, f"Added {name}: import its config or scan its QR code on the device")
+    return back(f"/devices/{name}")
+
+
+async def device_page(request: Request) -> Response:
+    name = request.path_params["name"]
+    ctl: Control = state(request, "control")
+    try:
+        validate.name(name)
+        peers = await run_in_threadpool(ctl.list_peers)
+        peer = next(p for p in peers if p["name"] == name)
+        config = await run_in_threadpool(ctl.peer_config, name)
+    except (PicellError, StopIteration):
+        flash(request, f"No device named {name}")
+        return back("/devices")
+    return await page(request, "device.html", nav="devices", peer=peer, config=config)
+
+
+async def remove_device(request: Request) -> Response:
+    name = request.path_params["name"]
+    ctl: Control = state(request, "control")
+    try:
+        await run_in_threadpool(ctl.remove_peer, name)
+    except PicellError as exc:
+        err = FormError(f"remove-{name}", exc, ())
+        return await devices_page(request, err.status, error=err)
+    flash(request, f"Removed {name}: its access ended")
+    return back("/devices")
+
+
+async def route_via(request: Request) -> Response:
+    """The device's internet exit: this cell, or a linked cell that offers its exit."""
+    name = request.path_params["name"]
+    form = await read_form(request)
+    exits: Exits = state(request, "exits")
+    via = str(form.get("via_cell", "")).strip() or None
+    try:
+        result = await run_in_threadpool(exits.route_via, name, via)
+    except PicellError as exc:
+        err = FormError(f"exit-{name}", exc, ("via_cell",), {"cell": "via_cell"})
+        return await devices_page(request, err.status, error=err)
+    flash(request, result["message"])
+    return back(f"/devices/{name}")
+
+
+# -- Services ----------------------------------------------------------------------------------
+def _services_context(links: Links) -> dict[str, Any]:
+    shared: dict[str, list[str]] = {}
+    for link in links.overview():
+        for svc in link["inbound"]:
+            shared.setdefault(svc["name"], []).append(link["name"])
+    return {"services": links.control.list_services(), "shared": shared}
+
+
+async def services_page(request: Request, status_code: int = 200, **context: Any) -> HTMLResponse:
+    data = await run_in_threadpool(_services_context, state(request, "links"))
+    return await page(request, "services.html", status_code, nav="services", **data, **context)
+
+
+async def add_service(request: Request) -> Response:
+    form = await read_form(request)
+    ctl: Control = state(request, "control")
+    name = str(form.get("name", "")).strip()
+    port_text = str(form.get("port", "")).strip()
+    protocol = str(form.get("protocol", "tcp"))
+    try:
+        port = validate.port(port_text, "port") if port_text else None
+        await run_in_threadpool(
+            ctl.add_service, name, str(form.get("backend", "")).strip(), port, protocol
+        )
+    except PicellError as exc:
+        err = FormError("add", exc, ("name", "backend", "port", "protocol"))
+        return await services_page(request, err.status, error=err, form=form)
+    flash(request, f"Added service {name}")
+    return back("/services")
+
+
+async def remove_service(request: Request) -> Response:
+    name = request.path_params["name"]
+    ctl: Control = state(request, "control")
+    try:
+        await run_in_threadpool(ctl.remove_service, name)
+    except PicellError as exc:
+        err = FormError(f"remove-{name}", exc, ())
+        return await services_page(request, err.status, error=err)
+    flash(request, f"Removed service {name}")
+    return back("/services")
+
+
+async def home(_: Request) -> Response:
+    return back("/cells")
+
+
+def install(app: FastAPI, auth_: auth.Auth) -> None:
+    """Add the pages to `app` (the admin API built for the web listener) and put it all
+    behind login."""
+    app.mount("/static", StaticFiles(directory=str(WEB_DIR / "static")), name="static")
+    get, post = ("GET",), ("POST",)
+    routes: list[tuple[str, Any, tuple[str, ...]]] = [
+        ("/", home, get),
+        ("/login", login_form, get),
+        ("/login", login, post),
+        ("/logout", logout, post),
+        ("/cells", cells_page, get),
+        ("/cells/invite", make_invite, post),
+        ("/cells/connect", connect, post),
+        ("/cells/{name}/sharing", set_sharing, post),
+        ("/cells/{name}/exit-offer", set_exit_offer, post),
+        ("/cells/{name}/disconnect", disconnect, post),
+        ("/devices", devices_page, get),
+        ("/devices", add_device, post),
+        ("/devices/{name}", device_page, get),
+        ("/devices/{name}/remove", remove_device, post),
+        ("/devices/{name}/route-via", route_via, post),
+        ("/services", services_page, get),
+        ("/services", add_service, post),
+        ("/services/{name}/remove", remove_service, post),
+    ]
+    for path, endpoint, methods in routes:
+        app.add_route(path, endpoint, methods=list(methods), include_in_schema=False)
+    auth.install(app, auth_, refused_page)

@@ -1,0 +1,200 @@
+"""The web UI's pages over a fake kernel: forms call the same operations as the API, refusals
+stand next to the field they name and change nothing."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from fastapi.testclient import TestClient
+
+from picell.api.auth import Auth
+from picell.app import build_web_api
+from picell.control import Control
+
+PASSWORD = "a long enough password"
+
+
+@pytest.fixture
+def client(control: Control) -> TestClient:
+    auth = Auth(control.store)
+    auth.set_password(PASSWORD)
+    c = TestClient(build_web_api(control, auth=auth), base_url="http://localhost:8080")
+    token = re.search(r'name="login_token" value="([^"]+)"', c.get("/login").text)
+    assert token
+    assert c.post("/login", data={"password": PASSWORD, "login_token": token.group(1)}).is_success
+    return c
+
+
+def csrf(client: TestClient) -> str:
+    found = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/devices").text)
+    assert found
+    return found.group(1)
+
+
+def post(client: TestClient, path: str, **data: str | list[str]) -> object:
+    return client.post(path, data={"csrf_token": csrf(client), **data})
+
+
+def field_error(html: str, field: str) -> str | None:
+    found = re.search(rf'id="{field}-error">([^<]*)<', html)
+    return found.group(1) if found else None
+
+
+def test_add_a_device_then_its_page_has_the_qr_and_download(
+    client: TestClient, control: Control
+) -> None:
+    resp = post(client, "/devices", name="phone")
+    assert resp.url.path == "/devices/phone"  # type: ignore[attr-defined]
+    html = resp.text  # type: ignore[attr-defined]
+    assert 'src="/api/peers/phone/config?format=svg"' in html
+    assert 'href="/api/peers/phone/config?format=conf"' in html
+    assert "Added phone" in html
+    svg = client.get("/api/peers/phone/config?format=svg")
+    assert svg.status_code == 200 and 'xmlns="http://www.w3.org/2000/svg"' in svg.text
+    conf = client.get("/api/peers/phone/config?format=conf")
+    assert conf.text == control.peer_config("phone")
+    listing = client.get("/devices").text
+    assert "10.61.0.2" in listing and "never" in listing
+
+
+@pytest.mark.parametrize(
+    ("data", "field", "words"),
+    [
+        ({"name": "Bad Name"}, "name", "not a valid name"),
+        ({"name": "alpha"}, "name", "the cell&#39;s own name"),
+        ({"name": "laptop", "public_key": "nope"}, "public_key", "key"),
+    ],
+)
+def test_device_refusals_stand_next_to_the_field(
+    client: TestClient, control: Control, data: dict[str, str], field: str, words: str
+) -> None:
+    resp = post(client, "/devices", **data)
+    assert 400 <= resp.status_code < 500  # type: ignore[attr-defined]
+    message = field_error(resp.text, field)  # type: ignore[attr-defined]
+    assert message and words in message, resp.text  # type: ignore[attr-defined]
+    assert control.list_peers() == []
+
+
+def test_remove_a_device(client: TestClient, control: Control) -> None:
+    post(client, "/devices", name="phone")
+    resp = post(client, "/devices/phone/remove")
+    assert resp.url.path == "/devices" and "Removed phone" in resp.text  # type: ignore[attr-defined]
+    assert control.list_peers() == []
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        ({"name": "web", "backend": "localhost:80"}, "backend"),
+        ({"name": "web", "backend": "127.0.0.1:80", "port": "99999"}, "port"),
+        ({"name": "web", "backend": "127.0.0.1:80", "port": "eighty"}, "port"),
+        ({"name": "web", "backend": "127.0.0.1:80", "protocol": "sctp"}, "protocol"),
+        ({"name": "-", "backend": "127.0.0.1:80"}, "name"),
+    ],
+)
+def test_service_refusals_keep_the_form_and_change_nothing(
+    client: TestClient, control: Control, data: dict[str, str], field: str
+) -> None:
+    resp = post(client, "/services", **data)
+    assert resp.status_code == 422  # type: ignore[attr-defined]
+    assert field_error(resp.text, field), resp.text  # type: ignore[attr-defined]
+    assert f'value="{data["backend"]}"' in resp.text  # type: ignore[attr-defined]
+    assert control.list_services() == []
+
+
+def test_add_and_remove_a_service(client: TestClient, control: Control) -> None:
+    resp = post(client, "/services", name="web", backend="127.0.0.1:8080", port="80")
+    html = resp.text  # type: ignore[attr-defined]
+    assert "web.alpha.test" in html and "10.61.0.254:80/tcp" in html
+    resp = post(client, "/services/web/remove")
+    assert "Removed service web" in resp.text  # type: ignore[attr-defined]
+    assert control.list_services() == []
+
+
+def test_invite_is_shown_as_string_json_and_qr(client: TestClient) -> None:
+    html = post(client, "/cells/invite").text  # type: ignore[attr-defined]
+    string = re.search(r'id="invite-string" readonly rows="4">([^<]+)<', html)
+    assert string and string.group(1).startswith("picell-invite:")
+    assert 'data-copy="invite-string"' in html
+    assert "<svg" in html and "&#34;pairing&#34;" in html
+
+
+@pytest.mark.parametrize(
+    ("invite", "words"),
+    [("", "paste the other cell"), ("not an invite", "invite"), ("picell-invite:@@@", "damaged")],
+)
+def test_connect_refusals_stand_next_to_the_invite(
+    client: TestClient, invite: str, words: str
+) -> None:
+    resp = post(client, "/cells/connect", invite=invite)
+    assert resp.status_code == 422  # type: ignore[attr-defined]
+    message = field_error(resp.text, "invite")  # type: ignore[attr-defined]
+    assert message and words in message.lower()
+
+
+def test_our_own_invite_is_refused_with_words(client: TestClient) -> None:
+    own = client.get("/api/cells/invite").json()["string"]
+    resp = post(client, "/cells/connect", invite=own)
+    assert resp.status_code == 409  # type: ignore[attr-defined]
+    assert field_error(resp.text, "invite") == "That is this cell&#39;s own invite"  # type: ignore[attr-defined]
+
+
+def test_per_cell_forms_name_unknown_cells(client: TestClient) -> None:
+    for path, data in (
+        ("/cells/nope/sharing", {"services": ["web"]}),
+        ("/cells/nope/exit-offer", {"offered": "1"}),
+        ("/cells/nope/disconnect", {}),
+    ):
+        resp = post(client, path, **data)
+        assert resp.status_code == 404, (path, resp.status_code)  # type: ignore[attr-defined]
+        assert "nope" in (re.search(r'id="form-error">([^<]*)<', resp.text) or [""])[0]  # type: ignore[attr-defined]
+
+
+def test_pages_render(client: TestClient) -> None:
+    for path in ("/cells", "/devices", "/services"):
+        resp = client.get(path)
+        assert resp.status_code == 200
+        assert 'name="csrf_token"' in resp.text
+        assert 'name="viewport"' in resp.text
+
+
+def test_internet_exit_choice_names_the_field(client: TestClient, control: Control) -> None:
+    post(client, "/devices", name="phone")
+    html = client.get("/devices").text
+    assert 'id="via_cell-phone"' in html and "This cell (alpha)" in html
+    resp = post(client, "/devices/phone/route-via", via_cell="nope")
+    assert resp.status_code == 404  # type: ignore[attr-defined]
+    assert "nope" in (field_error(resp.text, "via_cell-phone") or "")  # type: ignore[attr-defined]
+    assert control.list_peers()[0]["route_via"] is None
+    resp = post(client, "/devices/phone/route-via", via_cell="")
+    assert resp.url.path == "/devices/phone"  # type: ignore[attr-defined]
+    assert "this cell&#39;s own uplink" in resp.text  # type: ignore[attr-defined]
+
+
+def test_exit_choice_marks_offers_and_warns_when_one_is_withdrawn(
+    client: TestClient, control: Control
+) -> None:
+    from picell.mesh.sync import Sync
+    from tests.unit.test_exits import RELAY_END
+    from tests.unit.test_mesh import _linked_pair, _state_from_beta
+
+    links, beta_private, _ = _linked_pair(control)
+    sync = Sync(links)
+    post(client, "/devices", name="phone")
+    assert "beta (does not offer its exit)" in client.get("/devices").text
+    resp = post(client, "/devices/phone/route-via", via_cell="beta")
+    assert resp.status_code == 409  # type: ignore[attr-defined]
+    assert "does not offer" in (field_error(resp.text, "via_cell-phone") or "")  # type: ignore[attr-defined]
+
+    sync.receive_state(_state_from_beta(control, beta_private, 1, exit_offered=True,
+                                        exit_relay=RELAY_END), "10.62.0.1")  # fmt: skip
+    assert "beta ✓ offers its exit" in client.get("/devices").text
+    html = post(client, "/devices/phone/route-via", via_cell="beta").text  # type: ignore[attr-defined]
+    assert 'id="full-tunnel"' in html and "full-tunnel config" in html
+    full = client.get("/api/peers/phone/config?format=text").text
+    assert "AllowedIPs = 0.0.0.0/0" in full
+
+    sync.receive_state(_state_from_beta(control, beta_private, 2, exit_offered=False),
+                       "10.62.0.1")  # fmt: skip
+    assert 'id="exit-warning-phone"' in client.get("/devices").text
