@@ -94,9 +94,9 @@ def run(grants: int, burst: int) -> dict[str, Any]:
         alpha = cell_on_bridge(topo, inet, "alpha", 1)
         beta = cell_on_bridge(topo, inet, "beta", 2)
         a_ns = alpha.ns
-        a_ns.serve_http("127.0.0.1", 8080, "web")
+        a_ns.serve_http("127.0.0.1", 8000, "web")
         a_ns.serve_tcp_echo("127.0.0.1", 7)
-        alpha.cli("services", "add", "web", "--backend", "127.0.0.1:8080", "--port", "80")
+        alpha.cli("services", "add", "web", "--backend", "127.0.0.1:8000", "--port", "80")
         alpha.cli("services", "add", "echo", "--backend", "127.0.0.1:7")
         for i in range(5):
             alpha.cli("services", "add", f"s{i}", "--backend", f"127.0.0.1:{9000 + i}")

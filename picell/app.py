@@ -223,9 +223,18 @@ class Daemon:
                 _Server(_config(build_pairing_api(self.links))),
                 [_listen("0.0.0.0", cell.pair_port)],
             ),
-            # the web UI: loopback only; from elsewhere through an SSH tunnel
-            (_Server(_config(web_api)), [_listen("127.0.0.1", self.web_port())]),
         ]
+        # the web UI: loopback only; from elsewhere through an SSH tunnel. A port in use (a
+        # service of the host on 8080, say) must not keep the cell itself from running.
+        try:
+            servers.append((_Server(_config(web_api)), [_listen("127.0.0.1", self.web_port())]))
+        except OSError as exc:
+            log.error(
+                "web UI: cannot listen on 127.0.0.1:%d (%s); the cell runs without it. Choose "
+                "another port: stop the daemon, `picell init --web-port N`, start it again",
+                self.web_port(),
+                exc.strerror,
+            )
         loop = threading.Thread(target=self._loop, name="reconcile", daemon=True)
         loop.start()
         self.sender.start()

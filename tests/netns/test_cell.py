@@ -9,7 +9,7 @@ Topology (module scope):
    ├ wireguard-go        (exported config)    (exported config)               www.example.net
    ├ Unbound on 10.61.0.1:53
    ├ nft table inet picell
-   ├ web backend 127.0.0.1:8080, secret listener 0.0.0.0:9999
+   ├ web backend 127.0.0.1:8000, secret listener 0.0.0.0:9999
    └ veth 203.0.113.1/24 ── lan ns 203.0.113.5 (HTTP :80 = service "files")
 
 VPN network 10.61.0.0/24: cell .1, devices from .2 upward, services from .254 downward.
@@ -66,10 +66,10 @@ def world() -> Iterator[World]:
         cell = Cell(topo, cell_ns, "alpha", DOMAIN, "10.61.0.1/24", "198.51.100.1:51820")
         cell.init()
         cell.start()
-        cell_ns.serve_http("127.0.0.1", 8080, "hello from web")
+        cell_ns.serve_http("127.0.0.1", 8000, "hello from web")
         cell_ns.serve_http("0.0.0.0", 9999, "secret")
         lan.serve_http("203.0.113.5", 80, "hello from files")
-        cell.cli("services", "add", "web", "--backend", "127.0.0.1:8080", "--port", "80")
+        cell.cli("services", "add", "web", "--backend", "127.0.0.1:8000", "--port", "80")
         cell.cli("services", "add", "files", "--backend", "203.0.113.5:80")
 
         phone = phone_ns.device(cell.add_device("phone"), hint="phone")
@@ -101,7 +101,7 @@ def test_only_what_the_cell_offers_is_reachable(world: World) -> None:
     wait_until(lambda: ns.ping("10.61.0.1"), 15, "phone cannot ping the cell")
     assert not ns.tcp_connect("10.61.0.1", 9999)  # a listener on the cell host
     assert not ns.tcp_connect("10.61.0.254", 9999)  # a port of a service address not offered
-    assert not ns.tcp_connect("10.61.0.1", 8080)  # the web backend itself, bypassing the VIP
+    assert not ns.tcp_connect("10.61.0.1", 8000)  # the web backend itself, bypassing the VIP
     assert not ns.tcp_connect("203.0.113.5", 80)  # the LAN host directly
     assert not ns.ping("203.0.113.5")
     # the cell's DNS answers the VPN, and nobody else
@@ -222,7 +222,8 @@ def test_restart_converges_from_the_store_after_drift(world: World) -> None:
 
 def test_defaults_and_a_second_cell_on_the_same_host(world: World) -> None:
     """A second cell, initialised with defaults but its interface name, runs beside alpha in its
-    own namespace; its own device reaches it, and alpha's device still reaches alpha."""
+    own namespace; its own device reaches it, and alpha's device still reaches alpha. A host
+    service already on the web UI's default port does not keep the cell from running."""
     topo = world.topo
     beta_ns = topo.add_ns("beta")
     beta_dev_ns = topo.add_ns("betadev")
@@ -231,7 +232,9 @@ def test_defaults_and_a_second_cell_on_the_same_host(world: World) -> None:
     topo.attach(beta_dev_ns, inet, "198.51.100.22/24")
     beta = Cell(topo, beta_ns, "", "", "", "")
     beta.run("init", "--interface", beta.interface)
+    beta_ns.serve_http("127.0.0.1", 8080, "the host's own web app")
     beta.start()
+    assert "web UI: cannot listen on 127.0.0.1:8080" in beta.log()
     status = beta.cli("status")
     assert status["domain"] == f"{status['name']}.cell"
     assert status["endpoint"] == "198.51.100.21:51820"
@@ -248,6 +251,8 @@ def test_defaults_and_a_second_cell_on_the_same_host(world: World) -> None:
 
 
 def test_golden_ruleset_passes_nft_check(world: World) -> None:
-    """The renderer's golden file is a ruleset nft itself accepts (`nft -c`, nothing applied)."""
-    golden = Path(__file__).resolve().parent.parent / "unit" / "golden" / "ruleset.nft"
-    world.lan.run(["nft", "-c", "-f", str(golden)])
+    """The renderer's golden files are rulesets nft itself accepts (`nft -c`, nothing applied):
+    a plain cell's, and one relaying and using exits."""
+    golden = Path(__file__).resolve().parent.parent / "unit" / "golden"
+    for name in ("ruleset.nft", "ruleset-exits.nft"):
+        world.lan.run(["nft", "-c", "-f", str(golden / name)])

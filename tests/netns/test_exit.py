@@ -140,8 +140,8 @@ def world() -> Iterator[World]:
         topo.link(beta.ns, "203.0.113.1/24", lan, "203.0.113.5/24")
         lan.run(["ip", "route", "replace", "default", "via", "203.0.113.1"])
         lan.serve_http("203.0.113.5", 80, "beta's lan")
-        beta.ns.serve_http("127.0.0.1", 8080, "beta web")
-        beta.cli("services", "add", "web", "--backend", "127.0.0.1:8080", "--port", "80")
+        beta.ns.serve_http("127.0.0.1", 8000, "beta web")
+        beta.cli("services", "add", "web", "--backend", "127.0.0.1:8000", "--port", "80")
         alpha.cli("connect", beta.invite()["string"])
         alpha.cli("connect", charlie.invite()["string"])
         for role in ("phone", "laptop", "pad"):
@@ -224,7 +224,7 @@ def test_the_relay_lends_only_its_internet(routed: World) -> None:
     assert not w.phone.ping("10.62.0.2", timeout_s=1)  # beta's device
     assert not w.phone.tcp_connect("203.0.113.5", 80)  # beta's LAN host
     assert not w.phone.tcp_connect(UPLINK["beta"], 51821)  # beta's own pairing port
-    assert not w.phone.tcp_connect("10.62.0.1", 8080)  # a port of beta's host
+    assert not w.phone.tcp_connect("10.62.0.1", 8000)  # a port of beta's host
 
 
 def test_withdrawn_offer_fails_closed_and_returns(routed: World) -> None:

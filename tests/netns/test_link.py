@@ -281,7 +281,7 @@ def test_disconnect_removes_both_sides_even_when_the_other_is_offline(world: Wor
 
 def test_import_of_the_seed_link_file(world: World) -> None:
     alpha = world.alpha
-    alpha.cli("services", "add", "web", "--backend", "127.0.0.1:8080")
+    alpha.cli("services", "add", "web", "--backend", "127.0.0.1:8000")
     seed = [{
         "cell_name": "seedcell", "public_key": keys.public_from_private(keys.generate_private()),
         "endpoint": "198.51.100.77:51820", "vpn_subnet": "10.77.0.0/24", "dns_ip": "10.77.0.1",

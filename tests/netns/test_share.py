@@ -14,7 +14,7 @@ Topology (module scope):
    │ veth 203.0.113.1/24
   lan ns 203.0.113.5: HTTP :80 (service files), echo :7 (service echo)
 
-alpha's services: web (127.0.0.1:8080), secret (127.0.0.1:9090), files, echo (LAN).
+alpha's services: web (127.0.0.1:8000), secret (127.0.0.1:9090), files, echo (LAN).
 """
 
 from __future__ import annotations
@@ -66,11 +66,11 @@ def world() -> Iterator[World]:
         alpha.ns.run(["ip", "route", "add", "default", "via", "198.51.100.53"])
         topo.link(alpha.ns, "203.0.113.1/24", nss["lan"], "203.0.113.5/24")
         nss["lan"].run(["ip", "route", "replace", "default", "via", "203.0.113.1"])
-        nss["alpha"].serve_http("127.0.0.1", 8080, "alpha web")
+        nss["alpha"].serve_http("127.0.0.1", 8000, "alpha web")
         nss["alpha"].serve_http("127.0.0.1", 9090, "alpha secret")
         nss["lan"].serve_http("203.0.113.5", 80, "alpha files")
         nss["lan"].serve_tcp_echo("203.0.113.5", 7)
-        alpha.cli("services", "add", "web", "--backend", "127.0.0.1:8080", "--port", "80")
+        alpha.cli("services", "add", "web", "--backend", "127.0.0.1:8000", "--port", "80")
         alpha.cli("services", "add", "secret", "--backend", "127.0.0.1:9090", "--port", "80")
         alpha.cli("services", "add", "files", "--backend", "203.0.113.5:80")
         alpha.cli("services", "add", "echo", "--backend", "203.0.113.5:7")
@@ -116,7 +116,7 @@ def test_everything_else_of_alpha_stays_closed_to_beta(world: World) -> None:
     assert not laptop.ping("10.61.0.2", timeout_s=1)
     assert not laptop.tcp_connect("10.61.0.2", 80)
     assert not laptop.tcp_connect("203.0.113.5", 80)
-    assert not laptop.tcp_connect("10.61.0.1", 8080)
+    assert not laptop.tcp_connect("10.61.0.1", 8000)
     # alpha is no open resolver for beta
     assert laptop.dig_status("www.example.net", server="10.61.0.1") == "REFUSED"
     # and no way to the internet: even if beta routed it into the tunnel, alpha drops it
