@@ -260,7 +260,8 @@ def test_exit_down_fails_closed_and_everything_returns_after_restarts(routed: Wo
                "the phone lost its exit after alpha's restart")  # fmt: skip
     wait_until(lambda: exit_of(w, w.laptop, "laptop") == UPLINK["charlie"], 60,
                "the laptop lost its exit after alpha's restart")  # fmt: skip
-    assert exit_of(w, w.pad, "pad") == UPLINK["alpha"]
+    wait_until(lambda: exit_of(w, w.pad, "pad") == UPLINK["alpha"], 60,
+               "the pad lost its home exit after alpha's restart")  # fmt: skip
     assert w.seen("/phone-down") == []
 
 
