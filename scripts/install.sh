@@ -8,7 +8,9 @@ extras=""
 pkgs="python3 python3-venv ca-certificates iproute2 wireguard-tools wireguard-go nftables unbound conntrack"
 if [ "${1:-}" = "--test" ]; then
     extras="[test]"
-    pkgs="$pkgs dnsutils iputils-ping procps chromium"  # chromium: the web UI's browser tests
+    # chromium: the web UI's browser tests; libatomic1: Playwright's bundled node driver needs it
+    # (a minimal Debian lacks it)
+    pkgs="$pkgs dnsutils iputils-ping procps chromium libatomic1"
 fi
 missing=""
 for p in $pkgs; do
