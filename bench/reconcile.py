@@ -36,8 +36,8 @@ from bench._netns import run_in_netns, scratch_netns  # noqa: E402
 from bench._stats import quantiles  # noqa: E402
 from picell.cellinit import InitRequest  # noqa: E402
 from picell.control import Control  # noqa: E402
+from picell.paths import Paths  # noqa: E402
 from picell.reconcile import Reconciler  # noqa: E402
-from picell.state import Paths  # noqa: E402
 from picell.store import peers as peer_table  # noqa: E402
 from picell.store import services as service_table  # noqa: E402
 from picell.store.db import Store  # noqa: E402

@@ -33,8 +33,8 @@ from picell.mesh.exits import Exits
 from picell.mesh.links import Links
 from picell.mesh.sender import Sender
 from picell.mesh.sync import Sync
+from picell.paths import Paths
 from picell.reconcile import Reconciler
-from picell.state import Paths
 from picell.store import admin as admin_table
 from picell.store import cell as cell_table
 from picell.store.db import Store

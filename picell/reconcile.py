@@ -22,6 +22,7 @@ from picell.dns.unbound import Unbound
 from picell.errors import ApplyFailed, CommandFailed
 from picell.firewall.apply import apply_grant_delta, apply_ruleset, cut_flows, observe_table
 from picell.firewall.render import grant_elements, render_grant_delta, render_ruleset
+from picell.paths import Paths
 from picell.routing.apply import apply_link, observe_links, observe_routes, plan_link
 from picell.routing.exits import (
     TableRoute,
@@ -31,7 +32,7 @@ from picell.routing.exits import (
     plan_exit_routing,
     split_routes,
 )
-from picell.state import ExitTunnel, Grant, Paths, State, WgDevice
+from picell.state import ExitTunnel, Grant, State, WgDevice
 from picell.system.children import Child, write_sysctl
 from picell.system.run import Runner
 from picell.wireguard.apply import (

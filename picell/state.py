@@ -9,7 +9,6 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from picell.addressing import peer_address, vip_address
 from picell.constants import DNS_PORT, EXIT_MTU, LINK_KEEPALIVE_S, NOT_INTERNET
@@ -185,45 +184,6 @@ class State:
     @property
     def network(self) -> ipaddress.IPv4Network:
         return self.address.network
-
-
-@dataclass(frozen=True)
-class Paths:
-    """Where a cell keeps its files; everything lives under the data dir."""
-
-    data_dir: Path
-
-    @property
-    def db(self) -> Path:
-        return self.data_dir / "picell.db"
-
-    @property
-    def admin_socket(self) -> Path:
-        return self.data_dir / "admin.sock"
-
-    @property
-    def run_dir(self) -> Path:
-        return self.data_dir / "run"
-
-    @property
-    def unbound_dir(self) -> Path:
-        return self.data_dir / "unbound"
-
-    @property
-    def unbound_conf(self) -> Path:
-        return self.unbound_dir / "unbound.conf"
-
-    @property
-    def unbound_control(self) -> Path:
-        return self.unbound_dir / "control.sock"
-
-    @property
-    def wg_conf(self) -> Path:
-        return self.run_dir / "wg.conf"
-
-    @property
-    def nft_file(self) -> Path:
-        return self.run_dir / "ruleset.nft"
 
 
 def build_state(

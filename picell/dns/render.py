@@ -10,14 +10,17 @@ DNS address, through the tunnel.
 
 from __future__ import annotations
 
+from ipaddress import IPv4Address
 from pathlib import Path
 
 from picell.routing.exits import exit_dns_port
 from picell.state import DnsState, ExitTunnel, State
 
 
-def render_unbound(dns: DnsState, workdir: Path, control_socket: Path) -> str:
-    lines = [
+def _server(workdir: Path, listen: IPv4Address, port: int) -> list[str]:
+    """The server clause both resolvers share: one address and port, no DNSSEC validation
+    (the upstreams validate or not), refused to everyone but what the caller allows next."""
+    return [
         "# rendered by picell; edits are overwritten",
         "server:",
         '\tusername: ""',
@@ -27,7 +30,7 @@ def render_unbound(dns: DnsState, workdir: Path, control_socket: Path) -> str:
         "\tuse-syslog: no",
         "\tverbosity: 1",
         "\tinterface-automatic: no",
-        f"\tinterface: {dns.listen}@{dns.port}",
+        f"\tinterface: {listen}@{port}",
         "\tip-freebind: yes",
         "\tdo-ip6: no",
         "\tdo-not-query-localhost: no",
@@ -37,6 +40,22 @@ def render_unbound(dns: DnsState, workdir: Path, control_socket: Path) -> str:
         "\tnum-threads: 1",
         "\taccess-control: 0.0.0.0/0 refuse",
         "\taccess-control: 127.0.0.0/8 allow",
+    ]
+
+
+def _remote_control(control_socket: Path) -> list[str]:
+    return [
+        "",
+        "remote-control:",
+        "\tcontrol-enable: yes",
+        f'\tcontrol-interface: "{control_socket}"',
+        "\tcontrol-use-cert: no",
+    ]
+
+
+def render_unbound(dns: DnsState, workdir: Path, control_socket: Path) -> str:
+    lines = [
+        *_server(workdir, dns.listen, dns.port),
         *(f"\taccess-control: {net} allow" for net in dns.allow),
         *(f"\taccess-control: {v.network} allow" for v in dns.views),
         *(f"\taccess-control-view: {v.network} link-{v.name}" for v in dns.views),
@@ -45,11 +64,7 @@ def render_unbound(dns: DnsState, workdir: Path, control_socket: Path) -> str:
         # a linked domain under a zone Unbound serves itself by default (test., home.arpa.,
         # ...) must still be forwarded
         *(f'\tlocal-zone: "{f.domain}." transparent' for f in dns.forwards),
-        "",
-        "remote-control:",
-        "\tcontrol-enable: yes",
-        f'\tcontrol-interface: "{control_socket}"',
-        "\tcontrol-use-cert: no",
+        *_remote_control(control_socket),
     ]
     for view in dns.views:
         lines += ["", "view:", f'\tname: "link-{view.name}"']
@@ -80,33 +95,11 @@ def render_exit_resolver(
     dns = state.dns
     local = [dns.domain, *(f.domain for f in dns.forwards)]
     lines = [
-        "# rendered by picell; edits are overwritten",
-        "server:",
-        '\tusername: ""',
-        '\tchroot: ""',
-        f'\tdirectory: "{workdir}"',
-        '\tpidfile: ""',
-        "\tuse-syslog: no",
-        "\tverbosity: 1",
-        "\tinterface-automatic: no",
-        f"\tinterface: {dns.listen}@{exit_dns_port(tunnel.slot)}",
-        "\tip-freebind: yes",
-        "\tdo-ip6: no",
-        "\tdo-not-query-localhost: no",
-        "\thide-identity: yes",
-        "\thide-version: yes",
-        '\tmodule-config: "iterator"',
-        "\tnum-threads: 1",
-        "\taccess-control: 0.0.0.0/0 refuse",
-        "\taccess-control: 127.0.0.0/8 allow",
+        *_server(workdir, dns.listen, exit_dns_port(tunnel.slot)),
         *(f"\taccess-control: {d}/32 allow" for d in tunnel.devices),
         *(f'\tlocal-zone: "{d}." transparent' for d in local),
         *([] if tunnel.wg is not None and tunnel.dns_server else ['\tlocal-zone: "." refuse']),
-        "",
-        "remote-control:",
-        "\tcontrol-enable: yes",
-        f'\tcontrol-interface: "{control_socket}"',
-        "\tcontrol-use-cert: no",
+        *_remote_control(control_socket),
     ]
     for domain in local:
         lines += ["", "forward-zone:", f'\tname: "{domain}."', f"\tforward-addr: {dns.listen}"]

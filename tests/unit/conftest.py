@@ -11,8 +11,8 @@ import pytest
 from picell import reconcile
 from picell.cellinit import InitRequest
 from picell.control import Control
+from picell.paths import Paths
 from picell.reconcile import Reconciler
-from picell.state import Paths
 from picell.store.db import Store
 from tests.unit.fakes import FakeChild, FakeKernel
 
