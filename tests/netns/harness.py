@@ -294,11 +294,13 @@ import http.server, pathlib, socketserver, sys
 host, port, body, ready = sys.argv[1], int(sys.argv[2]), sys.argv[3].encode(), sys.argv[4]
 class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
+        # "@caller": answer with the caller's address (an "internet" oracle for exit tests)
+        reply = self.client_address[0].encode() if body == b"@caller" else body
         self.send_response(200)
         self.send_header("Content-Type", "text/plain; charset=utf-8")
-        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Length", str(len(reply)))
         self.end_headers()
-        self.wfile.write(body)
+        self.wfile.write(reply)
     def log_message(self, fmt, *args):
         sys.stderr.write("%s %s\n" % (self.client_address[0], fmt % args))
         sys.stderr.flush()
@@ -537,7 +539,9 @@ class Netns:
         return proc
 
     def serve_http(self, addr: str, port: int, body: str, timeout_s: float = 10) -> Proc:
-        """An HTTP server on ``addr:port`` answering every GET with ``body`` (200, text/plain).
+        """An HTTP server on ``addr:port`` answering every GET with ``body`` (200, text/plain),
+        or with the caller's source address when ``body`` is ``"@caller"``. Its log has one
+        ``SOURCE "GET PATH HTTP/1.1" 200 -`` line per request.
 
         Returns once it listens; stopped at teardown (or with ``Proc.stop``).
         """

@@ -33,30 +33,6 @@ from tests.netns.harness import Netns, Proc, Topology, wait_until
 ORACLE = "192.0.2.80"
 UPLINK = {"alpha": "198.51.100.1", "beta": "198.51.100.65", "charlie": "198.51.100.129"}
 
-# answers every GET with the caller's source address; logs "SOURCE PATH" lines
-_ORACLE = r"""
-import http.server, pathlib, socketserver, sys
-host, port, log, ready = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-class Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = self.client_address[0].encode()
-        with open(log, "a") as f:
-            f.write("%s %s\n" % (self.client_address[0], self.path))
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *args):
-        pass
-class Server(http.server.ThreadingHTTPServer):
-    def server_bind(self):
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = host, port
-server = Server((host, port), Handler)
-pathlib.Path(ready).write_text("ready")
-server.serve_forever()
-"""
-
 
 @dataclass
 class World:
@@ -69,16 +45,13 @@ class World:
     laptop: Netns
     pad: Netns
     tablet: Netns
-    oracle_log: Path
+    oracle: Proc
     dns_log: Path
 
     def seen(self, path_prefix: str) -> list[str]:
         """Source addresses the oracle saw for requests whose path starts with the prefix."""
-        try:
-            lines = self.oracle_log.read_text().splitlines()
-        except FileNotFoundError:
-            return []
-        return [ln.split()[0] for ln in lines if ln.split()[1].startswith(path_prefix)]
+        lines = [ln.split() for ln in self.oracle.log_text().splitlines()]
+        return [f[0] for f in lines if len(f) > 2 and f[2].startswith(path_prefix)]
 
     def asked(self, name: str) -> list[str]:
         """Addresses that asked the internet's DNS for `name`."""
@@ -123,8 +96,7 @@ def world() -> Iterator[World]:
         inet.sysctl("net.ipv4.ip_forward", 1)
         for addr in (ORACLE, "192.0.2.53"):
             inet.run(["ip", "addr", "add", f"{addr}/32", "dev", "lo"])
-        oracle_log = topo.workdir / "oracle.log"
-        inet._start_ready(_ORACLE, [ORACLE, "80", str(oracle_log)], "oracle", 10)
+        oracle = inet.serve_http(ORACLE, 80, "@caller")
         inet.serve_tcp_echo(ORACLE, 7)
         _, dns_log = _internet_dns(inet, topo.workdir)
         dev = topo.bridge("dev")
@@ -150,7 +122,7 @@ def world() -> Iterator[World]:
         for other in (beta, charlie):
             wait_until(lambda o=other: alpha.ns.ping(o.ip), 20, f"alpha cannot reach {other.name}")
         yield World(topo, alpha, beta, charlie, inet, devices["phone"], devices["laptop"],
-                    devices["pad"], devices["tablet"], oracle_log, dns_log)  # fmt: skip
+                    devices["pad"], devices["tablet"], oracle, dns_log)  # fmt: skip
 
 
 def offers(world: World, cell: str) -> bool:
