@@ -134,6 +134,14 @@ def exit_of(world: World, ns: Netns, tag: str) -> str | None:
     return ns.http_get(f"http://{ORACLE}/{tag}-{time.monotonic_ns()}", timeout_s=2)
 
 
+def leaves_through(
+    ns: Netns, w: World, cell: str, timeout_s: float, message: str, tag: str | None = None
+) -> None:
+    """Wait until a request from `ns` reaches the oracle from `cell`'s uplink address."""
+    path = tag or ns.role
+    wait_until(lambda: exit_of(w, ns, path) == UPLINK[cell], timeout_s, message)
+
+
 @pytest.fixture(scope="module")
 def routed(world: World) -> World:
     """phone via beta, laptop via charlie, pad full tunnel via alpha: each imports the config
@@ -160,12 +168,11 @@ def routed(world: World) -> World:
 
 def test_each_device_leaves_through_its_own_exit(routed: World) -> None:
     w = routed
-    wait_until(lambda: exit_of(w, w.phone, "phone") == UPLINK["beta"], 30,
-               "the phone's traffic does not leave through beta")  # fmt: skip
-    wait_until(lambda: exit_of(w, w.laptop, "laptop") == UPLINK["charlie"], 30,
-               "the laptop's traffic does not leave through charlie")  # fmt: skip
-    wait_until(lambda: exit_of(w, w.pad, "pad") == UPLINK["alpha"], 30,
-               "the pad's traffic does not leave through alpha")  # fmt: skip
+    leaves_through(w.phone, w, "beta", 30, "the phone's traffic does not leave through beta")
+    leaves_through(
+        w.laptop, w, "charlie", 30, "the laptop's traffic does not leave through charlie"
+    )
+    leaves_through(w.pad, w, "alpha", 30, "the pad's traffic does not leave through alpha")
     assert set(w.seen("/phone")) == {UPLINK["beta"]}
     assert set(w.seen("/laptop")) == {UPLINK["charlie"]}
     # the routed phone still reaches its own cell and what linked cells share, by name
@@ -191,7 +198,7 @@ def test_lookups_leave_where_the_traffic_leaves(routed: World) -> None:
 
 def test_the_relay_lends_only_its_internet(routed: World) -> None:
     w = routed
-    wait_until(lambda: exit_of(w, w.phone, "phone") == UPLINK["beta"], 30, "no exit via beta")
+    leaves_through(w.phone, w, "beta", 30, "no exit via beta")
     assert w.tablet.ping("10.62.0.1")  # beta's own device is up and reachable at home
     assert not w.phone.ping("10.62.0.2", timeout_s=1)  # beta's device
     assert not w.phone.tcp_connect("203.0.113.5", 80)  # beta's LAN host
@@ -201,7 +208,7 @@ def test_the_relay_lends_only_its_internet(routed: World) -> None:
 
 def test_withdrawn_offer_fails_closed_and_returns(routed: World) -> None:
     w = routed
-    wait_until(lambda: exit_of(w, w.phone, "phone") == UPLINK["beta"], 30, "no exit via beta")
+    leaves_through(w.phone, w, "beta", 30, "no exit via beta")
     session = w.phone.tcp_echo_session(ORACLE, 7)
     w.beta.cli("exit-offer", "alpha", "off")
     wait_until(lambda: session.silent_for(1.0), 10, "an established flow kept going")
@@ -213,27 +220,24 @@ def test_withdrawn_offer_fails_closed_and_returns(routed: World) -> None:
     assert w.asked("closed.example.net") == []
     assert exit_of(w, w.laptop, "laptop") == UPLINK["charlie"]  # the other exit is untouched
     w.beta.cli("exit-offer", "alpha", "on")
-    wait_until(lambda: exit_of(w, w.phone, "phone") == UPLINK["beta"], 30,
-               "the phone did not come back through beta")  # fmt: skip
+    leaves_through(w.phone, w, "beta", 30, "the phone did not come back through beta")
 
 
 def test_exit_down_fails_closed_and_everything_returns_after_restarts(routed: World) -> None:
     w = routed
-    wait_until(lambda: exit_of(w, w.phone, "phone") == UPLINK["beta"], 30, "no exit via beta")
+    leaves_through(w.phone, w, "beta", 30, "no exit via beta")
     w.beta.stop()  # its daemon and tunnels go down
     assert exit_of(w, w.phone, "phone-down") is None
     assert w.seen("/phone-down") == []
     w.beta.start()
-    wait_until(lambda: exit_of(w, w.phone, "phone") == UPLINK["beta"], 60,
-               "the phone did not come back through beta after its restart")  # fmt: skip
+    leaves_through(
+        w.phone, w, "beta", 60, "the phone did not come back through beta after its restart"
+    )
     w.alpha.stop()
     w.alpha.start()
-    wait_until(lambda: exit_of(w, w.phone, "phone") == UPLINK["beta"], 60,
-               "the phone lost its exit after alpha's restart")  # fmt: skip
-    wait_until(lambda: exit_of(w, w.laptop, "laptop") == UPLINK["charlie"], 60,
-               "the laptop lost its exit after alpha's restart")  # fmt: skip
-    wait_until(lambda: exit_of(w, w.pad, "pad") == UPLINK["alpha"], 60,
-               "the pad lost its home exit after alpha's restart")  # fmt: skip
+    leaves_through(w.phone, w, "beta", 60, "the phone lost its exit after alpha's restart")
+    leaves_through(w.laptop, w, "charlie", 60, "the laptop lost its exit after alpha's restart")
+    leaves_through(w.pad, w, "alpha", 60, "the pad lost its home exit after alpha's restart")
     assert w.seen("/phone-down") == []
 
 
@@ -241,17 +245,17 @@ def test_route_via_none_makes_the_cell_the_home_exit(routed: World) -> None:
     w = routed
     data = w.alpha.cli("route-via", "laptop", "none")
     assert data["route_via"] is None
-    wait_until(lambda: exit_of(w, w.laptop, "laptop-home") == UPLINK["alpha"], 20,
-               "the laptop does not leave through alpha")  # fmt: skip
+    leaves_through(
+        w.laptop, w, "alpha", 20, "the laptop does not leave through alpha", tag="laptop-home"
+    )
     wait_until(lambda: not w.charlie.links()["alpha"]["relaying"], 10, "charlie still relays")
     w.alpha.cli("route-via", "laptop", "charlie")
-    wait_until(lambda: exit_of(w, w.laptop, "laptop") == UPLINK["charlie"], 30,
-               "the laptop did not go back to charlie")  # fmt: skip
+    leaves_through(w.laptop, w, "charlie", 30, "the laptop did not go back to charlie")
 
 
 def test_a_second_reconcile_changes_nothing_on_either_side(routed: World) -> None:
     w = routed
-    wait_until(lambda: exit_of(w, w.phone, "phone") == UPLINK["beta"], 30, "no exit via beta")
+    leaves_through(w.phone, w, "beta", 30, "no exit via beta")
     for cell in (w.alpha, w.beta):
         cell.cli("reconcile")
         report = cell.cli("reconcile")
