@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -46,12 +47,52 @@ from picell.wireguard.render import device_allowed_ips, render_device
 log = logging.getLogger(__name__)
 
 
+class Coalescer:
+    """Runs `action` on a thread of its own, at most once per `window_s` however often it is
+    asked: a burst of state documents from a linked cell costs a few reconciles, not one each.
+    The thread never dies: a failed action is logged and the next request runs it again."""
+
+    def __init__(self, action: Callable[[], None], window_s: float) -> None:
+        self.action = action
+        self.window_s = window_s
+        self.runs = 0
+        self._asked = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="coalesce", daemon=True)
+        self._thread.start()
+
+    def ask(self) -> None:
+        self._asked.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._asked.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._asked.wait()
+            if self._stop.wait(self.window_s):  # let the burst settle
+                return
+            self._asked.clear()
+            try:
+                self.action()
+                self.runs += 1
+            except Exception:  # noqa: BLE001 - logged; the next request runs it again
+                log.exception("coalesced converge failed")
+
+
 class Control:
     def __init__(self, store: Store, runner: Runner, reconciler: Reconciler | None) -> None:
         self.store = store
         self.runner = runner
         self.reconciler = reconciler
         self.last_error: str | None = None
+        # set by the daemon: converge on a thread of its own, bursts coalesced; without it
+        # (tests, one-shot commands) `converge_soon` converges at once
+        self.coalescer: Coalescer | None = None
+        self._flush: set[str] = set()
+        self._flush_lock = threading.Lock()
         # set by the daemon: a removed service stops being shared, and linked cells hear of it
         self.on_service_removed: Callable[[sqlite3.Connection, str], None] | None = None
         self.after_change: Callable[[], None] | None = None
@@ -83,6 +124,27 @@ class Control:
                 raise
             self.last_error = None
             return report
+
+    def converge_soon(self, flush: str | None = None) -> None:
+        """Converge after a change another cell made (its state document), and then flush
+        `flush`'s cached answers from Unbound."""
+        if flush is not None:
+            with self._flush_lock:
+                self._flush.add(flush)
+        if self.coalescer is not None:
+            self.coalescer.ask()
+        else:
+            self.converge_and_flush()
+
+    def converge_and_flush(self) -> None:
+        try:
+            self.converge()
+        finally:
+            with self._flush_lock:
+                domains, self._flush = sorted(self._flush), set()
+            if self.reconciler is not None:
+                for domain in domains:
+                    self.reconciler.unbound.flush_zone(domain)
 
     @contextmanager
     def change(self) -> Iterator[sqlite3.Connection]:

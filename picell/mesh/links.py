@@ -4,6 +4,12 @@ Every change goes through `Control.change()` (one transaction, reconciled before
 pairing call to the other cell happens before anything is stored: if the other cell refuses,
 nothing changes on either side; if it cannot be reached, our side is stored as `waiting` and the
 other owner can import our invite by hand (either order completes the link).
+
+Every identity that arrives (an invite we import, a redemption on our pairing listener, the
+other cell's answer) is a `wire.Identity` and passes `admit`: the identity policy
+(`mesh.policy`), the conflicts with our cell and our other links, and a common protocol version.
+A redeemer on the pairing port learns only that it was refused: the reason goes to our journal,
+and a refused redemption spends the token, so an invite holder cannot map our links.
 """
 
 from __future__ import annotations
@@ -21,27 +27,38 @@ from typing import Any
 from picell import validate
 from picell.constants import INVITE_MAX_TTL_S, INVITE_MIN_TTL_S, LINK_ONLINE_S
 from picell.control import Control
-from picell.errors import BadInput, Conflict, Forbidden, NotFound
-from picell.mesh import client
-from picell.mesh.crypto import mac, mac_ok, new_token, pairing_key, short_auth_string, token_hash
+from picell.errors import BadInput, Conflict, Forbidden, NotFound, PicellError
+from picell.mesh import client, policy, wire
+from picell.mesh.crypto import (
+    link_key,
+    mac,
+    mac_ok,
+    new_token,
+    pairing_key,
+    short_auth_string,
+    token_hash,
+)
 from picell.mesh.document import shared_services
-from picell.mesh.invite import Identity, Invite, Pairing, parse_identity, parse_invite
-from picell.mesh.protocol import check_envelope, envelope_from, parse_envelope
+from picell.mesh.invite import parse_invite
+from picell.mesh.protocol import Envelope, check_envelope, envelope_from, parse_envelope
+from picell.mesh.wire import Identity, Invite, Pairing
 from picell.store import cell as cell_table
 from picell.store import invites as invite_table
 from picell.store import journal, outbox
 from picell.store import links as link_table
 from picell.store import services as service_table
 from picell.store.cell import Cell
-from picell.store.links import Link
+from picell.store.links import Link, LinkState
 from picell.wireguard import keys
 from picell.wireguard.apply import observe_wg
 
-REFUSED = "pairing refused: the token is unknown, used or expired, or the MAC does not verify"
+REFUSED = "pairing refused"  # all a redeemer on our pairing port ever learns
 
 
 def identity_of(cell: Cell) -> Identity:
     return Identity(
+        version=min(wire.SUPPORTED_VERSIONS),
+        versions=list(wire.SUPPORTED_VERSIONS),
         cell_name=cell.name,
         domain=cell.domain,
         public_key=keys.public_from_private(cell.private_key),
@@ -60,7 +77,7 @@ def check_conflicts(
     cell: Cell, links: list[Link], other: Identity, prefix: str = "invite."
 ) -> None:
     """Refuse a link that would collide, naming the cell in conflict. The link with the same
-    public key (a re-pairing) is not a conflict with itself."""
+    public key (a re-pairing) is not a conflict with itself, but may not change its name."""
     name = other.cell_name
     if other.public_key == keys.public_from_private(cell.private_key):
         raise Conflict(
@@ -84,6 +101,12 @@ def check_conflicts(
         )
     for link in links:
         if link.public_key == other.public_key:
+            if link.name != name:
+                raise Conflict(
+                    f"{prefix}cell_name: that key is linked as cell {link.name}; a pairing "
+                    "never renames a link",
+                    field=f"{prefix}cell_name",
+                )
             continue
         if link.name == name:
             raise Conflict(
@@ -104,7 +127,7 @@ def check_conflicts(
             )
 
 
-def _link_from(other: Identity, existing: Link | None, state: str) -> Link:
+def _link_from(other: Identity, existing: Link | None, state: LinkState) -> Link:
     """The link row for `other`: a new one, or `existing` updated in place (a re-pairing)."""
     fields: dict[str, Any] = {
         "name": other.cell_name,
@@ -114,16 +137,16 @@ def _link_from(other: Identity, existing: Link | None, state: str) -> Link:
         "domain": other.domain,
         "mesh_port": other.mesh_port,
         "remote_api_url": f"http://{other.dns_ip}:{other.mesh_port}",
-        "state": state,
+        "remote_versions": other.speaks(),
     }
     if existing is None:
-        link = Link(public_key=other.public_key, created_at=time.time(), **fields)
+        link = Link(public_key=other.public_key, created_at=time.time(), state=state, **fields)
     else:
-        link = replace(existing, **fields)
+        link = replace(existing, state=existing.state.to(state, existing.name), **fields)
     return replace(
         link,
-        linked_at=link.linked_at or (time.time() if state == "linked" else None),
-        last_push_error=None if state == "linked" else link.last_push_error,
+        linked_at=link.linked_at or (time.time() if state == LinkState.LINKED else None),
+        last_push_error=None if state == LinkState.LINKED else link.last_push_error,
     )
 
 
@@ -136,12 +159,44 @@ def _parse_ttl(expires_s: float) -> float:
     return expires_s
 
 
+def invite_proof(token: str, our_public: str, their_public: str) -> str:
+    """Our proof, sent in our state documents, that we imported the invite holding `token`."""
+    return mac(pairing_key(token), {"from_public_key": our_public, "to_public_key": their_public})
+
+
+def _key_proof(our_private: str, their_public: str, signed: dict[str, Any]) -> str:
+    """A MAC with the link key: only the holder of the identity's private key can make it."""
+    return mac(link_key(our_private, their_public), signed)
+
+
 class Links:
     def __init__(self, control: Control, wake_sender: Callable[[], None] = lambda: None) -> None:
         self.control = control
         self.store = control.store
         self.wake_sender = wake_sender
         self.rejected: Counter[str] = Counter()  # refused cross-cell messages, by route and status
+
+    # -- the identity policy, at every door ----------------------------------------------------
+    def admit(
+        self,
+        conn: sqlite3.Connection,
+        cell: Cell,
+        other: Identity,
+        prefix: str,
+        *,
+        trusted_domain: bool = False,
+        host: policy.HostNets | None = None,
+    ) -> None:
+        """Refuse `other` unless the policy, our links and a common version allow it."""
+        existing = link_table.by_key(conn, other.public_key)
+        if existing is None or existing.domain != other.domain:
+            policy.check_domain(other.domain, f"{prefix}domain", trusted=trusted_domain)
+        if existing is None or existing.vpn_subnet != other.vpn_subnet:
+            if host is None:
+                host = policy.observe_host(self.control.runner, cell.interface)
+            policy.check_network(other.vpn_subnet, f"{prefix}vpn_subnet", other.cell_name, host)
+        check_conflicts(cell, link_table.all_links(conn), other, prefix)
+        wire.common_version(other.speaks(), other.cell_name, f"{prefix}versions")
 
     # -- invites -------------------------------------------------------------------------------
     def invite(self, expires_s: float) -> Invite:
@@ -151,10 +206,13 @@ class Links:
         with self.store.transaction() as conn:
             cell = cell_table.load(conn)
             invite_table.add(conn, token_hash(token), pairing_key(token), expires_at)
-        return Invite(identity_of(cell), Pairing(cell.pair_port, token, expires_at))
+        return Invite(
+            **identity_of(cell).model_dump(),
+            pairing=Pairing(port=cell.pair_port, token=token, expires_at=expires_at),
+        )
 
     # -- connect (this cell imports the other's invite) ----------------------------------------
-    def connect(self, text: str) -> dict[str, Any]:
+    def connect(self, text: str, *, trust_domain: bool = False) -> dict[str, Any]:
         inv = parse_invite(text)
         if inv.pairing is None:
             raise BadInput(
@@ -165,47 +223,64 @@ class Links:
                 "invite.pairing.expires_at: the invite has expired; ask for a fresh one",
                 field="invite.pairing.expires_at",
             )
-        other = inv.identity
+        other = Identity(**{k: getattr(inv, k) for k in Identity.model_fields})
         with self.store.read() as conn:
             cell = cell_table.load(conn)
-            check_conflicts(cell, link_table.all_links(conn), other)
+            self.admit(conn, cell, other, "invite.", trusted_domain=trust_domain)
+        our_public = keys.public_from_private(cell.private_key)
+        proof = invite_proof(inv.pairing.token, our_public, other.public_key)
         key = pairing_key(inv.pairing.token)
-        request = {"identity": identity_of(cell).as_dict(), "nonce": secrets.token_hex(16)}
+        signed = {"identity": identity_of(cell).as_dict(), "nonce": secrets.token_hex(16)}
+        request = {
+            **signed,
+            "mac": mac(key, signed),
+            "key_proof": _key_proof(cell.private_key, other.public_key, signed),
+        }
         host = validate.endpoint(other.endpoint).host
         try:
-            status, data = client.pair(
-                host, inv.pairing.port, {**request, "mac": mac(key, request)}
-            )
+            status, data = client.pair(host, inv.pairing.port, request)
         except client.Unreachable as exc:
-            self._store(other, "waiting", "connect", f"pairing port unreachable: {exc}")
+            self._store(other, LinkState.WAITING, "connect", f"pairing port unreachable: {exc}",
+                        trust_domain, proof)  # fmt: skip
             return self.describe(other.cell_name)
-        if status != 200 or not isinstance(data, dict):
-            message = data.get("message") if isinstance(data, dict) else None
+        name = other.cell_name
+        if status != 200:
             raise Forbidden(
-                f"cell {other.cell_name} refused the pairing: {message or f'HTTP {status}'}",
+                f"{name} refused the link; its owner sees why in {name}'s journal (HTTP {status})",
                 field="invite",
             )
-        answer = {"identity": data.get("identity"), "nonce": request["nonce"], "role": "accepted"}
-        if data.get("nonce") != request["nonce"] or not mac_ok(key, answer, data.get("mac", "")):
+        answer = wire.parse(wire.PairingAnswer, data, "answer")
+        signed_answer = {"identity": data["identity"], "nonce": answer.nonce, "role": "accepted"}
+        if answer.nonce != signed["nonce"] or not mac_ok(key, signed_answer, answer.mac):
             raise Forbidden(
-                f"cell {other.cell_name}'s answer does not verify: not the invite's cell",
-                field="invite",
+                f"cell {name}'s answer does not verify: not the invite's cell", field="invite"
             )
-        confirmed = parse_identity(data.get("identity"), "answer.")
-        if confirmed.public_key != other.public_key:
-            raise Forbidden("answer.public_key: differs from the invite's", field="invite")
-        self._store(confirmed, "linked", "linked", "paired with their pairing listener")
+        confirmed = answer.identity
+        same = ("public_key", "cell_name", "domain", "vpn_subnet")
+        for f in same:
+            if getattr(confirmed, f) != getattr(other, f):
+                raise Forbidden(f"answer.{f}: differs from the invite's", field=f"answer.{f}")
+        self._store(confirmed, LinkState.LINKED, "linked", "paired with their pairing listener",
+                    trust_domain, proof)  # fmt: skip
         return self.describe(confirmed.cell_name)
 
-    def _store(self, other: Identity, state: str, event: str, detail: str) -> None:
+    def _store(
+        self,
+        other: Identity,
+        state: LinkState,
+        event: str,
+        detail: str,
+        trust_domain: bool,
+        proof: str,
+    ) -> None:
         with self.control.change() as conn:
             cell = cell_table.load(conn)
-            check_conflicts(cell, link_table.all_links(conn), other)
+            self.admit(conn, cell, other, "invite.", trusted_domain=trust_domain)
             existing = link_table.by_key(conn, other.public_key)
-            if existing is not None and existing.state == "linked" and state == "waiting":
-                state = "linked"  # re-pairing an established link: keep it established
-            link = _link_from(other, existing, state)
-            if state == "waiting":
+            if existing is not None and existing.state == LinkState.LINKED:
+                state = LinkState.LINKED  # re-pairing an established link: keep it established
+            link = replace(_link_from(other, existing, state), invite_proof=proof)
+            if state == LinkState.WAITING:
                 link = replace(link, last_push_error=f"waiting for the other cell: {detail}")
             link_table.save(conn, link)
             outbox.drop(conn, other.public_key)  # a pending unlink would end the new link
@@ -214,46 +289,71 @@ class Links:
 
     # -- accept (the other cell redeems our invite on the pairing listener) --------------------
     def accept(self, payload: Any) -> dict[str, Any]:
-        if not isinstance(payload, dict):
-            raise BadInput("body: a JSON object is expected", field="body")
-        nonce, claimed = payload.get("nonce"), payload.get("mac")
-        if not isinstance(nonce, str) or not 16 <= len(nonce) <= 64:
-            raise BadInput("nonce: 16-64 characters expected", field="nonce")
-        if not isinstance(claimed, str):
-            raise BadInput("mac: missing", field="mac")
-        other = parse_identity(payload.get("identity"), "identity.")
-        signed = {"identity": payload["identity"], "nonce": nonce}
+        request = wire.parse(wire.PairingRequest, payload, "body")
+        other = request.identity
+        signed = {"identity": payload["identity"], "nonce": request.nonce}
+        refusal: PicellError | None = None
         with self.control.change() as conn:
             match = next(
                 (
                     inv
                     for inv in invite_table.candidates(conn, time.time())
-                    if mac_ok(inv.mac_key, signed, claimed)
+                    if mac_ok(inv.mac_key, signed, request.mac)
                 ),
                 None,
             )
             if match is None or not invite_table.consume(conn, match.id, other.cell_name):
                 raise Forbidden(REFUSED, field="mac")
             cell = cell_table.load(conn)
-            check_conflicts(cell, link_table.all_links(conn), other, prefix="identity.")
-            link_table.save(
-                conn, _link_from(other, link_table.by_key(conn, other.public_key), "linked")
-            )
-            outbox.drop(conn, other.public_key)
-            journal.append(conn, other.cell_name, "linked", f"cell {other.cell_name}",
-                           "they redeemed our invite")  # fmt: skip
+            try:
+                self.admit(conn, cell, other, "identity.")  # never a trusted domain here
+                existing = link_table.by_key(conn, other.public_key)
+                if existing is not None:
+                    proof = _key_proof(cell.private_key, other.public_key, signed)
+                    if request.key_proof is None or not secrets.compare_digest(
+                        proof, request.key_proof
+                    ):
+                        raise Forbidden(
+                            f"key_proof: the key of linked cell {existing.name} was offered "
+                            "without proof that the redeemer holds it",
+                            field="key_proof",
+                        )
+                link = _link_from(other, existing, LinkState.LINKED)
+            except PicellError as exc:
+                refusal = exc
+                journal.append(conn, other.cell_name, "pairing refused",
+                               f"cell {other.cell_name}", exc.message)  # fmt: skip
+            else:
+                link_table.save(conn, link)
+                outbox.drop(conn, other.public_key)
+                journal.append(conn, other.cell_name, "linked", f"cell {other.cell_name}",
+                               "they redeemed our invite")  # fmt: skip
+        if refusal is not None:
+            raise Forbidden(REFUSED, field="identity")
         self.wake_sender()
-        answer = {"identity": identity_of(cell).as_dict(), "nonce": nonce}
+        answer = {"identity": identity_of(cell).as_dict(), "nonce": request.nonce}
         return {**answer, "mac": mac(match.mac_key, {**answer, "role": "accepted"})}
+
+    def spend_invite(self, conn: sqlite3.Connection, cell: Cell, link: Link, proof: str) -> None:
+        """Spend the invite of ours that `link` proves it imported (the link completed without
+        our pairing port, so no redemption spent it)."""
+        our_public = keys.public_from_private(cell.private_key)
+        signed = {"from_public_key": link.public_key, "to_public_key": our_public}
+        for inv in invite_table.candidates(conn, time.time()):
+            if mac_ok(inv.mac_key, signed, proof):
+                invite_table.consume(conn, inv.id, link.name)
+                journal.append(conn, link.name, "invite spent", f"cell {link.name}",
+                               "they imported it; the link completed without pairing")  # fmt: skip
+                return
 
     # -- disconnect and unlink -----------------------------------------------------------------
     def disconnect(self, name: str) -> None:
         validate.name(name, "cell")
         with self.control.change() as conn:
             link = link_table.get(conn, name)
-            if link.state == "unlinking":
+            if link.state == LinkState.UNLINKING:
                 return
-            if link.state == "waiting":
+            if link.state == LinkState.WAITING:
                 # the other cell never confirmed: it holds no side to tear down
                 link_table.delete(conn, name)
                 journal.append(conn, name, "unlinked", "local owner", "before it was confirmed")
@@ -261,7 +361,8 @@ class Links:
             cell = cell_table.load(conn)
             seq = link.local_seq + 1
             envelope = envelope_from(cell, link, "unlink", seq)
-            link_table.save(conn, replace(link, state="unlinking", local_seq=seq))
+            state = link.state.to(LinkState.UNLINKING, name)
+            link_table.save(conn, replace(link, state=state, local_seq=seq))
             outbox.put(conn, link.public_key, "unlink", json.dumps(envelope))
             journal.append(conn, name, "unlinked", "local owner", "telling the other cell")
         self.wake_sender()
@@ -269,7 +370,7 @@ class Links:
     def receive_unlink(self, payload: Any, source: str | None) -> dict[str, Any]:
         """Forget the link at the other cell's word. Only the store changes here: the caller
         converges after the answer left, since removing the peer first would strand it."""
-        env = parse_envelope(payload, "unlink")
+        env = parse_envelope(payload, wire.UnlinkBody)
         with self.store.transaction() as conn:
             link, cell = self.authenticate(conn, env, source)
             link_table.delete(conn, link.name)
@@ -279,7 +380,7 @@ class Links:
         return {"ok": True, "cell": cell.name}
 
     def authenticate(
-        self, conn: sqlite3.Connection, env: Any, source: str | None
+        self, conn: sqlite3.Connection, env: Envelope[Any], source: str | None
     ) -> tuple[Link, Cell]:
         cell = cell_table.load(conn)
         link = link_table.by_key(conn, env.from_public_key)
@@ -297,7 +398,7 @@ class Links:
     def unlink_delivered(self, public_key: str, outcome: str) -> None:
         with self.control.change() as conn:
             link = link_table.by_key(conn, public_key)
-            if link is not None and link.state == "unlinking":
+            if link is not None and link.state == LinkState.UNLINKING:
                 link_table.delete(conn, link.name)
                 journal.append(conn, link.name, "unlink delivered", "local owner", outcome)
 
@@ -323,7 +424,7 @@ class Links:
             out.append(
                 {
                     "name": link.name,
-                    "state": link.state,
+                    "state": link.state.value,
                     "domain": link.domain,
                     "vpn_subnet": str(link.vpn_subnet),
                     "dns_ip": str(link.dns_ip),
@@ -341,7 +442,7 @@ class Links:
                     # we use their exit (devices routed via them); they use ours
                     "exit_relay_active": link.exit_relay_active,
                     "remote_exit_relay_active": link.remote_exit_relay_active,
-                    "relaying": link.state == "linked"
+                    "relaying": link.state == LinkState.LINKED
                     and link.exit_offered
                     and link.remote_exit_relay_active,
                     "pending_push": link.pending_push,

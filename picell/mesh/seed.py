@@ -19,10 +19,12 @@ from urllib.parse import urlsplit
 
 from picell.errors import BadInput
 from picell.mesh.invite import parse_identity
-from picell.mesh.links import Links, _link_from, check_conflicts
+from picell.mesh.links import Links, _link_from
+from picell.mesh.strictjson import loads
 from picell.store import cell as cell_table
 from picell.store import journal
 from picell.store import links as link_table
+from picell.store.links import LinkState
 
 IDENTITY = ("cell_name", "public_key", "endpoint", "vpn_subnet", "dns_ip", "domain")
 FLAGS = ("exit_offered", "remote_exit_offered", "exit_relay_active", "remote_exit_relay_active",
@@ -85,8 +87,8 @@ def _one(entry: dict[str, Any], index: int) -> tuple[Any, dict[str, Any], dict[s
         raw["domain"] = f"{name}.cell"
     url = str(raw.get("remote_api_url") or "")
     port = raw.get("mesh_port") or (urlsplit(url).port if url else None) or 3000
-    identity = parse_identity({**{k: raw.get(k) for k in IDENTITY if raw.get(k) is not None},
-                               "mesh_port": port}, prefix.replace(" .", "."))  # fmt: skip
+    fields = {k: raw.get(k) for k in IDENTITY if raw.get(k) is not None}
+    identity = parse_identity({**fields, "mesh_port": port}, prefix.replace(" .", ".").rstrip("."))
     extra = {
         "inbound": tuple(str(x.get("name") if isinstance(x, dict) else x)
                          for x in _names(raw.get("inbound"), f"{where}.inbound")),
@@ -102,18 +104,16 @@ def _one(entry: dict[str, Any], index: int) -> tuple[Any, dict[str, Any], dict[s
 
 
 def import_links(links: Links, content: str) -> dict[str, Any]:
-    try:
-        data = json.loads(content)
-    except ValueError:
-        raise BadInput("content: not JSON", field="content") from None
+    data = loads(content, "content")
     parsed = [_one(e, i) for i, e in enumerate(_entries(data))]
     imported = []
     with links.control.change() as conn:
         cell = cell_table.load(conn)
         for identity, extra, unknown in parsed:
-            check_conflicts(cell, link_table.all_links(conn), identity, prefix="links.")
+            # the owner's own file: their word for each domain, as `connect --trust-domain`
+            links.admit(conn, cell, identity, "links.", trusted_domain=True)
             existing = link_table.by_key(conn, identity.public_key)
-            link = replace(_link_from(identity, existing, "linked"), **extra)
+            link = replace(_link_from(identity, existing, LinkState.LINKED), **extra)
             if not link.remote_api_url:
                 link = replace(link, remote_api_url=f"http://{link.dns_ip}:{link.mesh_port}")
             link_table.save(conn, replace(link, linked_at=link.linked_at or time.time()))

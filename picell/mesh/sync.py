@@ -16,65 +16,36 @@ from typing import Any
 
 from picell import validate
 from picell.errors import BadInput, Conflict, NotFound
-from picell.mesh.invite import Identity
-from picell.mesh.links import Links, check_conflicts
+from picell.mesh import wire
+from picell.mesh.links import Links
 from picell.mesh.protocol import parse_envelope
 from picell.store import journal
 from picell.store import links as link_table
 from picell.store import services as service_table
-from picell.store.cell import Cell
-from picell.store.links import Link
+from picell.store.links import Link, LinkState
 
 
-def _parse_shared(raw: Any, link: Link) -> tuple[dict[str, Any], ...]:
-    if not isinstance(raw, list) or len(raw) > 1000:
-        raise BadInput("body.shared_services: a list is expected", field="body.shared_services")
-    out = []
-    for i, item in enumerate(raw):
-        field = f"body.shared_services[{i}]"
-        if not isinstance(item, dict):
-            raise BadInput(f"{field}: an object is expected", field=field)
-        name = validate.name(str(item.get("name", "")), f"{field}.name")
-        vip = validate.ipv4(str(item.get("vip")), f"{field}.vip")
-        if vip not in link.vpn_subnet:
-            raise BadInput(f"{field}.vip: {vip} is outside {link.vpn_subnet}", field=f"{field}.vip")
-        ports = item.get("ports")
-        if not isinstance(ports, list) or not ports:
-            raise BadInput(f"{field}.ports: a list of ports is expected", field=f"{field}.ports")
-        protocol = item.get("protocol", "tcp")
-        if protocol not in ("tcp", "udp"):
-            raise BadInput(f"{field}.protocol: tcp or udp", field=f"{field}.protocol")
-        out.append(
-            {
-                "name": name,
-                "vip": str(vip),
-                "ports": [validate.port(p, f"{field}.ports") for p in ports],
-                "protocol": protocol,
-            }
-        )
-    return tuple(sorted(out, key=lambda s: s["name"]))
-
-
-def _exit_end(raw: Any, field: str) -> tuple[str | None, int | None]:
-    if raw is None:
-        return None, None
-    if not isinstance(raw, dict):
-        raise BadInput(f"{field}: an object is expected", field=field)
-    key = validate.wg_key(str(raw.get("public_key", "")), f"{field}.public_key")
-    return key, validate.port(raw.get("port", ""), f"{field}.port")
-
-
-def _exit_ends(body: dict[str, Any]) -> dict[str, Any]:
+def _exit_ends(body: wire.StateBody) -> dict[str, Any]:
     """Their ends of the exit tunnels: the relay's (with an offer), the client's (with a
     request to use our exit)."""
-    relay_key, relay_port = _exit_end(body.get("exit_relay"), "body.exit_relay")
-    client_key, client_port = _exit_end(body.get("exit_client"), "body.exit_client")
+    relay, client = body.exit_relay, body.exit_client
     return {
-        "remote_exit_relay_key": relay_key,
-        "remote_exit_relay_port": relay_port,
-        "remote_exit_client_key": client_key,
-        "remote_exit_client_port": client_port,
+        "remote_exit_relay_key": relay.public_key if relay else None,
+        "remote_exit_relay_port": relay.port if relay else None,
+        "remote_exit_client_key": client.public_key if client else None,
+        "remote_exit_client_port": client.port if client else None,
     }
+
+
+def _outbound(body: wire.StateBody, link: Link) -> tuple[dict[str, Any], ...]:
+    """What they share with us; every address inside their network."""
+    for i, svc in enumerate(body.shared_services):
+        if svc.vip not in link.vpn_subnet:
+            field = f"body.shared_services[{i}].vip"
+            raise BadInput(f"{field}: {svc.vip} is outside {link.vpn_subnet}", field=field)
+    return tuple(
+        s.model_dump(mode="json") for s in sorted(body.shared_services, key=lambda s: s.name)
+    )
 
 
 class Sync:
@@ -90,7 +61,7 @@ class Sync:
         wanted = tuple(sorted({validate.name(s, "services") for s in services}))
         with self.control.change() as conn:
             link = link_table.get(conn, name)
-            if link.state == "unlinking":
+            if link.state == LinkState.UNLINKING:
                 raise Conflict(f"cell: the link with {name} is ending", field="cell")
             known = {s.name for s in service_table.all_services(conn)}
             for svc in wanted:
@@ -112,7 +83,7 @@ class Sync:
         validate.name(name, "cell")
         with self.control.change() as conn:
             link = link_table.get(conn, name)
-            if link.state == "unlinking":
+            if link.state == LinkState.UNLINKING:
                 raise Conflict(f"cell: the link with {name} is ending", field="cell")
             if link.exit_offered != offered:
                 link_table.save(conn, replace(link, exit_offered=offered))
@@ -151,92 +122,86 @@ class Sync:
 
     # -- receiving their document --------------------------------------------------------------
     def receive_state(self, payload: Any, source: str | None) -> dict[str, Any]:
-        env = parse_envelope(payload, "state")
+        """Mirror their document. The store changes here; the kernel follows in the coalesced
+        converge (`Control.converge_soon`), so a burst of documents costs a few reconciles, and
+        each document adds at most one journal row."""
+        env = parse_envelope(payload, wire.StateBody)
         body = env.body
-        with self.control.change() as conn:
+        with self.store.transaction() as conn:
             link, cell = self.links.authenticate(conn, env, source)
-            outbound = _parse_shared(body.get("shared_services", []), link)
+            outbound = _outbound(body, link)
             updated = replace(
                 link,
                 outbound=outbound,
-                remote_exit_offered=bool(body.get("exit_offered", False)),
-                remote_exit_relay_active=bool(body.get("use_as_exit_relay", False)),
+                remote_exit_offered=body.exit_offered,
+                remote_exit_relay_active=body.use_as_exit_relay,
                 **_exit_ends(body),
                 last_remote_update_at=time.time(),
-                remote_seq=body["seq"],
+                remote_seq=body.seq,
+                remote_versions=tuple(body.versions or (body.v,)),
             )
-            updated = self._identity(cell, link, updated, body.get("identity"), conn)
-            if link.state == "waiting":
+            events: list[str] = []
+            updated = self._identity(link, updated, body.identity, events)
+            if link.state == LinkState.WAITING:
                 updated = replace(
-                    updated, state="linked", linked_at=time.time(), last_push_error=None
+                    updated,
+                    state=link.state.to(LinkState.LINKED, link.name),
+                    linked_at=time.time(),
+                    last_push_error=None,
                 )
-                journal.append(
-                    conn,
-                    link.name,
-                    "linked",
-                    f"cell {link.name}",
-                    "confirmed by their signed state",
-                )
+                events.append("linked: confirmed by their signed state")
+            if body.invite_proof is not None:
+                self.links.spend_invite(conn, cell, link, body.invite_proof)
             before = {s["name"] for s in link.outbound}
             after = {s["name"] for s in outbound}
-            for svc in sorted(after - before):
-                journal.append(conn, link.name, f"they shared {svc}", f"cell {link.name}")
-            for svc in sorted(before - after):
-                journal.append(conn, link.name, f"they unshared {svc}", f"cell {link.name}")
+            events += [f"they shared {svc}" for svc in sorted(after - before)]
+            events += [f"they unshared {svc}" for svc in sorted(before - after)]
             if updated.remote_exit_offered != link.remote_exit_offered:
-                event = (
+                events.append(
                     "they offered their exit"
                     if updated.remote_exit_offered
-                    else ("they withdrew their exit offer")
+                    else "they withdrew their exit offer"
                 )
-                journal.append(conn, link.name, event, f"cell {link.name}")
             if updated.remote_exit_relay_active != link.remote_exit_relay_active:
-                event = (
-                    "they use our exit"
+                relaying = "relaying" if link.exit_offered else "not relaying: we do not offer it"
+                events.append(
+                    f"they use our exit ({relaying})"
                     if updated.remote_exit_relay_active
                     else "they stopped using our exit"
                 )
-                relaying = "relaying" if link.exit_offered else "not relaying: we do not offer it"
-                detail = relaying if updated.remote_exit_relay_active else ""
-                journal.append(conn, link.name, event, f"cell {link.name}", detail)
+            if events:  # one summarised row per document, none for a heartbeat
+                journal.append(conn, link.name, events[0] if len(events) == 1 else "state changed",
+                               f"cell {link.name}", "; ".join(events))  # fmt: skip
             link_table.save(conn, updated)
-        if before != after and self.control.reconciler is not None:
-            self.control.reconciler.unbound.flush_zone(updated.domain)
-        return {"ok": True, "seq": body["seq"]}
+        self.control.converge_soon(flush=updated.domain if before != after else None)
+        return {"ok": True, "seq": body.seq}
 
-    def _identity(self, cell: Cell, link: Link, updated: Link, raw: Any, conn: Any) -> Link:
-        if raw is None:
+    @staticmethod
+    def _identity(
+        link: Link, updated: Link, ident: wire.DocIdentity | None, events: list[str]
+    ) -> Link:
+        """Endpoint and DNS address may change through the document; the network and the
+        domain only by pairing again with a fresh invite (they pass the identity policy)."""
+        if ident is None:
             return updated
-        if not isinstance(raw, dict):
-            raise BadInput("body.identity: an object is expected", field="body.identity")
-        if str(raw.get("vpn_subnet", link.vpn_subnet)) != str(link.vpn_subnet):
+        if ident.vpn_subnet is not None and ident.vpn_subnet != link.vpn_subnet:
             raise BadInput(
                 "body.identity.vpn_subnet: a cell changes its network by pairing again",
                 field="body.identity.vpn_subnet",
             )
-        ident = Identity(
-            cell_name=link.name,
-            domain=validate.domain(raw.get("domain", link.domain), "body.identity.domain"),
-            public_key=link.public_key,
-            endpoint=str(
-                validate.endpoint(raw.get("endpoint", link.endpoint), "body.identity.endpoint")
-            ),
-            vpn_subnet=link.vpn_subnet,
-            dns_ip=validate.ipv4(str(raw.get("dns_ip", link.dns_ip)), "body.identity.dns_ip"),
-            mesh_port=link.mesh_port,
-        )
-        if ident.dns_ip not in link.vpn_subnet:
+        if ident.domain is not None and ident.domain != link.domain:
+            raise BadInput(
+                "body.identity.domain: a cell changes its domain by pairing again",
+                field="body.identity.domain",
+            )
+        dns_ip = ident.dns_ip or link.dns_ip
+        if dns_ip not in link.vpn_subnet:
             raise BadInput(
                 "body.identity.dns_ip: outside the cell's network", field="body.identity.dns_ip"
             )
-        changed = (ident.endpoint, ident.domain, ident.dns_ip) != (
-            link.endpoint,
-            link.domain,
-            link.dns_ip,
-        )
-        if not changed:
+        endpoint = ident.endpoint or link.endpoint
+        if (endpoint, dns_ip) == (link.endpoint, link.dns_ip):
             return updated
-        check_conflicts(cell, link_table.all_links(conn), ident, prefix="body.identity.")
-        detail = f"endpoint {ident.endpoint}, domain {ident.domain}, dns {ident.dns_ip}"
-        journal.append(conn, link.name, "identity changed", f"cell {link.name}", detail)
-        return replace(updated, endpoint=ident.endpoint, domain=ident.domain, dns_ip=ident.dns_ip)
+        events.append(f"identity changed: endpoint {endpoint}, dns {dns_ip}")
+        return replace(updated, endpoint=endpoint, dns_ip=dns_ip,
+                       remote_api_url=f"http://{dns_ip}:{link.mesh_port}")  # fmt: skip

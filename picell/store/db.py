@@ -128,6 +128,13 @@ MIGRATIONS: tuple[str, ...] = (
         password_set_at REAL
     );
     """,
+    # 5: the typed wire (trust-boundary issue): the protocol versions the other cell speaks, and
+    # our proof that we imported its invite (it spends the invite when pairing never happened)
+    """
+    ALTER TABLE links ADD COLUMN remote_versions TEXT NOT NULL DEFAULT '[1]';
+    ALTER TABLE links ADD COLUMN invite_proof TEXT;
+    CREATE INDEX journal_by_link ON journal (link, id);
+    """,
 )
 
 

@@ -1,4 +1,9 @@
-"""The append-only `journal` of link events: linked, unlinked, by whom, when, with details."""
+"""The `journal` of link events: linked, unlinked, by whom, when, with details.
+
+Append-only, but capped: each link keeps its latest `KEEP_PER_LINK` rows, so a linked cell that
+sends documents all day cannot grow our store. Details are one line (control characters never
+reach a terminal through `picell cells --journal`).
+"""
 
 from __future__ import annotations
 
@@ -6,11 +11,28 @@ import sqlite3
 import time
 from typing import Any
 
+KEEP_PER_LINK = 1000
+DETAIL_MAX = 500
+
+
+def _clean(text: str, limit: int) -> str:
+    return "".join(ch if ch.isprintable() else "?" for ch in text[:limit])
+
 
 def append(conn: sqlite3.Connection, link: str, event: str, actor: str, detail: str = "") -> None:
     conn.execute(
         "INSERT INTO journal (at, link, event, actor, detail) VALUES (?, ?, ?, ?, ?)",
-        (time.time(), link, event, actor, detail),
+        (time.time(), _clean(link, 64), _clean(event, 200), _clean(actor, 100),
+         _clean(detail, DETAIL_MAX)),
+    )  # fmt: skip
+    trim(conn, _clean(link, 64))
+
+
+def trim(conn: sqlite3.Connection, link: str, keep: int = KEEP_PER_LINK) -> None:
+    conn.execute(
+        "DELETE FROM journal WHERE link = ? AND id <= (SELECT id FROM journal WHERE link = ?"
+        " ORDER BY id DESC LIMIT 1 OFFSET ?)",
+        (link, link, keep),
     )
 
 

@@ -1,8 +1,6 @@
 """The `links` table: one row per linked cell (the seed system's cell_links.json, plus state).
 
-`state` is `waiting` (our side exists, the other cell has not confirmed), `linked`, or
-`unlinking` (we disconnected; the peer stays, narrowed to the other cell's address, until our
-signed `unlink` reached it).
+`state` is a `LinkState`: its transitions live in `LinkState.to` and nowhere else.
 """
 
 from __future__ import annotations
@@ -12,11 +10,40 @@ import json
 import sqlite3
 import time
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
-from picell.errors import NotFound
+from picell.errors import Conflict, NotFound
 
-STATES = ("waiting", "linked", "unlinking")
+
+class LinkState(StrEnum):
+    """- `waiting`: our side exists; the other cell has not confirmed it (its pairing port was
+      unreachable). Its signed state document, or a pairing, confirms it.
+    - `linked`: both sides hold the link.
+    - `unlinking`: we disconnected; the peer stays, narrowed to the other cell's address, until
+      our signed `unlink` reached it (then the row goes).
+    """
+
+    WAITING = "waiting"
+    LINKED = "linked"
+    UNLINKING = "unlinking"
+
+    def to(self, new: LinkState, name: str) -> LinkState:
+        """`new` if the link may move there from this state, else Conflict naming the cell."""
+        if new not in _NEXT[self]:
+            raise Conflict(f"cell: the link with {name} is {self.value}, not {new.value}",
+                           field="cell")  # fmt: skip
+        return new
+
+
+_NEXT: dict[LinkState, frozenset[LinkState]] = {
+    # an owner imports an invite again, or the other cell confirms
+    LinkState.WAITING: frozenset({LinkState.WAITING, LinkState.LINKED}),
+    # re-pairing keeps it linked; disconnecting starts the unlink
+    LinkState.LINKED: frozenset({LinkState.LINKED, LinkState.UNLINKING}),
+    # the owner links again before the unlink was delivered
+    LinkState.UNLINKING: frozenset({LinkState.UNLINKING, LinkState.WAITING, LinkState.LINKED}),
+}
 
 
 @dataclass(frozen=True)
@@ -29,7 +56,7 @@ class Link:
     domain: str
     mesh_port: int = 3000
     remote_api_url: str = ""
-    state: str = "waiting"
+    state: LinkState = LinkState.WAITING
     inbound: tuple[str, ...] = ()
     outbound: tuple[dict[str, Any], ...] = field(default=())
     exit_offered: bool = False
@@ -51,6 +78,10 @@ class Link:
     remote_exit_relay_port: int | None = None
     remote_exit_client_key: str | None = None
     remote_exit_client_port: int | None = None
+    # the protocol versions the other cell speaks (DESIGN §5), from its invite or document
+    remote_versions: tuple[int, ...] = (1,)
+    # our proof, for their document, that we imported their invite (see wire.StateBody)
+    invite_proof: str | None = None
 
 
 def _row(r: sqlite3.Row) -> Link:
@@ -63,7 +94,7 @@ def _row(r: sqlite3.Row) -> Link:
         domain=r["domain"],
         mesh_port=r["mesh_port"],
         remote_api_url=r["remote_api_url"],
-        state=r["state"],
+        state=LinkState(r["state"]),
         inbound=tuple(json.loads(r["inbound"])),
         outbound=tuple(json.loads(r["outbound"])),
         exit_offered=bool(r["exit_offered"]),
@@ -83,6 +114,8 @@ def _row(r: sqlite3.Row) -> Link:
         remote_exit_relay_port=r["remote_exit_relay_port"],
         remote_exit_client_key=r["remote_exit_client_key"],
         remote_exit_client_port=r["remote_exit_client_port"],
+        remote_versions=tuple(json.loads(r["remote_versions"])),
+        invite_proof=r["invite_proof"],
     )
 
 
@@ -116,9 +149,9 @@ def save(conn: sqlite3.Connection, link: Link) -> None:
                exit_relay_active, remote_exit_relay_active, pending_push, last_push_status,
                last_push_at, last_push_error, last_remote_update_at, local_seq, remote_seq,
                created_at, linked_at, remote_exit_relay_key, remote_exit_relay_port,
-               remote_exit_client_key, remote_exit_client_port)
+               remote_exit_client_key, remote_exit_client_port, remote_versions, invite_proof)
            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,
-                   ?, ?, ?, ?)""",
+                   ?, ?, ?, ?, ?, ?)""",
         (
             link.name,
             link.public_key,
@@ -128,7 +161,7 @@ def save(conn: sqlite3.Connection, link: Link) -> None:
             link.domain,
             link.mesh_port,
             link.remote_api_url,
-            link.state,
+            link.state.value,
             json.dumps(list(link.inbound)),
             json.dumps(list(link.outbound)),
             int(link.exit_offered),
@@ -148,6 +181,8 @@ def save(conn: sqlite3.Connection, link: Link) -> None:
             link.remote_exit_relay_port,
             link.remote_exit_client_key,
             link.remote_exit_client_port,
+            json.dumps(list(link.remote_versions)),
+            link.invite_proof,
         ),
     )
 

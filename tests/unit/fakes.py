@@ -93,7 +93,7 @@ class FakeKernel(Runner):
         if a[:2] == ("wg", "syncconf"):
             self._syncconf(a[2], Path(a[3]).read_text())
             return ""
-        if a[:3] == ("ip", "-j", "addr"):
+        if a[:3] == ("ip", "-j", "addr") or a[:4] == ("ip", "-j", "-4", "addr"):
             links = []
             for ifname in sorted(self.interfaces):
                 info = [
@@ -105,8 +105,9 @@ class FakeKernel(Runner):
                 links.append({"ifname": ifname, "flags": flags, "mtu": mtu, "addr_info": info})
             return json.dumps(links)
         if a[:4] == ("ip", "-j", "-4", "route"):
-            main = [{"dst": r, "dev": dev} for dev, rs in sorted(self.routes.items())
-                    for r in sorted(rs)]  # fmt: skip
+            # every route of the fake kernel is picell's own (proto 77)
+            main = [{"dst": r, "dev": dev, "protocol": "77"}
+                    for dev, rs in sorted(self.routes.items()) for r in sorted(rs)]  # fmt: skip
             tables = [
                 {"dst": dst, "table": str(table)} | ({"dev": dev} if dev else {"type": "blackhole"})
                 for table, dst, dev in sorted(self.table_routes, key=str)

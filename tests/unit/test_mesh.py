@@ -14,12 +14,14 @@ import pytest
 from picell.cellinit import InitRequest
 from picell.control import Control
 from picell.errors import BadInput, Conflict, Forbidden, NotFound
+from picell.mesh import wire
 from picell.mesh.crypto import link_key, mac, pairing_key, short_auth_string
 from picell.mesh.document import document
-from picell.mesh.invite import Identity, parse_invite
+from picell.mesh.invite import parse_invite
 from picell.mesh.links import Links, check_conflicts
 from picell.mesh.protocol import check_envelope, make_envelope, parse_envelope
 from picell.mesh.seed import import_links
+from picell.mesh.wire import Identity
 from picell.store import links as link_table
 from picell.store.links import Link
 from picell.wireguard import keys
@@ -37,9 +39,15 @@ def identity(name: str, subnet: str, domain: str, public: str | None = None) -> 
             "vpn_subnet": subnet, "dns_ip": str(net[1]), "mesh_port": 3000}  # fmt: skip
 
 
-def redeem(token: str, ident: dict[str, Any]) -> dict[str, Any]:
+def redeem(
+    token: str, ident: dict[str, Any], proof_for: tuple[str, str] | None = None
+) -> dict[str, Any]:
+    """A redemption; `proof_for` (our private key, their public key) adds the key proof."""
     request = {"identity": ident, "nonce": secrets.token_hex(16)}
-    return {**request, "mac": mac(pairing_key(token), request)}
+    out = {**request, "mac": mac(pairing_key(token), request)}
+    if proof_for:
+        out["key_proof"] = mac(link_key(*proof_for), request)
+    return out
 
 
 def test_both_cells_derive_the_same_link_key_and_auth_string() -> None:
@@ -57,12 +65,12 @@ def test_invite_round_trip_and_field_errors() -> None:
     inv = parse_invite(text)
     assert parse_invite(inv.encode()) == inv
     cases = {
-        "invite.vpn_subnet": {**ident, "vpn_subnet": "8.8.8.0/24"},
+        "invite.vpn_subnet": {**ident, "vpn_subnet": "10.62.0.1/24"},
         "invite.dns_ip": {**ident, "dns_ip": "10.99.0.1"},
         "invite.public_key": {**ident, "public_key": "nope"},
         "invite.cell_name": {**ident, "cell_name": "Bad Name"},
         "invite.endpoint": {**ident, "endpoint": "no-port"},
-        "invite.version": {**ident, "version": 9},
+        "invite.versions": {**ident, "versions": []},
     }
     for field, data in cases.items():
         with pytest.raises(BadInput) as err:
@@ -78,7 +86,7 @@ def test_invite_round_trip_and_field_errors() -> None:
 
 
 def _as_identity(data: dict[str, Any]) -> Identity:
-    return parse_invite(json.dumps(data)).identity
+    return parse_invite(json.dumps(data))
 
 
 def test_conflicts_name_the_cell(control: Control) -> None:
@@ -109,7 +117,7 @@ def test_envelopes_are_checked_for_source_mac_target_and_order() -> None:
     env = make_envelope(kind="unlink", from_cell="alpha", our_private=a_priv, our_public=a_pub,
                         link=link_at_a, seq=5)  # fmt: skip
     src = ipaddress.IPv4Address("10.61.0.1")
-    check_envelope(parse_envelope(env, "unlink"), link_at_b, src, b_priv, b_pub)
+    check_envelope(parse_envelope(env, wire.UnlinkBody), link_at_b, src, b_priv, b_pub)
     bad = [
         (env, ipaddress.IPv4Address("10.62.0.7")),  # from outside alpha's network
         (env, ipaddress.IPv4Address("10.61.0.5")),  # from one of alpha's devices
@@ -118,19 +126,19 @@ def test_envelopes_are_checked_for_source_mac_target_and_order() -> None:
     ]
     for data, source in bad:
         with pytest.raises(Forbidden):
-            check_envelope(parse_envelope(data, "unlink"), link_at_b, source, b_priv, b_pub)
+            check_envelope(parse_envelope(data, wire.UnlinkBody), link_at_b, source, b_priv, b_pub)
     stale = make_envelope(kind="unlink", from_cell="alpha", our_private=a_priv, our_public=a_pub,
                           link=link_at_a, seq=4)  # fmt: skip
     with pytest.raises(Forbidden):
-        check_envelope(parse_envelope(stale, "unlink"), link_at_b, src, b_priv, b_pub)
+        check_envelope(parse_envelope(stale, wire.UnlinkBody), link_at_b, src, b_priv, b_pub)
     other = Link("gamma", keypair()[1], "x:1", ipaddress.IPv4Network("10.62.0.0/24"),
                  ipaddress.IPv4Address("10.62.0.1"), "g.test")  # fmt: skip
     retargeted = make_envelope(kind="unlink", from_cell="alpha", our_private=a_priv,
                                our_public=a_pub, link=other, seq=9)  # fmt: skip
     with pytest.raises(Forbidden):
-        check_envelope(parse_envelope(retargeted, "unlink"), link_at_b, src, b_priv, b_pub)
+        check_envelope(parse_envelope(retargeted, wire.UnlinkBody), link_at_b, src, b_priv, b_pub)
     with pytest.raises(BadInput):
-        parse_envelope(env, "state")
+        parse_envelope(env, wire.StateBody)
 
 
 def test_invite_tokens_are_never_stored(control: Control) -> None:
@@ -166,12 +174,21 @@ def test_a_token_redeems_once_even_under_concurrency(control: Control) -> None:
     assert len(links.overview()) == 1
 
 
-def test_a_conflicting_redemption_does_not_spend_the_token(control: Control) -> None:
+def test_a_refused_redemption_spends_the_token_and_tells_only_our_journal(
+    control: Control,
+) -> None:
     links = Links(control)
     inv = links.invite(3600)
     assert inv.pairing is not None
-    with pytest.raises(Conflict):
+    with pytest.raises(Forbidden) as err:
         links.accept(redeem(inv.pairing.token, identity("g", "10.61.0.0/24", "g.test")))
+    assert err.value.message == "pairing refused"  # nothing about our network or links
+    [entry] = links.journal_entries("g")
+    assert entry["event"] == "pairing refused" and "10.61.0.0/24" in entry["detail"]
+    with pytest.raises(Forbidden):  # the token is spent: an invite holder cannot probe on
+        links.accept(redeem(inv.pairing.token, identity("g", "10.64.0.0/24", "g.test")))
+    inv = links.invite(3600)
+    assert inv.pairing is not None
     answer = links.accept(redeem(inv.pairing.token, identity("g", "10.64.0.0/24", "g.test")))
     assert answer["identity"]["cell_name"] == "alpha"
     with pytest.raises(Forbidden):
@@ -301,13 +318,19 @@ def test_sharing_marks_the_link_for_a_push_and_grants_it(control: Control) -> No
 
 
 def test_pairing_again_after_a_disconnect_cancels_the_pending_unlink(control: Control) -> None:
-    links, _, beta_public = _linked_pair(control)
+    links, beta_private, beta_public = _linked_pair(control)
     links.disconnect("beta")
     assert links.overview()[0]["pending_message"] == "unlink"
     inv = links.invite(3600)
     assert inv.pairing is not None
-    links.accept(redeem(inv.pairing.token, identity("beta", "10.62.0.0/24", "beta.test",
-                                                    beta_public)))  # fmt: skip
+    alpha_public = keys.public_from_private(control.cell().private_key)
+    links.accept(
+        redeem(
+            inv.pairing.token,
+            identity("beta", "10.62.0.0/24", "beta.test", beta_public),
+            (beta_private, alpha_public),
+        )
+    )
     [beta] = links.overview()
     assert beta["state"] == "linked" and beta["pending_message"] is None
 

@@ -1,0 +1,159 @@
+"""The identity policy for another cell (DESIGN §5): what a linked cell may call itself.
+
+Applied at every door (an invite we import, a pairing on our listener, a re-pairing, the state
+document), after the wire models accepted the syntax:
+- **Domain**: at least two labels, not a public suffix (the maintained Public Suffix List, from
+  the `publicsuffixlist` package), and under a private-use suffix. Any other domain would capture
+  that name for our devices (a linked `com` would receive every `*.com` lookup): it needs the
+  importing owner's explicit `connect --trust-domain`, and never arrives through pairing.
+- **Network**: at most a /24, inside 10/8, 172.16/12, 192.168/16 or 100.64/10, and overlapping
+  no address of our host and no route but the default route and picell's own. Otherwise the link
+  route would pull the host's own traffic (its LAN, often its DNS) into the tunnel.
+
+Reads the host (`ip -j`) through the runner; decides nothing else and changes nothing.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+from publicsuffixlist import PublicSuffixList
+
+from picell.constants import ROUTE_PROTO
+from picell.errors import BadInput, Conflict
+from picell.system.run import Runner
+
+# Suffixes set aside for private use: RFC 6761 (test), RFC 8375 (home.arpa), ICANN's 2024
+# `.internal`, picell's default `.cell`, and the never-delegated names home networks use.
+PRIVATE_SUFFIXES = ("internal", "home.arpa", "test", "cell", "lan", "home", "corp", "intranet",
+                    "private")  # fmt: skip
+LINKABLE_RANGES = tuple(
+    ipaddress.IPv4Network(n)
+    for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10")
+)
+LINK_PREFIX_MIN = 24  # a linked network is at most a /24
+
+
+@cache
+def _psl() -> PublicSuffixList:
+    return PublicSuffixList()
+
+
+def is_private_use(domain: str) -> bool:
+    return any(domain.endswith("." + s) for s in PRIVATE_SUFFIXES)
+
+
+def check_domain(domain: str, field: str, *, trusted: bool = False) -> None:
+    """Refuse a domain another cell may not bring in; `trusted`: the owner's --trust-domain."""
+    labels = domain.split(".")
+    if len(labels) < 2:
+        raise BadInput(
+            f"{field}: {domain} has a single label; a linked cell's domain needs at least two "
+            "(e.g. beta.cell)",
+            field=field,
+        )
+    if _psl().is_public(domain):
+        raise BadInput(
+            f"{field}: {domain} is a public suffix; linking it would send every name under it "
+            "to the other cell",
+            field=field,
+        )
+    if not trusted and not is_private_use(domain):
+        raise BadInput(
+            f"{field}: {domain} is not under a private-use suffix "
+            f"(.{', .'.join(PRIVATE_SUFFIXES)}); it could capture a public name for this cell's "
+            "devices. If you own it, connect with --trust-domain",
+            field=field,
+        )
+
+
+@dataclass(frozen=True)
+class HostNets:
+    """The host's own IPv4 addresses and routes, as `ip -j` reports them."""
+
+    addresses: tuple[tuple[str, ipaddress.IPv4Interface], ...] = ()  # (interface, address)
+    routes: tuple[tuple[str, ipaddress.IPv4Network], ...] = ()  # (device, destination)
+
+
+def _ours(dev: str, interface: str) -> bool:
+    # the cell's WireGuard interface and its exit tunnels (<if>x<slot>)
+    return dev == interface or (dev.startswith(interface + "x") and dev[len(interface) + 1 :]
+                                .isdigit())  # fmt: skip
+
+
+def _parse_json(text: str) -> list[Any]:
+    try:
+        data = json.loads(text or "[]")
+    except ValueError:
+        return []
+    return data if isinstance(data, list) else []
+
+
+def observe_host(runner: Runner, interface: str) -> HostNets:
+    """Every IPv4 address and route of the host but picell's own (its interfaces, proto 77)
+    and default routes."""
+    addresses = []
+    for link in _parse_json(runner.run(["ip", "-j", "-4", "addr", "show"]).stdout):
+        dev = str(link.get("ifname", "")) if isinstance(link, dict) else ""
+        if not dev or _ours(dev, interface):
+            continue
+        for a in link.get("addr_info") or []:
+            try:
+                addresses.append(
+                    (dev, ipaddress.IPv4Interface(f"{a['local']}/{a.get('prefixlen', 32)}"))
+                )
+            except (KeyError, TypeError, ValueError):
+                continue
+    routes = []
+    out = runner.run(["ip", "-j", "-4", "route", "show", "table", "all"]).stdout
+    for r in _parse_json(out):
+        if not isinstance(r, dict):
+            continue
+        dst, dev = r.get("dst"), str(r.get("dev", ""))
+        if dst in (None, "default") or _ours(dev, interface):
+            continue
+        if r.get("protocol") in (ROUTE_PROTO, str(ROUTE_PROTO)):
+            continue
+        if r.get("type") in ("broadcast", "multicast"):
+            continue  # the host's addresses already stand for their broadcast routes
+        try:
+            routes.append((dev, ipaddress.IPv4Network(str(dst), strict=False)))
+        except ValueError:
+            continue
+    return HostNets(tuple(sorted(set(addresses))), tuple(sorted(set(routes))))
+
+
+def host_overlap(net: ipaddress.IPv4Network, host: HostNets) -> str | None:
+    """What of the host's own `net` would capture, in words, or None."""
+    for dev, iface in host.addresses:
+        if iface.ip in net or net.subnet_of(iface.network):
+            return f"this host's address {iface} on {dev}"
+    for dev, route in host.routes:
+        if route.overlaps(net):
+            return f"this host's route to {route}" + (f" on {dev}" if dev else "")
+    return None
+
+
+def check_network(net: ipaddress.IPv4Network, field: str, cell: str, host: HostNets) -> None:
+    if not any(net.subnet_of(r) for r in LINKABLE_RANGES):
+        raise BadInput(
+            f"{field}: cell {cell}'s network {net} lies outside 10.0.0.0/8, 172.16.0.0/12, "
+            "192.168.0.0/16 and 100.64.0.0/10",
+            field=field,
+        )
+    if net.prefixlen < LINK_PREFIX_MIN:
+        raise BadInput(
+            f"{field}: cell {cell}'s network {net} is larger than a /{LINK_PREFIX_MIN}",
+            field=field,
+        )
+    overlap = host_overlap(net, host)
+    if overlap:
+        raise Conflict(
+            f"{field}: cell {cell}'s network {net} overlaps {overlap}; linking it would pull "
+            "the host's own traffic into the tunnel",
+            field=field,
+        )

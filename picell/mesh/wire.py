@@ -1,0 +1,324 @@
+"""The cross-cell wire (DESIGN §5, §6): one strict model per message another cell sends us.
+
+Everything that arrives from another cell (an invite we import, a pairing request on the open
+port, the answer to ours, a signed envelope and its state or unlink body, the answer to our
+push) is parsed into one of these models before anything reads it:
+- strict: no silent coercion (`"5"` is not a port, `1` is not `true`);
+- bounded: every string, list and number has a limit, written down here and in DESIGN §5;
+- unknown fields are ignored, never refused, so that a newer cell can add fields;
+- every value goes through `picell.validate` (full-match patterns, no control character, an
+  endpoint is an IP literal without scope id or a host name, stored normalised).
+
+Syntax only: whether another cell may use a domain or a network is the identity policy's
+question (`picell.mesh.policy`). MACs are computed over the raw JSON as it was sent, never over a
+re-serialised model, so the callers keep the raw dicts next to the models.
+
+Must not: read the store, touch the system, or trust any field before its model accepted it.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import json
+import math
+import re
+from collections.abc import Callable
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
+
+from picell import validate
+from picell.errors import BadInput, Conflict
+
+# -- the protocol's numbers (DESIGN §5) --------------------------------------------------------
+SUPPORTED_VERSIONS: tuple[int, ...] = (1,)  # the wire versions this cell speaks
+VERSION_MAX = 1000  # a version number beyond this is malformed, not "newer"
+VERSIONS_MAX = 16  # versions a cell may list
+PAIRING_BODY_MAX = 8192  # bytes of a pairing request or answer
+MESH_BODY_MAX = 65536  # bytes of a message on the mesh API, and of an answer to our push
+SHARED_SERVICES_MAX = 256  # services one state document may list
+PORTS_PER_SERVICE_MAX = 16
+ENDPOINTS_MAX = 4  # endpoints a cell may announce (reachability issue)
+PUBLISHED_DEVICES_MAX = 1000  # devices a state document may publish (overlap issue)
+SEQ_MAX = 2**53
+INVITE_PREFIX = "picell-invite:"  # JSON numbers stay exact below this
+NAME_MAX = validate.NAME_MAX
+DOMAIN_MAX = validate.DOMAIN_MAX
+MAC_PATTERN = r"^[0-9a-f]{64}$"  # HMAC-SHA256, hex
+NONCE_PATTERN = r"^[0-9a-f]{16,64}$"
+TOKEN_PATTERN = r"^[A-Za-z0-9_-]{16,128}$"  # secrets.token_urlsafe
+KEY_PATTERN = r"^[A-Za-z0-9+/]{43}=$"  # 32 bytes in standard base64
+
+T = TypeVar("T")
+
+
+def _checked(check: Callable[[Any, str], T]) -> Callable[[Any], T]:
+    """A pydantic validator from a `picell.validate` function: its BadInput becomes the
+    ValueError pydantic reports at the field's location."""
+
+    def run(value: Any) -> T:
+        try:
+            return check(value, "value")
+        except BadInput as exc:
+            raise ValueError(exc.message.removeprefix("value: ")) from None
+
+    return run
+
+
+def _ipv4(value: Any, field: str) -> ipaddress.IPv4Address:
+    if isinstance(value, ipaddress.IPv4Address):  # built by this cell, not parsed
+        return value
+    if not isinstance(value, str) or len(value) > 15:
+        raise BadInput(f"{field}: an IPv4 address as a string is expected", field=field)
+    return validate.ipv4(value, field)
+
+
+def _network(value: Any, field: str) -> ipaddress.IPv4Network:
+    if isinstance(value, ipaddress.IPv4Network):
+        return value
+    if not isinstance(value, str) or len(value) > 18 or not value.isascii():
+        raise BadInput(f"{field}: an IPv4 network as a string is expected", field=field)
+    try:
+        return ipaddress.IPv4Network(value)  # strict: no host bits
+    except ValueError:
+        raise BadInput(f"{field}: {value!r} is not an IPv4 network", field=field) from None
+
+
+def _endpoint(value: Any, field: str) -> str:
+    return str(validate.endpoint(value, field))
+
+
+def _finite(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError("a finite number is expected")
+    return value
+
+
+Name = Annotated[
+    str,
+    Field(min_length=1, max_length=NAME_MAX, pattern=r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$"),
+    AfterValidator(_checked(validate.name)),
+]
+Domain = Annotated[
+    str, Field(min_length=1, max_length=DOMAIN_MAX), AfterValidator(_checked(validate.domain))
+]
+WgKey = Annotated[str, Field(pattern=KEY_PATTERN), AfterValidator(_checked(validate.wg_key))]
+Endpoint = Annotated[str, Field(min_length=3, max_length=300), AfterValidator(_checked(_endpoint))]
+Port = Annotated[int, Field(ge=1, le=65535)]
+Version = Annotated[int, Field(ge=1, le=VERSION_MAX)]
+IPv4 = Annotated[ipaddress.IPv4Address, BeforeValidator(_checked(_ipv4))]
+Network = Annotated[ipaddress.IPv4Network, BeforeValidator(_checked(_network))]
+Mac = Annotated[str, Field(pattern=MAC_PATTERN)]
+Nonce = Annotated[str, Field(pattern=NONCE_PATTERN)]
+Seconds = Annotated[float, Field(ge=0), AfterValidator(_finite)]
+
+
+class Wire(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+
+
+class Identity(Wire):
+    """What a cell tells another about itself: an invite without its pairing block."""
+
+    version: Version = 1  # the one version cells before `versions` checked; kept for them
+    versions: list[Version] | None = Field(default=None, min_length=1,
+                                                 max_length=VERSIONS_MAX)  # fmt: skip
+    cell_name: Name
+    domain: Domain
+    public_key: WgKey
+    endpoint: Endpoint
+    vpn_subnet: Network
+    dns_ip: IPv4
+    mesh_port: Port = 3000
+
+    @model_validator(mode="after")
+    def _address_in_network(self) -> Identity:
+        if self.dns_ip not in self.vpn_subnet:
+            raise ValueError(f"dns_ip: {self.dns_ip} lies outside vpn_subnet {self.vpn_subnet}")
+        return self
+
+    def speaks(self) -> tuple[int, ...]:
+        return tuple(self.versions or (self.version,))
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON we send (absent optional fields left out)."""
+        return _json(self)
+
+
+class Pairing(Wire):
+    port: Port
+    token: Annotated[str, Field(pattern=TOKEN_PATTERN)]
+    expires_at: Seconds
+
+
+class Invite(Identity):
+    pairing: Pairing | None = None
+
+    def encode(self) -> str:
+        """The one-line copy-paste form: `picell-invite:` and the JSON in URL-safe base64."""
+        raw = json.dumps(self.as_dict(), sort_keys=True, separators=(",", ":")).encode()
+        return INVITE_PREFIX + base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+class PairingRequest(Wire):
+    """A redemption on our pairing listener: their identity and nonce, MAC'd with the key the
+    invite's token gives. `key_proof`, a MAC with the link key, proves they hold the private
+    key of `identity.public_key`: required when that key is already linked (a re-pairing)."""
+
+    identity: Identity
+    nonce: Nonce
+    mac: Mac
+    key_proof: Mac | None = None
+
+
+class PairingAnswer(Wire):
+    identity: Identity
+    nonce: Nonce
+    mac: Mac
+
+
+class SharedService(Wire):
+    name: Name
+    vip: IPv4
+    ports: list[Port] = Field(min_length=1, max_length=PORTS_PER_SERVICE_MAX)
+    protocol: Literal["tcp", "udp"] = "tcp"
+
+
+class ExitEnd(Wire):
+    """One end of a nested exit tunnel (DESIGN §8): its WireGuard public key and port."""
+
+    public_key: WgKey
+    port: Port
+
+
+class DocIdentity(Wire):
+    """The sender's identity as its state document repeats it; absent fields are unchanged."""
+
+    endpoint: Endpoint | None = None
+    vpn_subnet: Network | None = None
+    dns_ip: IPv4 | None = None
+    domain: Domain | None = None
+
+
+class Header(Wire):
+    """What every signed body carries (DESIGN §6)."""
+
+    v: Version
+    type: Annotated[str, Field(max_length=32, pattern=r"^[a-z]+$")]
+    from_cell: Name
+    from_public_key: WgKey
+    to_public_key: WgKey
+    seq: Annotated[int, Field(ge=1, le=SEQ_MAX)]
+    sent_at: Seconds
+    versions: list[Version] | None = Field(default=None, min_length=1,
+                                                 max_length=VERSIONS_MAX)  # fmt: skip
+
+
+class StateBody(Header):
+    type: Literal["state"]
+    shared_services: list[SharedService] = Field(default=[],
+                                                       max_length=SHARED_SERVICES_MAX)  # fmt: skip
+    exit_offered: bool = False
+    use_as_exit_relay: bool = False
+    exit_relay: ExitEnd | None = None
+    exit_client: ExitEnd | None = None
+    identity: DocIdentity | None = None
+    # proves the sender imported one of our invites (a MAC with the invite's pairing key over
+    # both public keys), so that invite is spent when the link completes without pairing
+    invite_proof: Mac | None = None
+
+    @model_validator(mode="after")
+    def _unique_services(self) -> StateBody:
+        names = [s.name for s in self.shared_services]
+        if len(names) != len(set(names)):
+            raise ValueError("shared_services: a service is listed twice")  # names the field
+        return self
+
+
+class UnlinkBody(Header):
+    type: Literal["unlink"]
+
+
+class Envelope(Wire):
+    """A signed message: `mac` is HMAC-SHA256 of the body's canonical JSON with the link key.
+    `body` stays raw here (the MAC covers it as sent); the typed body is parsed next to it."""
+
+    body: dict[str, Any]
+    mac: Mac
+
+
+class PushAnswer(Wire):
+    """What a cell answers to our state document."""
+
+    ok: bool
+    seq: Annotated[int, Field(ge=0, le=SEQ_MAX)] | None = None
+
+
+MESSAGES: dict[str, type[Wire]] = {
+    "invite": Invite,
+    "pairing_request": PairingRequest,
+    "pairing_answer": PairingAnswer,
+    "envelope": Envelope,
+    "state": StateBody,
+    "unlink": UnlinkBody,
+    "push_answer": PushAnswer,
+}
+BODIES: dict[str, type[Header]] = {"state": StateBody, "unlink": UnlinkBody}
+
+W = TypeVar("W", bound=Wire)
+
+
+def _where(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def parse(model: type[W], data: Any, prefix: str) -> W:
+    """`data` as `model`, or BadInput naming the first wrong field as `<prefix>.<field>`."""
+    if not isinstance(data, dict):
+        raise BadInput(f"{prefix}: a JSON object is expected", field=prefix)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False, include_input=False)[0]
+        where = _where(tuple(err["loc"]))
+        message = str(err["msg"]).removeprefix("Value error, ")
+        named = re.fullmatch(r"([a-z_]+): (.*)", message, re.DOTALL)
+        if not where and named:  # a check across fields names its field in its message
+            where, message = named.group(1), named.group(2)
+        field = f"{prefix}.{where}" if where else prefix
+        raise BadInput(f"{field}: {message}", field=field) from None
+
+
+def _json(model: Wire) -> dict[str, Any]:
+    data: dict[str, Any] = model.model_dump(mode="json", exclude_none=True)
+    return data
+
+
+def common_version(theirs: tuple[int, ...], cell: str, field: str) -> int:
+    """The highest version both cells speak, or Conflict naming both lists."""
+    common = set(SUPPORTED_VERSIONS) & set(theirs)
+    if not common:
+        ours = ", ".join(map(str, SUPPORTED_VERSIONS))
+        raise Conflict(
+            f"{field}: cell {cell} speaks protocol versions "
+            f"{', '.join(map(str, sorted(theirs)))}; this cell speaks {ours}: no common version",
+            field=field,
+        )
+    return max(common)
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON schema of every cross-cell message (the protocol's golden file)."""
+    return {name: model.model_json_schema() for name, model in sorted(MESSAGES.items())}
