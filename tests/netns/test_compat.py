@@ -129,6 +129,8 @@ def invite_string(cell: Cell) -> str:
 def link(world: World, importer: Cell, inviter: Cell) -> None:
     """`importer` connects with `inviter`'s invite: both linked, one authentication string,
     each device resolves and reaches the other cell."""
+    leftover = (inviter.name in importer.links(), importer.name in inviter.links())
+    assert leftover == (False, False), "a link left over from an earlier test"
     importer.cli("connect", invite_string(inviter))
     wait_until(
         lambda: linked(importer, inviter.name) and linked(inviter, importer.name),
