@@ -3,6 +3,8 @@
 A `Cell` runs `picell serve` as a background process of its namespace (tracked by the
 topology, so it is stopped at teardown) with its own data dir and a host-unique interface name.
 The CLI is driven exactly as a user or script would: `picell --data-dir DIR … --json`.
+A cell may run picell from another source tree (`source`, e.g. an older commit checked out for
+the compatibility test): its daemon and its CLI then both import that tree's `picell`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,14 @@ from tests.netns.harness import Bridge, Netns, Proc, Topology, wait_until
 PICELL = [sys.executable, "-m", "picell"]
 
 
+def python_argv(source: Path | None = None) -> list[str]:
+    """The interpreter, importing `picell` from the tree `source` when given.
+
+    `env -C` makes `source` the working directory, which `python -m`/`-c` put first on sys.path,
+    ahead of PYTHONPATH and of the venv's editable install (same venv, same dependencies)."""
+    return [sys.executable] if source is None else ["env", "-C", str(source), sys.executable]
+
+
 class CliError(AssertionError):
     def __init__(self, argv: list[str], proc: subprocess.CompletedProcess[str]) -> None:
         super().__init__(f"{argv} exited {proc.returncode}: {proc.stdout}{proc.stderr}")
@@ -31,8 +41,11 @@ class CliError(AssertionError):
 
 class Cell:
     def __init__(self, topo: Topology, ns: Netns, name: str, domain: str, address: str,
-                 endpoint: str) -> None:  # fmt: skip
+                 endpoint: str, source: Path | None = None) -> None:  # fmt: skip
         self.topo = topo
+        self.source = source
+        self.python = python_argv(source)
+        self.picell = [*self.python, "-m", "picell"]
         self.ns = ns
         self.name = name
         self.domain = domain
@@ -50,7 +63,7 @@ class Cell:
     def run(
         self, *args: str, check: bool = True, timeout: float = 60
     ) -> subprocess.CompletedProcess[str]:  # noqa: E501
-        argv = [*PICELL, "--data-dir", str(self.data_dir), *args]
+        argv = [*self.picell, "--data-dir", str(self.data_dir), *args]
         proc = self.ns.run(argv, check=False, timeout=timeout)
         if check and proc.returncode != 0:
             raise CliError(argv, proc)
@@ -77,7 +90,7 @@ class Cell:
     def start(self, timeout_s: float = 30) -> None:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = self.ns.popen(
-            [*PICELL, "--data-dir", str(self.data_dir), "serve"], name=f"picell-{self.name}",
+            [*self.picell, "--data-dir", str(self.data_dir), "serve"], name=f"picell-{self.name}",
             env=env,
         )  # fmt: skip
         proc = self.proc
@@ -102,6 +115,11 @@ class Cell:
             proc = self.proc
             wait_until(lambda: not proc.running(), 10, "picell serve did not die")
             self.proc = None
+
+    def picell_file(self) -> str:
+        """`picell.__file__` as this cell's interpreter imports it (which source it runs)."""
+        code = "import os, picell; print(os.path.realpath(picell.__file__))"
+        return self.ns.run([*self.python, "-c", code]).stdout.strip()
 
     def log(self) -> str:
         return self.proc.log_text() if self.proc else ""
@@ -172,16 +190,22 @@ def start_upstream_dns(ns: Netns, addr: str, records: dict[str, str], workdir: P
 
 
 def cell_on_bridge(
-    topo: Topology, bridge: Bridge, role: str, number: int, resolver: str | None = None
+    topo: Topology,
+    bridge: Bridge,
+    role: str,
+    number: int,
+    resolver: str | None = None,
+    source: Path | None = None,
 ) -> Cell:
     """A running cell `role` in its own namespace at 198.51.100.<number> on `bridge`: domain
-    `<role>.test`, VPN network 10.<60 + number>.0.0/24, endpoint port 51820."""
+    `<role>.test`, VPN network 10.<60 + number>.0.0/24, endpoint port 51820; picell imported
+    from `source` when given (see `python_argv`)."""
     ns = topo.add_ns(role)
     topo.attach(ns, bridge, f"198.51.100.{number}/24")
     if resolver is not None:
         ns.set_resolver(resolver)  # before the daemon starts: `ip netns exec` binds it then
     cell = Cell(topo, ns, role, f"{role}.test", f"10.{60 + number}.0.1/24",
-                f"198.51.100.{number}:51820")  # fmt: skip
+                f"198.51.100.{number}:51820", source=source)  # fmt: skip
     cell.init()
     cell.start()
     return cell
