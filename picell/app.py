@@ -26,8 +26,8 @@ from picell.api import admin, cells, errors, web
 from picell.api.auth import Auth, password_router
 from picell.api.peer import build_mesh_api, build_pairing_api
 from picell.cellinit import InitRequest
-from picell.constants import CHILD_RESTART_BACKOFF_S, RECONCILE_PERIOD_S
-from picell.control import Control
+from picell.constants import CHILD_RESTART_BACKOFF_S, DOCUMENT_COALESCE_S, RECONCILE_PERIOD_S
+from picell.control import Coalescer, Control
 from picell.errors import PicellError
 from picell.mesh.exits import Exits
 from picell.mesh.links import Links
@@ -135,6 +135,9 @@ class Daemon:
         self.exits = Exits(self.control, wake_sender=lambda: self.sender.wake())
         self.auth = Auth(self.store)
         self.control.on_service_removed = self.sync.forget_service
+        # documents from linked cells converge on a thread of their own, bursts coalesced
+        self.coalescer = Coalescer(self.control.converge_and_flush, DOCUMENT_COALESCE_S)
+        self.control.coalescer = self.coalescer
         self.control.after_change = self.sender.wake
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -257,6 +260,7 @@ class Daemon:
             self._wake.set()
             loop.join(timeout=5)
             self.sender.stop()
+            self.coalescer.stop()
             self.reconciler.stop()
             if sock.exists():
                 sock.unlink()

@@ -75,6 +75,7 @@ INVITE_MIN_TTL_S = 60.0
 INVITE_MAX_TTL_S = 30 * 24 * 3600.0
 HEARTBEAT_S = 45.0  # DESIGN §6: every link's state is re-sent at least this often (<= 60 s)
 COALESCE_S = 0.05  # a burst of sharing changes within this window becomes one push
+DOCUMENT_COALESCE_S = 0.2  # documents from linked cells within this window: one reconcile
 OUTBOX_MAX_BACKOFF_S = 30.0  # DESIGN §6: failed deliveries retry at least this often
 UNLINK_GIVE_UP_S = 30 * 24 * 3600.0  # an unlink undelivered this long is dropped with our side
 PAIRING_BODY_MAX = 8192  # bytes; an identity and a MAC fit many times over

@@ -26,6 +26,7 @@ from picell.addressing import (
 from picell.cellinit import InitRequest, check_links, plan_cell
 from picell.dns.unbound import read_upstreams
 from picell.errors import ApplyFailed, BadInput, Conflict
+from picell.mesh.policy import host_overlap, observe_host
 from picell.reconcile import Reconciler, Report
 from picell.routing.host import observe_onlink
 from picell.state import State, build_state
@@ -37,6 +38,7 @@ from picell.store import peers as peer_table
 from picell.store import services as service_table
 from picell.store.cell import Cell
 from picell.store.db import Store
+from picell.store.links import Link
 from picell.store.peers import Peer
 from picell.store.services import Service
 from picell.system.run import Runner
@@ -342,6 +344,7 @@ class Control:
         with self.store.read() as conn:
             n_peers = len(peer_table.all_peers(conn))
             n_services = len(service_table.all_services(conn))
+            links = link_table.all_links(conn)
         last = self.reconciler.last if self.reconciler else None
         return {
             "name": cell.name,
@@ -358,4 +361,19 @@ class Control:
             "dns_running": bool(self.reconciler and self.reconciler.unbound.running()),
             "last_reconcile": last.as_dict() if last else None,
             "last_error": self.last_error,
+            "conflicts": self.link_conflicts(cell, links),
         }
+
+    def link_conflicts(self, cell: Cell, links: list[Link]) -> list[dict[str, str]]:
+        """Links whose network now overlaps an address or route of the host that appeared
+        after they were made (a new Docker network, a VPN): the identity policy refuses such a
+        link when it is made, and `status` names it if the host changes later."""
+        if not links:
+            return []
+        host = observe_host(self.runner, cell.interface)
+        out = []
+        for link in links:
+            overlap = host_overlap(link.vpn_subnet, host)
+            if overlap:
+                out.append({"cell": link.name, "network": str(link.vpn_subnet), "with": overlap})
+        return out

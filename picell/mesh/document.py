@@ -50,6 +50,8 @@ def document(
         "use_as_exit_relay": exit_slot is not None,
         "exit_relay": relay if link.exit_offered else None,
         "exit_client": client,
+        # spends the invite of theirs we imported, if our pairing with it never happened
+        **({"invite_proof": link.invite_proof} if link.invite_proof else {}),
         "identity": {
             "endpoint": cell.endpoint,
             "vpn_subnet": str(cell.network),

@@ -170,8 +170,8 @@ class Sync:
                     else "they stopped using our exit"
                 )
             if events:  # one summarised row per document, none for a heartbeat
-                journal.append(conn, link.name, events[0] if len(events) == 1 else "state changed",
-                               f"cell {link.name}", "; ".join(events))  # fmt: skip
+                event = events[0].split(":")[0] if len(events) == 1 else "state changed"
+                journal.append(conn, link.name, event, f"cell {link.name}", "; ".join(events))
             link_table.save(conn, updated)
         self.control.converge_soon(flush=updated.domain if before != after else None)
         return {"ok": True, "seq": body.seq}

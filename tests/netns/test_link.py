@@ -133,14 +133,21 @@ def test_refusals_change_nothing_on_either_side(world: World) -> None:
     status, answer = post_json(world.phone, url, bad)
     assert status == 403 and answer["code"] == "forbidden"
 
-    # an identity that conflicts on beta's side: refused, and the token is not spent
+    # an identity that conflicts on beta's side: refused without a reason (an invite holder
+    # must not map beta's links), the reason in beta's journal, and the token spent
     status, answer = post_json(
         world.phone, url, _pair_request(_identity("gamma", "10.62.0.0/24", "g.test"), token)
     )
-    assert status == 409 and "identity.vpn_subnet" == answer["field"]
-
-    # the same token then works once, and never again
+    assert status == 403 and answer["message"] == "pairing refused", answer
+    assert "10.62.0.0" not in json.dumps(answer)
+    [refusal] = [e for e in beta.journal("gamma") if e["event"] == "pairing refused"]
+    assert "10.62.0.0/24" in refusal["detail"]
     good = _identity("gamma", "10.63.0.0/24", "g.test")
+    status, _ = post_json(world.phone, url, _pair_request(good, token))
+    assert status == 403
+
+    # a fresh token works once, and never again
+    token = beta.invite()["invite"]["pairing"]["token"]
     status, _ = post_json(world.phone, url, _pair_request(good, token))
     assert status == 200
     status, answer = post_json(
@@ -176,6 +183,73 @@ def test_refusals_change_nothing_on_either_side(world: World) -> None:
     assert "refused" in body["message"]
     assert sorted(alpha.links()) == before[0]
     assert sorted(n for n in beta.links() if n != "gamma") == before[1]
+
+
+HOSTILE = [  # (what, cell name, network, domain, endpoint, the field alpha names)
+    ("a public suffix", "gamma", "10.63.0.0/24", "com", None, "invite.domain"),
+    ("a public suffix", "gamma", "10.63.0.0/24", "co.uk", None, "invite.domain"),
+    ("a public name", "gamma", "10.63.0.0/24", "mybank.com", None, "invite.domain"),
+    ("alpha's LAN", "gamma", "192.168.77.0/24", "g.test", None, "invite.vpn_subnet"),
+    ("loopback", "gamma", "127.0.0.0/24", "g.test", None, "invite.vpn_subnet"),
+    ("link-local", "gamma", "169.254.0.0/24", "g.test", None, "invite.vpn_subnet"),
+    ("this network", "gamma", "0.0.0.0/24", "g.test", None, "invite.vpn_subnet"),
+    ("too large", "gamma", "10.128.0.0/9", "g.test", None, "invite.vpn_subnet"),
+    ("a newline", "gamma\n", "10.63.0.0/24", "g.test", None, "invite.cell_name"),
+    ("a newline", "gamma", "10.63.0.0/24", "g.test\n", None, "invite.domain"),
+    ("config injection", "gamma", "10.63.0.0/24", "g.test",
+     "[fe80::1%1\n[Peer]\nPublicKey = {key}\nAllowedIPs = 10.61.0.2/32]:51820", "invite.endpoint"),
+]  # fmt: skip
+
+
+def _hostile(name: str, subnet: str, domain: str, endpoint: str | None) -> dict[str, Any]:
+    ident = _identity(name, subnet, domain)
+    if endpoint:
+        ident["endpoint"] = endpoint.format(key=ident["public_key"])
+    return ident
+
+
+def test_hostile_identities_are_refused_at_both_doors(world: World) -> None:
+    """A crafted invite imported on alpha, and the same identity redeemed with a genuine
+    invite on beta's pairing port: each refused, and nothing changes in WireGuard, routes,
+    Unbound or the links of either cell."""
+    alpha, beta = world.alpha, world.beta
+    alpha.ns.run(["ip", "addr", "add", "192.168.77.1/24", "dev", "lo"])  # alpha's "LAN"
+    url = "http://198.51.100.2:51821/api/cells/peer-sync/accept-invite"
+
+    def snapshot(cell: Cell) -> tuple[Any, ...]:
+        routes = cell.ns.run(["ip", "-4", "route", "show", "table", "all"]).stdout
+        peers = sorted((p[0], p[3]) for p in cell.wg_dump())
+        return sorted(cell.links()), peers, routes, cell.unbound_conf.read_text()
+
+    before = snapshot(alpha), snapshot(beta)
+    for what, name, subnet, domain, endpoint, field in HOSTILE:
+        ident = _hostile(name, subnet, domain, endpoint)
+        body = alpha.refused("connect", _crafted_invite(ident))
+        assert body["field"] == field, (what, body)
+        token = beta.invite()["invite"]["pairing"]["token"]
+        status, answer = post_json(world.phone, url, _pair_request(ident, token))
+        assert status in (403, 422), (what, status, answer)
+        if status == 403:  # well-formed: judged by the policy, refused without a reason
+            assert answer["message"] == "pairing refused", (what, answer)
+    assert (snapshot(alpha), snapshot(beta)) == before
+    assert "192.168.77.0/24 dev lo proto kernel" in before[0][2]
+    for cell in (alpha, beta):
+        cell.ns.run(["unbound-checkconf", str(cell.unbound_conf)])
+
+
+def test_status_names_a_link_a_new_host_route_overlaps(world: World) -> None:
+    """A route that appears after the link was made (a new Docker network, a VPN) is named
+    by `status` as a conflict with that link."""
+    alpha = world.alpha
+    assert linked(alpha, "beta")
+    assert alpha.cli("status")["conflicts"] == []
+    alpha.ns.run(["ip", "route", "add", "10.62.0.0/16", "dev", "lo"])
+    try:
+        [conflict] = alpha.cli("status")["conflicts"]
+        assert conflict["cell"] == "beta" and "10.62.0.0/16" in conflict["with"]
+    finally:
+        alpha.ns.run(["ip", "route", "del", "10.62.0.0/16", "dev", "lo"])
+    assert alpha.cli("status")["conflicts"] == []
 
 
 def test_fifty_concurrent_redemptions_make_one_link(world: World) -> None:

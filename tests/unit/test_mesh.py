@@ -347,3 +347,99 @@ def test_an_exit_offer_is_pushed_and_journalled(control: Control) -> None:
         beta = link_table.get(conn, "beta")
     assert document(control.cell(), beta, [])["exit_offered"] is True
     assert "offered our exit" in [e["event"] for e in links.journal_entries("beta")]
+
+
+def test_a_burst_of_documents_costs_few_reconciles_and_one_journal_row_each(
+    control: Control,
+) -> None:
+    import threading
+
+    from picell.control import Coalescer
+    from picell.mesh.sync import Sync
+
+    links, beta_private, _ = _linked_pair(control)
+    runs: list[int] = []
+    done = threading.Event()
+
+    def converge() -> None:
+        control.converge_and_flush()
+        runs.append(1)
+        done.set()
+
+    control.coalescer = Coalescer(converge, 0.5)
+    try:
+        sync = Sync(links)
+        shared = [{"name": "files", "vip": "10.62.0.254", "ports": [80], "protocol": "tcp"}]
+        for seq in range(1, 101):  # 100 documents, every other one toggling a share
+            extra = {"shared_services": shared if seq % 2 else []}
+            sync.receive_state(_state_from_beta(control, beta_private, seq, **extra), "10.62.0.1")
+        assert done.wait(10)
+        assert len(runs) <= 3
+    finally:
+        control.coalescer.stop()
+        control.coalescer = None
+    rows = [e for e in links.journal_entries("beta") if "shared" in e["event"]]
+    assert len(rows) == 100  # one summarised row per document that changed something
+    assert links.overview()[0]["outbound"] == []  # the last document is the truth
+
+
+def test_the_journal_keeps_the_latest_thousand_rows_per_link(control: Control) -> None:
+    from picell.store import journal
+
+    with control.store.transaction() as conn:
+        for i in range(1100):
+            journal.append(conn, "beta", f"e{i}", "cell beta", "x\x1b[2J\nmore")
+        journal.append(conn, "gamma", "kept", "local owner")
+    entries = Links(control).journal_entries("beta")
+    assert len(entries) == journal.KEEP_PER_LINK and entries[-1]["event"] == "e1099"
+    assert entries[0]["detail"] == "x?[2J?more"  # no control character reaches a terminal
+    assert Links(control).journal_entries("gamma")[0]["event"] == "kept"
+
+
+def test_a_link_completed_without_pairing_spends_the_invite_it_used(control: Control) -> None:
+    """Beta imported alpha's invite but could not reach alpha's pairing port; alpha imported
+    beta's and paired. Beta's first document proves which invite of alpha's it imported."""
+    from picell.mesh.links import invite_proof
+    from picell.mesh.sync import Sync
+    from picell.store import invites as invite_table
+
+    links, beta_private, beta_public = _linked_pair(control)
+    inv = links.invite(3600)
+    assert inv.pairing is not None
+    alpha_public = keys.public_from_private(control.cell().private_key)
+    proof = invite_proof(inv.pairing.token, beta_public, alpha_public)
+    with control.store.read() as conn:
+        assert len(invite_table.candidates(conn, 0)) == 1
+    Sync(links).receive_state(
+        _state_from_beta(control, beta_private, 1, invite_proof="0" * 64), "10.62.0.1"
+    )
+    with control.store.read() as conn:  # a proof of nothing spends nothing
+        assert len(invite_table.candidates(conn, 0)) == 1
+    Sync(links).receive_state(
+        _state_from_beta(control, beta_private, 2, invite_proof=proof), "10.62.0.1"
+    )
+    with control.store.read() as conn:
+        assert invite_table.candidates(conn, 0) == []
+    assert "invite spent" in [e["event"] for e in links.journal_entries("beta")]
+
+
+def test_a_linked_key_cannot_be_taken_over_by_an_invite_holder(control: Control) -> None:
+    """Anyone holding an invite tries to redeem it with beta's (linked) public key: without
+    proof of beta's private key it is refused, and beta's link keeps its name and shares."""
+    links, beta_private, beta_public = _linked_pair(control)
+    inv = links.invite(3600)
+    assert inv.pairing is not None
+    stolen = identity("mallory", "10.66.0.0/24", "m.test", beta_public)
+    with pytest.raises(Forbidden):
+        links.accept(redeem(inv.pairing.token, stolen))
+    inv = links.invite(3600)
+    assert inv.pairing is not None
+    same_name = identity("beta", "10.66.0.0/24", "beta.test", beta_public)
+    wrong_key = keypair()[0]  # a proof made with another private key
+    alpha_public = keys.public_from_private(control.cell().private_key)
+    with pytest.raises(Forbidden):
+        links.accept(redeem(inv.pairing.token, same_name, (wrong_key, alpha_public)))
+    [beta] = links.overview()
+    assert beta["name"] == "beta" and beta["vpn_subnet"] == "10.62.0.0/24"
+    reasons = [e["detail"] for e in links.journal_entries(None) if e["event"] == "pairing refused"]
+    assert any("key_proof" in r for r in reasons) and any("renames" in r for r in reasons)
