@@ -15,6 +15,7 @@ from picell.constants import DNS_PORT, EXIT_MTU, LINK_KEEPALIVE_S, NOT_INTERNET
 from picell.routing.exits import exit_ifname, exit_mark, exit_port, exit_table
 from picell.store.cell import Cell
 from picell.store.links import Link
+from picell.store.links import LinkState as Phase  # state.LinkState is the desired link
 from picell.store.peers import Peer
 from picell.store.services import Service
 from picell.wireguard import keys
@@ -205,7 +206,7 @@ def build_state(
                 network=link.vpn_subnet,
                 dns_ip=link.dns_ip,
                 mesh_port=link.mesh_port,
-                unlinking=link.state == "unlinking",
+                unlinking=link.state == Phase.UNLINKING,
             )
             for link in links
         )
@@ -251,7 +252,7 @@ def build_state(
         sorted(
             Grant(svc.protocol, link.vpn_subnet, svc.vip, svc.port)
             for link in links
-            if link.state != "unlinking"
+            if link.state != Phase.UNLINKING
             for svc in shared[link.name]
         )
     )
@@ -265,7 +266,7 @@ def build_state(
     records |= {DnsRecord(f"{s.name}.{cell.domain}", s.vip) for s in service_states}
     exits = _exits(cell, peers, links, exit_slots or {})
     relayed = {n for t in exits for n in t.relayed}
-    live_domains = sorted(ln.domain for ln in links if ln.state != "unlinking")
+    live_domains = sorted(ln.domain for ln in links if ln.state != Phase.UNLINKING)
     dns = DnsState(
         domain=cell.domain,
         listen=cell.ip,
@@ -274,7 +275,7 @@ def build_state(
         records=tuple(sorted(records)),
         upstreams=tuple(u for u in (cell.upstreams or upstreams) if u != cell.ip),
         forwards=tuple(
-            sorted(DnsForward(ln.domain, ln.dns_ip) for ln in links if ln.state != "unlinking")
+            sorted(DnsForward(ln.domain, ln.dns_ip) for ln in links if ln.state != Phase.UNLINKING)
         ),
         views=tuple(
             sorted(
@@ -286,7 +287,7 @@ def build_state(
                     hidden=tuple(d for d in live_domains if d != link.domain),
                 )
                 for link in links
-                if link.state != "unlinking"
+                if link.state != Phase.UNLINKING
             )
         ),
     )
@@ -323,7 +324,7 @@ def _exits(
                 keepalive_s=LINK_KEEPALIVE_S,
             )
             for ln in links
-            if ln.state == "linked"
+            if ln.state == Phase.LINKED
             and ln.exit_offered
             and ln.remote_exit_relay_active
             and ln.remote_exit_client_key
@@ -347,7 +348,7 @@ def _exits(
         ifname = exit_ifname(cell.interface, slot)
         up = (
             link is not None
-            and link.state == "linked"
+            and link.state == Phase.LINKED
             and link.remote_exit_offered
             and link.remote_exit_relay_key
             and link.remote_exit_relay_port
@@ -363,7 +364,7 @@ def _exits(
             )
             wg = WgDevice(ifname, exit_private_key(cell, link.public_key),
                           exit_port(cell.listen_port, slot), (peer,))  # fmt: skip
-        dns = link.dns_ip if link is not None and link.state != "unlinking" else None
+        dns = link.dns_ip if link is not None and link.state != Phase.UNLINKING else None
         tunnels.append(ExitTunnel(slot, ifname, wg, cell=via, devices=devices, dns_server=dns))
     return tuple(tunnels)
 

@@ -19,6 +19,7 @@ from picell.store import exits as exit_table
 from picell.store import journal
 from picell.store import links as link_table
 from picell.store import peers as peer_table
+from picell.store.links import LinkState
 
 
 class Exits:
@@ -35,7 +36,7 @@ class Exits:
             device = peer_table.get(conn, name)
             if via is not None:
                 link = link_table.get(conn, via)
-                if link.state == "unlinking":
+                if link.state == LinkState.UNLINKING:
                     raise Conflict(f"via_cell: the link with {via} is ending", field="via_cell")
                 if not link.remote_exit_offered:
                     me = cell_table.load(conn).name

@@ -190,6 +190,7 @@ HOSTILE = [  # (what, cell name, network, domain, endpoint, the field alpha name
     ("a public suffix", "gamma", "10.63.0.0/24", "co.uk", None, "invite.domain"),
     ("a public name", "gamma", "10.63.0.0/24", "mybank.com", None, "invite.domain"),
     ("alpha's LAN", "gamma", "192.168.77.0/24", "g.test", None, "invite.vpn_subnet"),
+    ("a network alpha routes", "gamma", "192.168.78.0/24", "g.test", None, "invite.vpn_subnet"),
     ("loopback", "gamma", "127.0.0.0/24", "g.test", None, "invite.vpn_subnet"),
     ("link-local", "gamma", "169.254.0.0/24", "g.test", None, "invite.vpn_subnet"),
     ("this network", "gamma", "0.0.0.0/24", "g.test", None, "invite.vpn_subnet"),
@@ -214,6 +215,7 @@ def test_hostile_identities_are_refused_at_both_doors(world: World) -> None:
     Unbound or the links of either cell."""
     alpha, beta = world.alpha, world.beta
     alpha.ns.run(["ip", "addr", "add", "192.168.77.1/24", "dev", "lo"])  # alpha's "LAN"
+    alpha.ns.run(["ip", "route", "add", "192.168.78.0/24", "dev", "lo"])  # one it routes
     url = "http://198.51.100.2:51821/api/cells/peer-sync/accept-invite"
 
     def snapshot(cell: Cell) -> tuple[Any, ...]:
@@ -232,7 +234,7 @@ def test_hostile_identities_are_refused_at_both_doors(world: World) -> None:
         if status == 403:  # well-formed: judged by the policy, refused without a reason
             assert answer["message"] == "pairing refused", (what, answer)
     assert (snapshot(alpha), snapshot(beta)) == before
-    assert "192.168.77.0/24 dev lo proto kernel" in before[0][2]
+    assert "192.168.78.0/24 dev lo" in before[0][2] and "local 192.168.77.1" in before[0][2]
     for cell in (alpha, beta):
         cell.ns.run(["unbound-checkconf", str(cell.unbound_conf)])
 
