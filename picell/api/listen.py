@@ -173,6 +173,7 @@ class Listener(uvicorn.Server):
         self.gate = ConnectionGate(limits)
         self.repeats = RepeatLog(log)
         self.accept_errors = 0
+        self.accept_backoff_s = ACCEPT_BACKOFF_S
         self._accepting: list[asyncio.Task[None]] = []
 
     @contextlib.contextmanager
@@ -217,7 +218,7 @@ class Listener(uvicorn.Server):
                     f"{self.limits.name} listener: accept failed: "
                     f"{exc.strerror or errno.errorcode.get(exc.errno or 0, exc)}",
                 )
-                await asyncio.sleep(backoff_delay(failures, ACCEPT_BACKOFF_S))
+                await asyncio.sleep(backoff_delay(failures, self.accept_backoff_s))
                 continue
             failures = 0
             await self.admit(conn, address)
