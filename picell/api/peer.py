@@ -4,7 +4,10 @@
   and a rate limit per source address;
 - the mesh listener (`<wg address>:<mesh_port>`): only the peer-sync routes; the direct source
   address (never a forwarded-for header: uvicorn runs with proxy_headers off) is checked against
-  the sending link's network before the signature.
+  the sending link's network before the signature; refusals are counted by `refusal_reason`.
+
+Bodies of both are read by `read_json` (a size limit, then `loads_strict`). The connection caps
+and the request deadline in front of them belong to `picell/api/listen.py`.
 """
 
 from __future__ import annotations

@@ -103,12 +103,11 @@ def test_a_connection_flood_on_the_pairing_port_leaves_the_cell_serving() -> Non
             status, body = post_malformed(alpha_ns, mesh, "infinity")
             assert status == 422 and body["field"] == "body", (status, body)
             most_fds = max(most_fds, open_fds(pid))
-        assert rounds >= 2, "the flood ended before the cell was tried twice"
-
         stats = json.loads(report.read_text())
         # every one of the 1,500 idle connections was closed by alpha: shed or timed out
         assert stats["first_closed"] == FLOOD_CONNECTIONS, stats
         assert most_fds < 400, f"alpha held {most_fds} file descriptors during the flood"
+        assert rounds >= 2, "the flood ended before the cell was tried twice"
 
         # the same daemon, and its reconcile thread still repairs drift made by hand
         assert alpha.proc is not None and alpha.proc.running() and alpha.proc.pid == pid
