@@ -5,7 +5,8 @@ In namespaces (tests/netns harness): cell alpha runs `picell serve` under
 `prlimit --nofile=1024:HARD` (systemd's default soft limit), and an "internet" host holds
 1,500 idle TCP connections to alpha's pairing port (tests/netns/flooder.py), re-opening each one
 alpha closes at up to REOPEN per second. Each sample is one whole `picell status --json` (the
-CLI's own start-up included), run back to back.
+CLI's own start-up included), run back to back; the baseline is sampled before and after the
+flood (half each), so that a change in the machine's load during the run weighs on both.
 
 Run as root from the repo root:
     .venv/bin/python bench/flood.py [--samples 30] [--flood-s 40] [--reopen 300] [--json]
@@ -52,7 +53,7 @@ def run(samples: int, flood_s: float, reopen: float, connections: int) -> dict[s
         alpha.init()
         alpha.start(nofile=(1024, hard))
         _status_s(alpha)  # warm the page cache
-        baseline = [_status_s(alpha) for _ in range(samples)]
+        baseline = [_status_s(alpha) for _ in range(samples // 2)]
 
         report = topo.workdir / "flood.json"
         flood = internet.popen(
@@ -67,6 +68,7 @@ def run(samples: int, flood_s: float, reopen: float, connections: int) -> dict[s
             during.append(_status_s(alpha))
         wait_until(report.exists, 30, "the flooder wrote no report")
         stats = json.loads(report.read_text())
+        baseline += [_status_s(alpha) for _ in range(samples - samples // 2)]
         log_lines = len(alpha.log().splitlines())
     return {
         "connections": connections,

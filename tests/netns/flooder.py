@@ -4,9 +4,10 @@
 
 Opens COUNT TCP connections to HOST:PORT and holds them idle (never sends a byte) for
 DURATION_S. Each connection the server closes is opened again, at most REOPEN_PER_S a second, so
-the pressure lasts the whole run. Writes `{"opened", "closed_by_server", "first_closed",
-"open_at_end"}` to OUT.json: `first_closed` counts how many of the first COUNT connections the
-server closed. Standalone (standard library only); raises its own open-files limit.
+the pressure lasts the whole run. Writes to OUT.json: `opened` (connect attempts), `established`
+(handshakes completed: the server's kernel took them), `closed_by_server`, `first_closed` (of
+the first COUNT), `open_at_end` (still open or still connecting). Standalone (standard library
+only); raises its own open-files limit.
 """
 
 from __future__ import annotations
@@ -25,13 +26,16 @@ def main() -> None:
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     sel = selectors.DefaultSelector()
-    stats = {"opened": 0, "closed_by_server": 0, "first_closed": 0, "open_at_end": 0}
+    stats = dict.fromkeys(
+        ("opened", "established", "closed_by_server", "first_closed", "open_at_end"), 0
+    )
 
     def open_one(first: bool) -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setblocking(False)
         sock.connect_ex((host, port))
-        sel.register(sock, selectors.EVENT_READ, first)
+        # writable once the handshake completes; readable once the server closes or resets it
+        sel.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, first)
         stats["opened"] += 1
 
     for _ in range(count):
@@ -46,9 +50,15 @@ def main() -> None:
             open_one(False)
             owed -= 1
             budget -= 1
-        for key, _events in sel.select(timeout=0.05):
+        for key, events in sel.select(timeout=0.05):
             sock = key.fileobj
             assert isinstance(sock, socket.socket)
+            if events & selectors.EVENT_WRITE:
+                sel.modify(sock, selectors.EVENT_READ, key.data)
+                if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+                    stats["established"] += 1
+                if not events & selectors.EVENT_READ:
+                    continue
             try:
                 data = sock.recv(4096)
             except BlockingIOError:

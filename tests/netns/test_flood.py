@@ -95,6 +95,7 @@ def test_a_connection_flood_on_the_pairing_port_leaves_the_cell_serving() -> Non
         while flood.running():  # each round is real work against the flooded daemon
             rounds += 1
             assert alpha.run("status", "--json", timeout=60).returncode == 0
+            most_fds = max(most_fds, open_fds(pid))
             alpha.cli("peers", "add", f"phone{rounds}")
             assert alpha_ns.http_get("http://127.0.0.1:8080/login", timeout_s=30) is not None
             for kind in ("nan", "deep"):
@@ -104,8 +105,10 @@ def test_a_connection_flood_on_the_pairing_port_leaves_the_cell_serving() -> Non
             assert status == 422 and body["field"] == "body", (status, body)
             most_fds = max(most_fds, open_fds(pid))
         stats = json.loads(report.read_text())
-        # every one of the 1,500 idle connections was closed by alpha: shed or timed out
-        assert stats["first_closed"] == FLOOD_CONNECTIONS, stats
+        # alpha's kernel took at least 1,500 connections, and alpha closed them (shed at accept
+        # or timed out), holding few at a time: without the caps it held every one (EMFILE)
+        assert stats["established"] >= FLOOD_CONNECTIONS, stats
+        assert stats["closed_by_server"] >= FLOOD_CONNECTIONS, stats
         assert most_fds < 400, f"alpha held {most_fds} file descriptors during the flood"
         assert rounds >= 2, "the flood ended before the cell was tried twice"
 
