@@ -2,20 +2,19 @@
 
 `serve()` is the daemon: it reconciles once before it serves, then serves the admin API on the
 root-only unix socket, re-reconciles on a period and whenever a supervised child exits, and stops
-its children on SIGTERM/SIGINT.
+its children on SIGTERM/SIGINT. Every listener is a bounded `Listener` (picell/api/listen.py)
+with the `Limits` chosen here; the reconcile thread never dies of an exception (`run_forever`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import uvicorn
@@ -24,9 +23,23 @@ from fastapi import FastAPI
 from picell import __version__
 from picell.api import admin, cells, errors, web
 from picell.api.auth import Auth, password_router
+from picell.api.listen import Limits, Listener, listen_tcp, listen_unix, loop_exception_handler
 from picell.api.peer import build_mesh_api, build_pairing_api
+from picell.api.strict_json import StrictJsonBodies
 from picell.cellinit import InitRequest
-from picell.constants import CHILD_RESTART_BACKOFF_S, DOCUMENT_COALESCE_S, RECONCILE_PERIOD_S
+from picell.constants import (
+    ADMIN_BODY_MAX,
+    ADMIN_CONNECTIONS,
+    CHILD_RESTART_BACKOFF_S,
+    DOCUMENT_COALESCE_S,
+    LOCAL_REQUEST_S,
+    MESH_CONNECTIONS,
+    MESH_REQUEST_S,
+    PAIRING_CONNECTIONS,
+    PAIRING_REQUEST_S,
+    RECONCILE_PERIOD_S,
+    WEB_CONNECTIONS,
+)
 from picell.control import Coalescer, Control
 from picell.errors import PicellError
 from picell.mesh.exits import Exits
@@ -39,10 +52,10 @@ from picell.store import admin as admin_table
 from picell.store import cell as cell_table
 from picell.store.db import Store
 from picell.system.children import Child
+from picell.system.limits import RepeatLog, install_repeat_filter, raise_nofile, run_forever
 from picell.system.run import Runner
 
 log = logging.getLogger("picell")
-IP_FREEBIND = 15  # <linux/in.h>; not exported by Python's socket module
 
 
 def _backoff(attempt: int) -> float:
@@ -68,6 +81,8 @@ def build_api(
     app.state.exits = exits or Exits(control)
     app.state.auth = auth or Auth(control.store)
     errors.install(app)
+    # FastAPI parses JSON bodies with json.loads (NaN, deep nesting): check them strictly first
+    app.add_middleware(StrictJsonBodies, max_bytes=ADMIN_BODY_MAX)
     app.include_router(admin.router)
     app.include_router(cells.router)
     if password_route:  # root on the cell host only: `picell admin password`
@@ -93,29 +108,12 @@ def build_web_api(
     return app
 
 
-class _Server(uvicorn.Server):
-    """A uvicorn server that leaves signals to the daemon, which runs several of them."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
-def _config(app: FastAPI, uds: str | None = None) -> uvicorn.Config:
-    # proxy_headers off: the mesh API authenticates the direct source address, never a header
-    return uvicorn.Config(app, uds=uds, log_level="warning", access_log=False, proxy_headers=False)
-
-
-def _listen(address: str, port: int) -> socket.socket:
-    """A listening TCP socket; IP_FREEBIND lets it bind the WireGuard address before (or while)
-    the interface carries it, so start order does not matter."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
-    sock.bind((address, port))
-    sock.listen(128)
-    sock.set_inheritable(True)
-    return sock
+def _config(app: FastAPI) -> uvicorn.Config:
+    # proxy_headers off: the mesh API authenticates the direct source address, never a header.
+    # log_config None: uvicorn's records go through the daemon's handlers and their RepeatFilter
+    return uvicorn.Config(
+        app, log_level="warning", log_config=None, access_log=False, proxy_headers=False
+    )
 
 
 class Daemon:
@@ -142,6 +140,8 @@ class Daemon:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._failures = 0
+        self._crashes, self._last_crash = 0, 0.0
+        self._repeats = RepeatLog(log)
 
     def _make_child(self, name: str, argv: list[str]) -> Child:
         return Child(name, argv, self.paths.run_dir / f"{name}.log", on_exit=self._child_exited)
@@ -184,53 +184,81 @@ class Daemon:
             self.control.converge()
         except PicellError:
             return False
+        except Exception as exc:  # noqa: BLE001 - EMFILE once killed the reconcile thread
+            self._repeats.note(
+                f"converge {type(exc).__name__}",
+                logging.ERROR,
+                f"reconcile failed: {type(exc).__name__}: {exc}; retrying with backoff",
+                exc_info=True,
+            )
+            return False
         return True
 
     def _loop(self) -> None:
-        """Reconcile on the period, after a failure with backoff, and when a child exits: a
-        child that keeps crashing is restarted ever more slowly (up to the last backoff)."""
-        crashes, last_crash = 0, 0.0
-        while not self._stop.is_set():
-            delay = RECONCILE_PERIOD_S if self._failures == 0 else _backoff(self._failures)
-            woke = self._wake.wait(delay)
-            if self._stop.is_set():
-                return
-            if woke:
-                self._wake.clear()
-                now = time.monotonic()
-                crashes = crashes + 1 if now - last_crash < RECONCILE_PERIOD_S else 1
-                last_crash = now
-                self._stop.wait(_backoff(crashes - 1))
-            self._failures = 0 if self._converge_quietly() else self._failures + 1
+        run_forever("reconcile", self._round, self._stop)
+
+    def _round(self) -> bool:
+        """One round of the reconcile thread; True once the daemon stops. Reconcile on the
+        period, after a failure with backoff, and when a child exits: a child that keeps
+        crashing is restarted ever more slowly (up to the last backoff)."""
+        delay = RECONCILE_PERIOD_S if self._failures == 0 else _backoff(self._failures)
+        woke = self._wake.wait(delay)
+        if self._stop.is_set():
+            return True
+        if woke:
+            self._wake.clear()
+            now = time.monotonic()
+            self._crashes = self._crashes + 1 if now - self._last_crash < RECONCILE_PERIOD_S else 1
+            self._last_crash = now
+            self._stop.wait(_backoff(self._crashes - 1))
+        self._failures = 0 if self._converge_quietly() else self._failures + 1
+        return False
 
     def serve(self) -> None:
+        install_repeat_filter()  # a flood must not write a line per event
+        before, after = raise_nofile()
+        log.info("open files: soft limit %d (was %d at start)", after, before)
         self.ensure_cell()
         self.ensure_password()
         if not self._converge_quietly():
             self._failures = 1
         cell = self.control.cell()
         sock = self.paths.admin_socket
-        if sock.exists():
-            sock.unlink()
-        old_umask = os.umask(0o077)  # the admin socket is root-only
+        # the admin socket is root-only: listen_unix sets 0600 itself; the umask still keeps the
+        # other files the daemon writes while it serves private
+        old_umask = os.umask(0o077)
         apis = (self.control, self.links, self.sync, self.sender, self.exits, self.auth)
         admin_api = build_api(*apis)
         web_api = build_web_api(*apis)
-        servers: list[tuple[_Server, list[socket.socket] | None]] = [
-            (_Server(_config(admin_api, uds=str(sock))), None),
+        servers: list[tuple[Listener, list[socket.socket]]] = [
             (
-                _Server(_config(build_mesh_api(self.links, self.sync))),
-                [_listen(str(cell.ip), cell.mesh_port)],
+                Listener(_config(admin_api), Limits("admin", *ADMIN_CONNECTIONS, LOCAL_REQUEST_S)),
+                [listen_unix(sock)],
             ),
             (
-                _Server(_config(build_pairing_api(self.links))),
-                [_listen("0.0.0.0", cell.pair_port)],
+                Listener(
+                    _config(build_mesh_api(self.links, self.sync)),
+                    Limits("mesh", *MESH_CONNECTIONS, MESH_REQUEST_S),
+                ),
+                [listen_tcp(str(cell.ip), cell.mesh_port)],
+            ),
+            (
+                Listener(
+                    _config(build_pairing_api(self.links)),
+                    Limits("pairing", *PAIRING_CONNECTIONS, PAIRING_REQUEST_S),
+                ),
+                [listen_tcp("0.0.0.0", cell.pair_port)],
             ),
         ]
         # the web UI: loopback only; from elsewhere through an SSH tunnel. A port in use (a
         # service of the host on 8080, say) must not keep the cell itself from running.
         try:
-            servers.append((_Server(_config(web_api)), [_listen("127.0.0.1", self.web_port())]))
+            servers.append(
+                (
+                    Listener(_config(web_api), Limits("web", *WEB_CONNECTIONS, LOCAL_REQUEST_S)),
+                    [listen_tcp("127.0.0.1", self.web_port())],
+                )
+            )
         except OSError as exc:
             log.error(
                 "web UI: cannot listen on 127.0.0.1:%d (%s); the cell runs without it. Choose "
@@ -248,6 +276,7 @@ class Daemon:
                     server.should_exit = True
 
             running = asyncio.get_running_loop()
+            running.set_exception_handler(loop_exception_handler(self._repeats))
             for sig in (signal.SIGTERM, signal.SIGINT):
                 running.add_signal_handler(sig, stop)
             await asyncio.gather(*(server.serve(sockets=socks) for server, socks in servers))

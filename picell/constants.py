@@ -90,3 +90,19 @@ PASSWORD_MIN_LEN = 10  # the admin password; a generated one has 96 bits
 RECONCILE_PERIOD_S = 30.0  # drift is fixed at most this long after it happens
 COMMAND_TIMEOUT_S = 20.0  # no system command may hang the reconciler longer
 CHILD_RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)  # supervised children: restart delays
+
+# Bounded listeners (issue 11): what one source, and all sources together, may hold open on each
+# listener, and how long a connection may take to deliver a whole request (headers and body).
+# Excess connections are closed at accept time: no HTTP answer, no task, no parser.
+PAIRING_CONNECTIONS = (64, 4)  # (total, per source): pairing is one request per attempt
+PAIRING_REQUEST_S = 5.0  # an 8 KiB body arrives in well under a second on any real link
+MESH_CONNECTIONS = (128, 16)  # (total, per source): a linked cell pushes on one connection
+MESH_REQUEST_S = 10.0  # through a tunnel that may be slow or lossy
+WEB_CONNECTIONS = (64, 64)  # (total, per source): every browser comes from 127.0.0.1
+ADMIN_CONNECTIONS = (64, 64)  # (total, per source): the unix socket's callers are root
+LOCAL_REQUEST_S = 30.0  # admin socket and web UI: local callers, generous
+ACCEPT_BACKOFF_S = (0.05, 0.2, 1.0)  # accept() failing (EMFILE): wait, then try again
+ADMIN_BODY_MAX = 1 << 20  # bytes; admin and web JSON bodies (a form or a service list)
+JSON_MAX_DEPTH = 32  # nesting of any JSON body; our deepest message nests about 5 levels
+REPEAT_LOG_INTERVAL_S = 10.0  # an event repeating faster is logged once per interval, counted
+THREAD_BACKOFF_S = (1.0, 2.0, 5.0, 10.0)  # a daemon thread's step that raised: wait, go on

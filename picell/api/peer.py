@@ -4,12 +4,14 @@
   and a rate limit per source address;
 - the mesh listener (`<wg address>:<mesh_port>`): only the peer-sync routes; the direct source
   address (never a forwarded-for header: uvicorn runs with proxy_headers off) is checked against
-  the sending link's network before the signature.
+  the sending link's network before the signature; refusals are counted by `refusal_reason`.
+
+Bodies of both are read by `read_json` (a size limit, then `loads_strict`). The connection caps
+and the request deadline in front of them belong to `picell/api/listen.py`.
 """
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections import deque
@@ -22,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 
 from picell import __version__
 from picell.api import errors
+from picell.api.strict_json import loads_strict
 from picell.constants import MESH_BODY_MAX, PAIRING_BODY_MAX, PAIRING_RATE
 from picell.errors import BadInput, RateLimited
 from picell.mesh.links import Links
@@ -29,6 +32,7 @@ from picell.mesh.sync import Sync
 
 
 async def read_json(request: Request, limit: int) -> Any:
+    """The request's body, read up to `limit` bytes and parsed strictly (`loads_strict`)."""
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > limit):
         raise BadInput(f"body: larger than {limit} bytes", field="body")
@@ -37,10 +41,7 @@ async def read_json(request: Request, limit: int) -> Any:
         body += chunk
         if len(body) > limit:
             raise BadInput(f"body: larger than {limit} bytes", field="body")
-    try:
-        return json.loads(body)
-    except ValueError:
-        raise BadInput("body: not JSON", field="body") from None
+    return loads_strict(body, max_bytes=limit)
 
 
 class RateLimiter:
@@ -62,6 +63,18 @@ class RateLimiter:
             if len(times) >= self.count:
                 raise RateLimited("too many pairing attempts from this address; wait a moment")
             times.append(now)
+
+
+MESH_ROUTES = ("permissions", "unlink")
+
+
+def refusal_reason(path: str, status: int) -> str:
+    """The key a refused mesh request is counted under: one of a fixed set (route x status),
+    never the raw path, which a linked cell chooses (the counter grew without bound)."""
+    route = path.rsplit("/", 1)[-1]
+    if path != f"/api/cells/peer-sync/{route}" or route not in MESH_ROUTES:
+        route = "other"
+    return f"{route} {status if 400 <= status <= 599 else 'other'}"
 
 
 def _source(request: Request) -> str | None:
@@ -93,7 +106,7 @@ def build_mesh_api(links: Links, sync: Sync) -> FastAPI:
     async def count_refusals(request: Request, call_next: Any) -> Any:
         response = await call_next(request)
         if response.status_code >= 400:
-            links.rejected[f"{request.url.path.rsplit('/', 1)[-1]} {response.status_code}"] += 1
+            links.rejected[refusal_reason(request.url.path, response.status_code)] += 1
         return response
 
     @app.post("/api/cells/peer-sync/permissions")

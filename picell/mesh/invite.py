@@ -12,8 +12,8 @@ import base64
 import binascii
 from typing import Any
 
+from picell.api.strict_json import loads_strict
 from picell.errors import BadInput
-from picell.mesh.strictjson import loads
 from picell.mesh.wire import INVITE_PREFIX, PAIRING_BODY_MAX, Identity, Invite, parse
 
 INVITE_TEXT_MAX = 3 * PAIRING_BODY_MAX  # the string form is base64, the JSON may be indented
@@ -23,7 +23,7 @@ def _decode_string(text: str) -> Any:
     body = text[len(INVITE_PREFIX) :]
     try:
         raw = base64.b64decode(body + "=" * (-len(body) % 4), altchars=b"-_", validate=True)
-        return loads(raw, "invite")
+        return loads_strict(raw, max_bytes=INVITE_TEXT_MAX, field="invite")
     except (binascii.Error, ValueError, BadInput):
         raise BadInput("invite: the string is damaged (copy all of it)", field="invite") from None
 
@@ -36,7 +36,7 @@ def parse_invite(text: str) -> Invite:
     if text.startswith(INVITE_PREFIX):
         data = _decode_string(text)
     elif text.startswith("{"):
-        data = loads(text.encode(), "invite")
+        data = loads_strict(text.encode(), max_bytes=INVITE_TEXT_MAX, field="invite")
         if isinstance(data, dict) and isinstance(data.get("invite"), dict):
             data = data["invite"]  # `picell invite --json` wraps it with its string form
     else:

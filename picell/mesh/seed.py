@@ -17,14 +17,16 @@ from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit
 
+from picell.api.strict_json import loads_strict
 from picell.errors import BadInput
 from picell.mesh.invite import parse_identity
 from picell.mesh.links import Links, _link_from
-from picell.mesh.strictjson import loads
 from picell.store import cell as cell_table
 from picell.store import journal
 from picell.store import links as link_table
 from picell.store.links import LinkState
+
+SEED_MAX = 4_000_000  # bytes: the API's own limit on the seed file (LinksImport)
 
 IDENTITY = ("cell_name", "public_key", "endpoint", "vpn_subnet", "dns_ip", "domain")
 FLAGS = ("exit_offered", "remote_exit_offered", "exit_relay_active", "remote_exit_relay_active",
@@ -104,7 +106,7 @@ def _one(entry: dict[str, Any], index: int) -> tuple[Any, dict[str, Any], dict[s
 
 
 def import_links(links: Links, content: str) -> dict[str, Any]:
-    data = loads(content, "content")
+    data = loads_strict(content.encode(), max_bytes=SEED_MAX, field="content")
     parsed = [_one(e, i) for i, e in enumerate(_entries(data))]
     imported = []
     with links.control.change() as conn:

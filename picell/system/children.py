@@ -2,6 +2,8 @@
 
 A `Child` is started in the foreground mode of its program, watched by a thread, and restarted
 with backoff when it exits unexpectedly; `on_exit` tells the daemon so it can reconcile again.
+The watcher never dies of an exception (`run_forever`): a failed wait is retried after a backoff,
+a failing `on_exit` is logged.
 It must not hold any policy: what to run and when is the caller's business.
 """
 
@@ -15,6 +17,8 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from picell.system.limits import run_forever
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +70,17 @@ class Child:
             threading.Thread(target=self._watch, args=(proc,), daemon=True).start()
 
     def _watch(self, proc: subprocess.Popen[bytes]) -> None:
-        code = proc.wait()
+        # an error of the wait itself (EINTR, ECHILD, ...) is logged and the wait retried
+        run_forever(f"{self.name} watcher", lambda: proc.wait() is not None, threading.Event())
         if self._stopping or proc is not self._proc:
             return
         self.restarts += 1
-        log.warning("%s exited with %d; the daemon will restart it", self.name, code)
+        log.warning("%s exited with %d; the daemon will restart it", self.name, proc.returncode)
         if self.on_exit:
-            self.on_exit(self.name, code)
+            try:
+                self.on_exit(self.name, proc.returncode)
+            except Exception:  # noqa: BLE001 - told once; the periodic reconcile restarts it
+                log.exception("%s watcher: telling the daemon failed", self.name)
 
     def stop(self, timeout_s: float = 5.0) -> None:
         with self._lock:

@@ -87,11 +87,14 @@ class Cell:
             *("--endpoint", self.endpoint, "--interface", self.interface),
         )
 
-    def start(self, timeout_s: float = 30) -> None:
+    def start(self, timeout_s: float = 30, nofile: tuple[int, int] | None = None) -> None:
+        """Start `picell serve`; `nofile` (soft, hard) runs it under `prlimit --nofile`, as a
+        service manager would (systemd: 1024 soft)."""
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        limit = ["prlimit", f"--nofile={nofile[0]}:{nofile[1]}", "--"] if nofile else []
         self.proc = self.ns.popen(
-            [*self.picell, "--data-dir", str(self.data_dir), "serve"], name=f"picell-{self.name}",
-            env=env,
+            [*limit, *self.picell, "--data-dir", str(self.data_dir), "serve"],
+            name=f"picell-{self.name}", env=env,
         )  # fmt: skip
         proc = self.proc
 

@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
+from picell.api.strict_json import loads_strict
 from picell.errors import BadInput, Conflict
 from picell.mesh import policy, wire
 from picell.mesh.invite import parse_invite
-from picell.mesh.strictjson import loads
 from picell.wireguard import keys
 
 GOLDEN = Path(__file__).parent / "golden" / "wire_schema.json"
@@ -119,13 +119,14 @@ def test_state_documents_are_bounded() -> None:
 )
 def test_strict_json_refuses_what_python_would_take_or_choke_on(text: str) -> None:
     with pytest.raises(BadInput) as err:
-        loads(text.encode("latin-1") if text.startswith("\xff") else text, "body")
+        raw = text.encode("latin-1") if text.startswith("\xff") else text.encode()
+        loads_strict(raw, max_bytes=10_000_000)
     assert err.value.field == "body"
 
 
 def test_strict_json_counts_depth_outside_strings_only() -> None:
     text = json.dumps({"a": "[{" * 60})
-    assert loads(text, "b") == {"a": "[{" * 60}
+    assert loads_strict(text.encode(), max_bytes=1000) == {"a": "[{" * 60}
 
 
 def test_every_exported_form_of_an_invite_is_read_back() -> None:
