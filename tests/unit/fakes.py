@@ -50,6 +50,10 @@ class FakeKernel(Runner):
     up: set[str] = field(default_factory=set)
     routes: dict[str, set[str]] = field(default_factory=dict)
     table_routes: set[tuple[int, str, str | None]] = field(default_factory=set)
+    # the host's own routes, as `ip -j -N` prints them: picell must never change them
+    host_routes: list[dict[str, object]] = field(
+        default_factory=lambda: [{"dst": "default", "gateway": "192.0.2.1", "dev": "eth0"}]
+    )
     rules: set[tuple[int, int]] = field(default_factory=set)
     nft_text: str | None = None
     grants: dict[str, set[str]] = field(default_factory=dict)
@@ -86,7 +90,7 @@ class FakeKernel(Runner):
             peers: dict[str, dict[str, object]] = dev["peers"]  # type: ignore[assignment]
             for key, p in peers.items():
                 lines.append(
-                    f"{key}\t(none)\t(none)\t{p['allowed']}\t{p['handshake']}\t0\t0\t"
+                    f"{key}\t(none)\t(none)\t{p['allowed'] or '(none)'}\t{p['handshake']}\t0\t0\t"
                     f"{p['keepalive'] or 'off'}"
                 )
             return "\n".join(lines) + "\n"
@@ -104,14 +108,18 @@ class FakeKernel(Runner):
                 mtu = 1340 if ifname in self.up else 1420
                 links.append({"ifname": ifname, "flags": flags, "mtu": mtu, "addr_info": info})
             return json.dumps(links)
-        if a[:4] == ("ip", "-j", "-4", "route"):
-            main = [{"dst": r, "dev": dev} for dev, rs in sorted(self.routes.items())
-                    for r in sorted(rs)]  # fmt: skip
+        if a[:5] == ("ip", "-j", "-N", "-4", "route"):
+            main = [
+                {"dst": r, "dev": dev, "protocol": "77"}
+                for dev, rs in sorted(self.routes.items())
+                for r in sorted(rs)
+            ]
             tables = [
-                {"dst": dst, "table": str(table)} | ({"dev": dev} if dev else {"type": "blackhole"})
+                {"dst": dst, "table": str(table), "protocol": "77"}
+                | ({"dev": dev} if dev else {"type": "6", "metric": 4096})
                 for table, dst, dev in sorted(self.table_routes, key=str)
             ]
-            return json.dumps(main + tables)
+            return json.dumps(self.host_routes + main + tables)
         if a[:4] == ("ip", "-j", "-4", "rule"):
             return json.dumps(
                 [{"priority": 7700, "fwmark": hex(m), "table": str(t)} for m, t in self.rules]
@@ -139,7 +147,7 @@ class FakeKernel(Runner):
                         self.rules.add(rule)
                     else:
                         self.rules.discard(rule)
-                elif w[:2] == ["route", "replace"]:
+                elif w[:2] in (["route", "replace"], ["route", "add"]):
                     self.routes.setdefault(w[4], set()).add(w[2])
                 elif w[:2] == ["route", "del"]:
                     self.routes.get(w[4], set()).discard(w[2])
