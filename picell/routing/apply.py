@@ -89,7 +89,7 @@ class Route:
     def describe(self) -> str:
         kind = "" if self.kind == "unicast" else f"{self.kind} "
         dev = "".join(f" dev {d}" for d in self.devs)
-        return f"{kind}{self.dst}{dev} proto {self.proto or '?'} metric {self.metric}"
+        return f"{kind}{self.dst_text}{dev} proto {self.proto or '?'} metric {self.metric}"
 
 
 @dataclass(frozen=True)
@@ -171,18 +171,29 @@ def foreign_in_main(routes: ObservedRoutes, ifname: str) -> list[Route]:
 def route_conflicts(
     wanted: Iterable[ipaddress.IPv4Network], routes: ObservedRoutes, ifname: str
 ) -> list[str]:
-    """Linked networks the host routes itself: exactly (picell does not route them) or in
-    part (picell's more specific route wins there, or the host's does)."""
+    """Linked networks the host routes itself: exactly or within a wider route of its own
+    (picell leaves those to the host and routes nothing there), or in part (the host's more
+    specific route wins there)."""
     foreign = foreign_in_main(routes, ifname)
     out = []
     for net in sorted(set(wanted)):
         for r in foreign:
-            if r.dst == net:
-                out.append(f"route {net}: the host routes it itself ({r.describe()}); "
+            if net.subnet_of(r.dst):
+                how = "routes it itself" if r.dst == net else "routes a network around it"
+                out.append(f"route {net}: the host {how} ({r.describe()}); "
                            "picell leaves that route alone")  # fmt: skip
-            elif r.dst.overlaps(net):
+            elif r.dst.subnet_of(net):
                 out.append(f"route {net} overlaps the host's route {r.describe()}")
     return out
+
+
+def blocked(
+    wanted: Iterable[ipaddress.IPv4Network], host_routes: Iterable[ipaddress.IPv4Network]
+) -> frozenset[ipaddress.IPv4Network]:
+    """The wanted networks picell must not route: the host routes them, or a network around
+    them, itself (a route of ours would take its LAN, or a host in it, into the tunnel)."""
+    hosts = list(host_routes)
+    return frozenset(n for n in wanted if any(n.subnet_of(h) for h in hosts))
 
 
 def plan_link(
@@ -199,8 +210,8 @@ def plan_link(
     `observed_routes` are ours (`ours_in_main`), `host_routes` the destinations the host
     routes itself (`foreign_in_main`). Only ours are replaced (a new source address) or
     deleted, both naming our protocol and interface; a missing one is added (`add` fails
-    rather than overwrite a route that appeared meanwhile) unless the host routes exactly
-    that network itself."""
+    rather than overwrite a route that appeared meanwhile) unless the host routes that
+    network, or one around it, itself (`blocked`)."""
     have = observed.addresses if observed else frozenset()
     have_routes = observed_routes or frozenset()
     lines: list[str] = []
@@ -208,7 +219,7 @@ def plan_link(
         lines.append(f"address replace {address} dev {ifname}")
     if observed is None or not observed.up:
         lines.append(f"link set dev {ifname} up")
-    for net in sorted(set(routes) - host_routes):
+    for net in sorted(set(routes) - blocked(routes, host_routes)):
         if net not in have_routes:
             lines.append(f"route add {net} dev {ifname} proto {PROTO} src {address.ip}")
         elif address not in have:

@@ -16,7 +16,9 @@ from picell.errors import CommandFailed
 from picell.system.run import Result, Runner
 
 
-def _elem(element: str) -> dict[str, object]:
+def _elem(element: str) -> object:
+    if element.count(" . ") != 2:
+        return element  # a shape render never writes: `nft -j` shows it some other way
     net, vip, port = (p.strip() for p in element.split(" . "))
     addr, length = net.split("/")
     return {"concat": [{"prefix": {"addr": addr, "len": int(length)}}, vip, int(port)]}
@@ -56,8 +58,10 @@ class FakeKernel(Runner):
     )
     rules: set[tuple[int, int]] = field(default_factory=set)
     nft_text: str | None = None
+    nft_extra: list[object] = field(default_factory=list)  # objects someone else added
     grants: dict[str, set[str]] = field(default_factory=dict)
     flows_cut: list[tuple[str, ...]] = field(default_factory=list)
+    batches: list[str] = field(default_factory=list)  # every `ip -batch -` input, in order
     fail_on: str | None = None  # argv[0] of a command to fail
     handshake_resets: int = 0
 
@@ -125,6 +129,7 @@ class FakeKernel(Runner):
                 [{"priority": 7700, "fwmark": hex(m), "table": str(t)} for m, t in self.rules]
             )
         if a[:2] == ("ip", "-batch"):
+            self.batches.append(stdin or "")
             for line in (stdin or "").splitlines():
                 w = line.split()
                 if w[:2] == ["address", "replace"]:
@@ -168,7 +173,8 @@ class FakeKernel(Runner):
                 for name, elems in sorted(self.grants.items())
             ]
             rule = {"rule": {"comment": comment, "n": len(self.nft_text)}}
-            return json.dumps({"nftables": [{"table": {"name": "picell"}}, rule, *sets]})
+            items = [{"table": {"name": "picell"}}, rule, *sets, *self.nft_extra]
+            return json.dumps({"nftables": items})
         if a[:3] == ("nft", "-f", "-"):
             for line in (stdin or "").splitlines():
                 verb, _, _, _, name, rest = line.split(" ", 5)
