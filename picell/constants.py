@@ -1,11 +1,13 @@
 """Magic numbers of the cell in one place, each with the reason it has that value.
 
-Nothing here is computed; modules import these names instead of repeating literals.
+Nothing here is computed but `NOT_INTERNET` (from the registry data below, once at start-up);
+modules import these names instead of repeating literals.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import os
 
 DEFAULT_DATA_DIR = "/var/lib/picell"  # DESIGN §9: store, rendered configs, sockets
 DEFAULT_INTERFACE = "picell0"  # one WireGuard interface per cell; unique per host
@@ -53,22 +55,66 @@ EXIT_TABLE_BASE = 7700  # routing table of slot k is base + k
 EXIT_RULE_PRIORITY = 7700  # after `local` (0), before `main` (32766)
 EXIT_BLACKHOLE_METRIC = 4096  # an exit table's last route: without its tunnel, drop (fail closed)
 EXIT_DNS_PORT_BASE = 5300  # the resolver for devices of slot k listens on our address, base + k
-# What an exit lends: the internet, never these (private, shared, loopback, link-local,
-# multicast and reserved ranges); the host's own on-link networks are added at run time.
-NOT_INTERNET = tuple(
-    ipaddress.IPv4Network(n)
-    for n in (
-        "0.0.0.0/8",
-        "10.0.0.0/8",
-        "100.64.0.0/10",
-        "127.0.0.0/8",
-        "169.254.0.0/16",
-        "172.16.0.0/12",
-        "192.168.0.0/16",
-        "224.0.0.0/4",
-        "240.0.0.0/4",
+# What an exit lends: the internet, never a range of the IANA IPv4 Special-Purpose Address
+# Registry (https://www.iana.org/assignments/iana-ipv4-special-registry/, as of 2024) nor
+# multicast; the cell's own and linked networks and the host's on-link networks are added at
+# run time (`state._not_internet`). Each entry: (block, the registry's name, globally reachable).
+SPECIAL_PURPOSE_IPV4 = tuple(
+    (ipaddress.IPv4Network(block), name, global_)
+    for block, name, global_ in (
+        ("0.0.0.0/8", '"This network"', False),
+        ("0.0.0.0/32", '"This host on this network"', False),
+        ("10.0.0.0/8", "Private-Use", False),
+        ("100.64.0.0/10", "Shared Address Space", False),
+        ("127.0.0.0/8", "Loopback", False),
+        ("169.254.0.0/16", "Link Local", False),
+        ("172.16.0.0/12", "Private-Use", False),
+        ("192.0.0.0/24", "IETF Protocol Assignments", False),
+        ("192.0.0.0/29", "IPv4 Service Continuity Prefix", False),
+        ("192.0.0.8/32", "IPv4 dummy address", False),
+        ("192.0.0.9/32", "Port Control Protocol Anycast", True),
+        ("192.0.0.10/32", "Traversal Using Relays around NAT Anycast", True),
+        ("192.0.0.170/32", "NAT64/DNS64 Discovery", False),
+        ("192.0.0.171/32", "NAT64/DNS64 Discovery", False),
+        ("192.0.2.0/24", "Documentation (TEST-NET-1)", False),
+        ("192.31.196.0/24", "AS112-v4", True),
+        ("192.52.193.0/24", "AMT", True),
+        ("192.88.99.0/24", "Deprecated (6to4 Relay Anycast)", False),
+        ("192.88.99.2/32", "6a44-relay anycast address", False),
+        ("192.168.0.0/16", "Private-Use", False),
+        ("192.175.48.0/24", "Direct Delegation AS112 Service", True),
+        ("198.18.0.0/15", "Benchmarking", False),
+        ("198.51.100.0/24", "Documentation (TEST-NET-2)", False),
+        ("203.0.113.0/24", "Documentation (TEST-NET-3)", False),
+        ("240.0.0.0/4", "Reserved", False),
+        ("255.255.255.255/32", "Limited Broadcast", False),
+        # not in the special-purpose registry but in the multicast one: never unicast internet
+        ("224.0.0.0/4", "Multicast", False),
     )
 )
+# RFC 5737's documentation ranges. The netns tests (and labs) build their "internet" from them,
+# the only ranges a test may use as public addresses; `LAB_INTERNET_ENV` set to "1" in the
+# daemon's environment makes an exit lend them, for such a lab only.
+DOCUMENTATION_IPV4 = tuple(
+    ipaddress.IPv4Network(n) for n in ("192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24")
+)
+LAB_INTERNET_ENV = "PICELL_LAB_DOCUMENTATION_IS_INTERNET"
+
+
+def not_internet(documentation_is_internet: bool = False) -> tuple[ipaddress.IPv4Network, ...]:
+    """The registry's blocks (and multicast), collapsed: every entry is lent by no exit, the
+    globally reachable anycast ones (AS112, AMT, PCP, TURN) too, since an exit lends browsing,
+    not infrastructure services. A lab may lend the documentation ranges (see above)."""
+    nets = [
+        net
+        for net, _, _ in SPECIAL_PURPOSE_IPV4
+        if not (documentation_is_internet and net in DOCUMENTATION_IPV4)
+    ]
+    return tuple(ipaddress.collapse_addresses(nets))
+
+
+# Computed once, when the daemon starts: the one value here that reads the environment.
+NOT_INTERNET = not_internet(os.environ.get(LAB_INTERNET_ENV) == "1")
 
 DEFAULT_INVITE_TTL_S = 24 * 3600.0  # an invite's token expires after a day unless told
 INVITE_MIN_TTL_S = 60.0

@@ -1,10 +1,14 @@
 """The reconciler: converge the system to a desired `State` (build → render → apply → observe).
 
-`Reconciler.set(state)` observes WireGuard, addresses and the nft table (three read commands),
-applies only what differs (at most `wg syncconf`, one `ip -batch`, one `nft -f` and one
+`Reconciler.set(state)` observes WireGuard, addresses, routes and the nft table (four read
+commands), applies only what differs (at most `wg syncconf`, one `ip -batch`, one `nft -f` and one
 `unbound-control reload`), and returns a `Report`. Called twice with the same state the second
 call changes nothing, reports changed=False and resets no WireGuard session. The number of
 processes it spawns does not depend on the number of devices or services.
+
+What the observers could not read (`anomalies`) is drift that the apply repairs, and what the
+reconciler must not repair itself (`warnings`: a linked network the host routes itself, no
+uplink to lend) is reported; both are logged when they change, never raised.
 """
 
 from __future__ import annotations
@@ -23,15 +27,25 @@ from picell.errors import ApplyFailed, CommandFailed
 from picell.firewall.apply import apply_grant_delta, apply_ruleset, cut_flows, observe_table
 from picell.firewall.render import grant_elements, render_grant_delta, render_ruleset
 from picell.paths import Paths
-from picell.routing.apply import apply_link, observe_links, observe_routes, plan_link
+from picell.routing.apply import (
+    apply_link,
+    foreign_in_main,
+    observe_links,
+    observe_routes,
+    ours_in_main,
+    plan_link,
+    route_conflicts,
+)
 from picell.routing.exits import (
     TableRoute,
     exit_ifname,
+    exit_table_routes,
+    foreign_in_exit_tables,
     observe_rules,
     plan_exit_link,
     plan_exit_routing,
-    split_routes,
 )
+from picell.routing.host import default_uplinks
 from picell.state import ExitTunnel, Grant, State, WgDevice
 from picell.system.children import Child, write_sysctl
 from picell.system.run import Runner
@@ -68,6 +82,9 @@ class Change:
 class Report:
     changes: list[Change] = field(default_factory=list)
     commands: list[tuple[str, ...]] = field(default_factory=list)
+    uplink: tuple[str, ...] = ()  # where an exit lends: configured, or the default route's
+    warnings: list[str] = field(default_factory=list)  # what we must not repair ourselves
+    anomalies: list[str] = field(default_factory=list)  # observations we could not read
 
     @property
     def changed(self) -> bool:
@@ -84,6 +101,9 @@ class Report:
             "commands": [list(c) for c in self.commands],
             "processes": len(self.commands),
             "write_commands": len(self.write_commands),
+            "uplink": list(self.uplink),
+            "warnings": list(self.warnings),
+            "anomalies": list(self.anomalies),
         }
 
 
@@ -108,6 +128,8 @@ class Reconciler:
         self._lock = threading.Lock()
         self.last: Report | None = None
         self.applied: Counter[str] = Counter()  # write transactions since start, by kind
+        self.anomalies: Counter[str] = Counter()  # unreadable observations since start, by tool
+        self._notes: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())  # last logged
 
     def set(self, state: State) -> Report:
         with self._lock:
@@ -121,6 +143,7 @@ class Reconciler:
                 report.commands = self.runner.take_history()
             if report.changed:
                 log.info("reconcile: %s", "; ".join(str(c) for c in report.changes))
+            self._log_notes(report)
             self.last = report
             return report
 
@@ -133,16 +156,20 @@ class Reconciler:
         self._sync_wg(state.wg, self.paths.wg_conf, report)
         self._converge_exit_interfaces(state, report)
 
-        raw_routes = observe_routes(self.runner)
-        main_routes, table_routes = split_routes(raw_routes, ifname)
-        observed_links = observe_links(self.runner)
+        routes = observe_routes(self.runner)
+        observed_links, link_anomalies = observe_links(self.runner)
+        report.anomalies += [*routes.anomalies, *link_anomalies]
+        linked = tuple(link.routed for link in state.links)
         lines = plan_link(
             ifname,
             state.address,
             observed_links.get(ifname),
-            tuple(link.routed for link in state.links),
-            main_routes,
+            linked,
+            ours_in_main(routes, ifname),
+            frozenset(r.dst for r in foreign_in_main(routes, ifname)),
         )
+        report.warnings += route_conflicts(linked, routes, ifname)
+        report.warnings += foreign_in_exit_tables(routes)
         for tunnel in state.exits:
             if tunnel.wg is not None:
                 lines += plan_exit_link(
@@ -150,13 +177,23 @@ class Reconciler:
                     observed_links.get(tunnel.interface),
                 )  # fmt: skip
         want_routes, want_rules = _exit_routing(state.exits)
-        if want_rules or table_routes:  # rules are read only where exits are or were
+        table_routes, odd_routes = exit_table_routes(routes)
+        if want_rules or table_routes or odd_routes:  # rules are read only where exits are/were
             lines += plan_exit_routing(
-                want_routes, table_routes, want_rules, observe_rules(self.runner)
+                want_routes, table_routes, want_rules, observe_rules(self.runner), odd_routes
             )
         if lines:
             apply_link(self.runner, lines)
             report.changes += [Change("address", "update", line) for line in lines]
+
+        report.uplink = (
+            (state.uplink,) if state.uplink else default_uplinks(routes, state.wg_interfaces)
+        )
+        if not report.uplink:
+            report.warnings.append(
+                "no default route and no configured uplink: the home exit and the relay lend "
+                "nothing (fail closed)"
+            )
 
         for key, value in (
             ("net.ipv4.ip_forward", "1"),  # LAN-backed services are forwarded
@@ -168,11 +205,14 @@ class Reconciler:
             if write_sysctl(key, value):
                 report.changes.append(Change("sysctl", "update", f"{key}={value}"))
 
-        text, digest = render_ruleset(state)
+        text, digest = render_ruleset(state, report.uplink)
         want_grants = grant_elements(state)
         observed = observe_table(self.runner)
+        if observed is not None:
+            report.anomalies += observed.anomalies
         in_sync = (
             observed is not None
+            and not observed.anomalies  # what we cannot read, we replace whole
             and observed.digest == digest
             and self._nft_seen == (digest, observed.fingerprint)
         )
@@ -203,6 +243,8 @@ class Reconciler:
 
     def _sync_wg(self, dev: WgDevice, conf_path: Path, report: Report) -> None:
         observed = observe_wg(self.runner, dev.interface)
+        if observed is not None:
+            report.anomalies += [f"{dev.interface}: {a}" for a in observed.anomalies]
         applied = self._endpoints.get(dev.interface, {})
         changes = wg_needs_sync(dev, observed, applied)
         if changes:
@@ -211,6 +253,18 @@ class Reconciler:
             self._endpoints[dev.interface] = {p.public_key: p.endpoint for p in dev.peers
                                               if p.endpoint}  # fmt: skip
             report.changes += [Change("wireguard", k, t) for k, t in changes]
+
+    def _log_notes(self, report: Report) -> None:
+        """Count anomalies; log warnings and anomalies when they change, not every period."""
+        self.anomalies.update(a.split(":", 1)[0] for a in report.anomalies)
+        notes = (tuple(report.warnings), tuple(sorted(set(report.anomalies))))
+        if notes != self._notes:
+            for warning in notes[0]:
+                log.warning("reconcile: %s", warning)
+            if notes[1]:
+                log.warning("reconcile: unexpected observations (drift, repaired): %s",
+                            "; ".join(notes[1]))  # fmt: skip
+        self._notes = notes
 
     def _converge_exit_interfaces(self, state: State, report: Report) -> None:
         """One WireGuard interface per exit tunnel that is up; any other of our exit names that

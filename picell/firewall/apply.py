@@ -22,6 +22,9 @@ class ObservedTable:
     digest: str | None  # the hash in the input jump rule's comment
     fingerprint: str  # hash of what the kernel holds, handles, counters and grants stripped
     grants: dict[str, frozenset[str]]  # elements of each grant set, as render writes them
+    # what we could not read (garbled JSON, a grant element of an unknown shape): the table is
+    # then replaced whole, never patched with a delta built from a guess
+    anomalies: tuple[str, ...] = ()
 
 
 def _strip_handles(node: Any) -> Any:
@@ -42,40 +45,77 @@ def observe_table(runner: Runner) -> ObservedTable | None:
         out = runner.run(["nft", "-j", "list", "table", "inet", TABLE_NAME]).stdout
     except CommandFailed:
         return None
-    items = json.loads(out).get("nftables", [])
+    return parse_table(out)
+
+
+def parse_table(out: str) -> ObservedTable:
+    """Read `nft -j list table` without raising: objects of any kind (flowtables, maps, quotas,
+    whatever a later nft prints) go into the fingerprint, so that anything we did not render
+    is drift that the next apply removes."""
+    anomalies: list[str] = []
+    try:
+        data = json.loads(out)
+    except ValueError:
+        data = None
+        anomalies.append("nft: output is not JSON")
+    items = data.get("nftables") if isinstance(data, dict) else None
+    if not isinstance(items, list):
+        if data is not None:
+            anomalies.append("nft: no list of objects")
+        items = []
+    items = [i for i in items if isinstance(i, dict)]
     digest = None
     for item in items:
-        comment = str(item.get("rule", {}).get("comment", ""))
+        rule = item.get("rule")
+        comment = str(rule.get("comment", "")) if isinstance(rule, dict) else ""
         if comment.startswith("picell "):
             digest = comment
     grants = {name: frozenset[str]() for name in GRANT_SETS.values()}
     for item in items:
-        nft_set = item.get("set", {})
-        if nft_set.get("name") in grants:
-            grants[nft_set["name"]] = frozenset(_element(e) for e in nft_set.get("elem", []))
+        nft_set = item.get("set")
+        if not isinstance(nft_set, dict) or nft_set.get("name") not in grants:
+            continue
+        elems = nft_set.get("elem", [])
+        found = set()
+        for e in elems if isinstance(elems, list) else [elems]:
+            element = _element(e)
+            if element is None:
+                anomalies.append(f"nft: unreadable element of {nft_set['name']}")
+            else:
+                found.add(element)
+        grants[str(nft_set["name"])] = frozenset(found)
     body = [_strip_handles(i) for i in items if "metainfo" not in i]
     fingerprint = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-    return ObservedTable(digest=digest, fingerprint=fingerprint, grants=grants)
+    return ObservedTable(digest, fingerprint, grants, tuple(anomalies))
 
 
-def _element(elem: Any) -> str:
-    """A grant set element from `nft -j` back to `NET . VIP . PORT` as render writes it."""
-    if isinstance(elem, dict) and "elem" in elem:
-        elem = elem["elem"].get("val")
-    parts = elem.get("concat", []) if isinstance(elem, dict) else []
-    out = []
-    for part in parts:
-        if isinstance(part, dict) and "prefix" in part:
-            out.append(f"{part['prefix']['addr']}/{part['prefix']['len']}")
-        elif isinstance(part, dict) and "range" in part:
-            low, high = part["range"]
-            nets = list(ipaddress.summarize_address_range(IPv4Address(low), IPv4Address(high)))
-            out.append(str(nets[0]) if len(nets) == 1 else f"{low}-{high}")
-        else:
-            out.append(str(part))
-    if out and "/" not in out[0] and "-" not in out[0]:
-        out[0] += "/32"
-    return " . ".join(out)
+def _element(elem: Any) -> str | None:
+    """A grant set element from `nft -j` back to `NET . VIP . PORT` as render writes it;
+    None for a shape render never writes."""
+    try:
+        if isinstance(elem, dict) and "elem" in elem:
+            elem = elem["elem"].get("val")
+        parts = elem.get("concat") if isinstance(elem, dict) else None
+        if not isinstance(parts, list) or len(parts) != 3:
+            return None
+        out = []
+        for part in parts:
+            if isinstance(part, dict) and "prefix" in part:
+                net = ipaddress.IPv4Network(f"{part['prefix']['addr']}/{part['prefix']['len']}")
+                out.append(str(net))
+            elif isinstance(part, dict) and "range" in part:
+                low, high = (IPv4Address(a) for a in part["range"])
+                nets = list(ipaddress.summarize_address_range(low, high))
+                out.append(str(nets[0]) if len(nets) == 1 else f"{low}-{high}")
+            elif isinstance(part, (str, int)) and not isinstance(part, bool):
+                out.append(str(part))
+            else:
+                return None
+        if "/" not in out[0] and "-" not in out[0]:
+            out[0] += "/32"
+        return " . ".join(out)
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
 
 
 def apply_ruleset(runner: Runner, text: str, path: Path) -> None:

@@ -26,8 +26,11 @@ def grant_elements(state: State) -> dict[str, frozenset[str]]:
     }
 
 
-def render_table_body(state: State, with_elements: bool = True) -> list[str]:
+def render_table_body(
+    state: State, with_elements: bool = True, default_uplinks: tuple[str, ...] = ()
+) -> list[str]:
     wg = state.interface
+    uplink = _uplink(state, default_uplinks)
     net = state.network
     me = state.address.ip
     dnat = [
@@ -36,7 +39,7 @@ def render_table_body(state: State, with_elements: bool = True) -> list[str]:
         for s in state.services
     ]
     linked = ", ".join(str(n) for n in state.linked_networks)
-    ex = _exit_rules(state)
+    ex = _exit_rules(state, uplink)
     grant_sets: list[str] = []
     for name, elements in grant_elements(state).items():
         grant_sets += [
@@ -57,7 +60,8 @@ def render_table_body(state: State, with_elements: bool = True) -> list[str]:
         *([f"\t\telements = {{ {linked} }}"] if linked else []),
         "\t}",
         "\tset not_internet {",
-        "\t\t# where an exit never leads: private ranges, our and linked networks, our LANs",
+        "\t\t# where an exit never leads: IANA special-purpose ranges and multicast, our and",
+        "\t\t# linked networks, our LANs",
         "\t\ttype ipv4_addr",
         "\t\tflags interval",
         f"\t\telements = {{ {', '.join(str(n) for n in state.not_internet)} }}",
@@ -88,8 +92,11 @@ def render_table_body(state: State, with_elements: bool = True) -> list[str]:
         "\t\ttype nat hook postrouting priority srcnat; policy accept;",
         "\t\t# services whose backend is a LAN host answer to the cell, not to the device",
         f'\t\tiifname "{wg}" oifname != "{wg}" ct status dnat masquerade',
-        "\t\t# the cell as home exit of its devices, and as relay of linked cells' devices",
-        f'\t\tiifname "{wg}" ip saddr {net} {_uplink(state)} ip daddr != @not_internet masquerade',
+        *_lend(
+            uplink,
+            "\t\t# the cell as home exit of its devices, and as relay of linked cells' devices",
+            f'\t\tiifname "{wg}" ip saddr {net} {uplink} ip daddr != @not_internet masquerade',
+        ),
         *ex["masquerade"],
         "\t}",
         "\tchain input {",
@@ -140,8 +147,11 @@ def render_table_body(state: State, with_elements: bool = True) -> list[str]:
         f"\t\tip saddr {net} ct status dnat accept",
         "\t\tip saddr @linked_nets ct status dnat accept",
         *ex["vpn_forward"],
-        "\t\t# every other device may use the cell as its home exit: the internet only",
-        f"\t\tip saddr {net} {_uplink(state)} ip daddr != @not_internet accept",
+        *_lend(
+            uplink,
+            "\t\t# every other device may use the cell as its home exit: the internet only",
+            f"\t\tip saddr {net} {uplink} ip daddr != @not_internet accept",
+        ),
         "\t\tcounter drop",
         "\t}",
         "\tchain vpn_deliver {",
@@ -156,15 +166,25 @@ def _set(items: list[str]) -> str:
     return "{ " + ", ".join(items) + " }"
 
 
-def _uplink(state: State) -> str:
-    """Where the internet is: the configured uplink, else anything but our WireGuard
-    interfaces (the `not_internet` set keeps LANs and private ranges out either way)."""
-    if state.uplink:
-        return f'oifname "{state.uplink}"'
-    return "oifname != " + _set([f'"{n}"' for n in state.wg_interfaces])
+def _uplink(state: State, default_uplinks: tuple[str, ...]) -> str | None:
+    """Where the internet is: the configured uplink, else the interfaces of the host's default
+    route; None (lend nothing: fail closed) without either. Never "anything but our own
+    interfaces", which would lend a corporate VPN's tun0 too (the `not_internet` set keeps
+    LANs and special-purpose ranges out either way)."""
+    names = (state.uplink,) if state.uplink else default_uplinks
+    if not names:
+        return None
+    return "oifname " + (f'"{names[0]}"' if len(names) == 1 else _set([f'"{n}"' for n in names]))
 
 
-def _exit_rules(state: State) -> dict[str, list[str]]:
+def _lend(uplink: str | None, *lines: str) -> list[str]:
+    """The lines that lend the uplink, or a comment saying that nothing is lent."""
+    if uplink is None:
+        return ["\t\t# no uplink (no default route, none configured): no exit lends anything"]
+    return list(lines)
+
+
+def _exit_rules(state: State, uplink: str | None) -> dict[str, list[str]]:
     """The lines the exit relay adds to the table (DESIGN §8), by where they go.
 
     Our devices routed via an exit cell are marked for its table (routing does the rest) and
@@ -175,7 +195,6 @@ def _exit_rules(state: State) -> dict[str, list[str]]:
     """
     wg, me, net = state.interface, state.address.ip, state.network
     exits = state.exits
-    uplink = _uplink(state)
     parts = ("chains", "dns", "masquerade", "input", "link_input", "forward", "vpn_forward")
     out: dict[str, list[str]] = {k: [] for k in parts}
     if not exits:
@@ -188,7 +207,8 @@ def _exit_rules(state: State) -> dict[str, list[str]]:
                 f'\t\tiifname "{t.interface}" ct mark set {t.mark:#x}',
                 f"\t\tct direction reply ct mark {t.mark:#x} meta mark set {t.mark:#x}",
             ]
-            out["masquerade"].append(f'\t\tiifname "{t.interface}" {uplink} masquerade')
+            if uplink is not None:
+                out["masquerade"].append(f'\t\tiifname "{t.interface}" {uplink} masquerade')
             out["forward"].append(f'\t\tiifname "{t.interface}" jump exit_relay')
             continue
         devices = _set([str(d) for d in t.devices])
@@ -239,7 +259,7 @@ def _exit_rules(state: State) -> dict[str, list[str]]:
             "\tchain exit_relay {",
             "\t\t# a linked cell's devices borrow our uplink: the internet, never our devices,",
             "\t\t# our LAN or our services",
-            f"\t\t{uplink} ip daddr != @not_internet accept",
+            *_lend(uplink, f"\t\t{uplink} ip daddr != @not_internet accept"),
             "\t\tcounter drop",
             "\t}",
         ]
@@ -250,11 +270,18 @@ def ruleset_hash(body: list[str]) -> str:
     return hashlib.sha256("\n".join(body).encode()).hexdigest()[:32]
 
 
-def render_ruleset(state: State) -> tuple[str, str]:
+def render_ruleset(state: State, default_uplinks: tuple[str, ...] = ()) -> tuple[str, str]:
     """(nft -f text, hash). Creating the table first makes `delete` safe when it is absent.
-    The hash leaves out the grant elements: those change as set-element deltas."""
-    digest = "picell " + ruleset_hash(render_table_body(state, with_elements=False))
-    body = [line.replace("{digest}", digest) for line in render_table_body(state)]
+    The hash leaves out the grant elements: those change as set-element deltas.
+    `default_uplinks` (the default route's interfaces, `routing.host.default_uplinks`) is
+    where the exit lends when the cell has no configured uplink; empty, it lends nothing."""
+    digest = "picell " + ruleset_hash(
+        render_table_body(state, with_elements=False, default_uplinks=default_uplinks)
+    )
+    body = [
+        line.replace("{digest}", digest)
+        for line in render_table_body(state, default_uplinks=default_uplinks)
+    ]
     text = "\n".join(
         [
             f"table inet {TABLE_NAME}",

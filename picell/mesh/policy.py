@@ -109,7 +109,8 @@ def observe_host(runner: Runner, interface: str) -> HostNets:
             except (KeyError, TypeError, ValueError):
                 continue
     routes = []
-    out = runner.run(["ip", "-j", "-4", "route", "show", "table", "all"]).stdout
+    # -N: protocol numbers as numbers, whatever the host's rt_protos file names them
+    out = runner.run(["ip", "-j", "-N", "-4", "route", "show", "table", "all"]).stdout
     for r in _parse_json(out):
         if not isinstance(r, dict):
             continue

@@ -6,7 +6,8 @@ blackhole route, so that a tunnel that is missing or down drops its devices' tra
 letting it fall through to the main table and out of our own uplink (fail closed).
 
 `plan_exit_routing` (pure) turns desired and observed tables and rules into `ip -batch` lines;
-routes carry protocol `ROUTE_PROTO`, so only our own are ever deleted.
+routes carry protocol `ROUTE_PROTO`, and every delete names it, so only our own ever go (a route
+of another protocol in these tables is reported, never touched).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from picell.constants import (
     EXIT_TABLE_BASE,
     ROUTE_PROTO,
 )
-from picell.routing.apply import ObservedLink
+from picell.routing.apply import PROTO, ObservedLink, ObservedRoutes, Route
 from picell.system.run import Runner
 
 IFNAME_MAX = 15
@@ -70,29 +71,54 @@ class TableRoute:
 
 def observe_rules(runner: Runner) -> frozenset[tuple[int, int]]:
     """(mark, table) of our rules (priority EXIT_RULE_PRIORITY)."""
-    out = runner.run(["ip", "-j", "-4", "rule", "show"]).stdout
+    return parse_rules(runner.run(["ip", "-j", "-4", "rule", "show"]).stdout)
+
+
+def parse_rules(out: str) -> frozenset[tuple[int, int]]:
+    """Rules of any other shape (a named table, a mask, garbled output) are not ours: they
+    are left alone, and a missing rule of ours is added again."""
+    try:
+        data = json.loads(out or "[]")
+    except ValueError:
+        return frozenset()
     rules = set()
-    for r in json.loads(out or "[]"):
-        if r.get("priority") == EXIT_RULE_PRIORITY and "fwmark" in r:
-            rules.add((int(r["fwmark"], 16), int(r["table"])))
+    for r in data if isinstance(data, list) else []:
+        if not isinstance(r, dict) or r.get("priority") != EXIT_RULE_PRIORITY:
+            continue
+        try:
+            rules.add((int(str(r["fwmark"]), 16), int(str(r["table"]))))
+        except (KeyError, ValueError):
+            continue
     return frozenset(rules)
 
 
-def split_routes(
-    raw: list[dict[str, object]], main_if: str
-) -> tuple[frozenset[ipaddress.IPv4Network], frozenset[TableRoute]]:
-    """Our routes (`ip -j route show table all proto ROUTE_PROTO`): those of the main table
-    through the cell interface, and those of the exit tables."""
-    main, tables = set(), set()
-    for r in raw:
-        dst = str(r.get("dst", ""))
-        table = r.get("table")
-        if table is None and r.get("dev") == main_if:
-            main.add(ipaddress.IPv4Network(dst if "/" in dst else f"{dst}/32"))
-        elif isinstance(table, str) and table.isdigit() and int(table) in exit_tables():
-            dev = None if r.get("type") == "blackhole" else str(r.get("dev"))
-            tables.add(TableRoute(int(table), dst, dev))
-    return frozenset(main), frozenset(tables)
+def exit_table_routes(
+    routes: ObservedRoutes,
+) -> tuple[frozenset[TableRoute], tuple[Route, ...]]:
+    """Our routes of the exit tables: those of the shapes we make (a route through one
+    interface, the blackhole of last resort), and the odd ones (protocol ROUTE_PROTO, any other
+    shape: a multipath route, an `unreachable`, another metric), which go. Routes of another
+    protocol in these tables are not ours and stay (`foreign_in_exit_tables`)."""
+    tables, odd = set(), []
+    for r in routes.routes:
+        if not (r.table.isdigit() and int(r.table) in exit_tables()) or r.proto != PROTO:
+            continue
+        if r.kind == "blackhole" and r.metric == EXIT_BLACKHOLE_METRIC:
+            tables.add(TableRoute(int(r.table), r.dst_text, None))
+        elif r.kind == "unicast" and len(r.devs) == 1 and r.metric == 0:
+            tables.add(TableRoute(int(r.table), r.dst_text, r.devs[0]))
+        else:
+            odd.append(r)
+    return frozenset(tables), tuple(odd)
+
+
+def foreign_in_exit_tables(routes: ObservedRoutes) -> list[str]:
+    """Routes in our tables that picell did not make: reported, never touched."""
+    return [
+        f"table {r.table} holds a route picell did not make: {r.describe()}"
+        for r in routes.routes
+        if r.table.isdigit() and int(r.table) in exit_tables() and r.proto != PROTO
+    ]
 
 
 def plan_exit_routing(
@@ -100,10 +126,12 @@ def plan_exit_routing(
     have_routes: frozenset[TableRoute],
     want_rules: frozenset[tuple[int, int]],
     have_rules: frozenset[tuple[int, int]],
+    odd_routes: tuple[Route, ...] = (),
 ) -> list[str]:
     """`ip -batch` lines: routes and rules added (tables first, so that a rule never points at
-    an empty table) before the stale ones go."""
-    lines = [_route("replace", r) for r in sorted(want_routes - have_routes, key=TableRoute.key)]
+    an empty table) before the stale ones go. Every delete names our protocol."""
+    added = sorted(want_routes - have_routes, key=TableRoute.key)
+    lines = [_route("replace", r) for r in added]
     lines += [
         f"rule add fwmark {mark:#x} lookup {table} priority {EXIT_RULE_PRIORITY}"
         for mark, table in sorted(want_rules - have_rules)
@@ -113,6 +141,14 @@ def plan_exit_routing(
         for mark, table in sorted(have_rules - want_rules)
     ]
     lines += [_route("del", r) for r in sorted(have_routes - want_routes, key=TableRoute.key)]
+    # a replace above took the kernel's slot (table, destination, metric) of an odd route
+    # already: deleting it again would fail the whole batch
+    taken = {(r.table, r.dst, 0 if r.dev else EXIT_BLACKHOLE_METRIC) for r in added}
+    lines += [
+        _odd_route_del(r)
+        for r in sorted(odd_routes, key=Route.describe)
+        if (int(r.table), r.dst_text, r.metric) not in taken
+    ]
     return lines
 
 
@@ -123,6 +159,14 @@ def _route(verb: str, r: TableRoute) -> str:
             f"proto {ROUTE_PROTO}"
         )
     return f"route {verb} {r.dst} dev {r.dev} table {r.table} proto {ROUTE_PROTO}"
+
+
+def _odd_route_del(r: Route) -> str:
+    kind = "" if r.kind == "unicast" else f"{r.kind} "
+    dev = f" dev {r.devs[0]}" if len(r.devs) == 1 else ""
+    return (
+        f"route del {kind}{r.dst_text}{dev} metric {r.metric} table {r.table} proto {ROUTE_PROTO}"
+    )
 
 
 def plan_exit_link(

@@ -26,19 +26,22 @@ WG_SOCKET_DIR = Path("/var/run/wireguard")
 @dataclass(frozen=True)
 class ObservedPeer:
     public_key: str
-    endpoint: str | None
+    endpoint: str | None  # "ip:port" or "[v6]:port" as WireGuard shows it
     allowed_ips: tuple[ipaddress.IPv4Network, ...]
     latest_handshake: int
     rx_bytes: int
     tx_bytes: int
     keepalive_s: int
+    # allowed IPs we never configure (IPv6) or could not read: drift for the next `wg syncconf`
+    foreign_ips: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class ObservedWg:
-    private_key: str
+    private_key: str  # "" when the device has none ("(none)")
     listen_port: int
     peers: dict[str, ObservedPeer]
+    anomalies: tuple[str, ...] = ()  # lines or fields we could not read (drift, never an error)
 
 
 def interface_exists(ifname: str) -> bool:
@@ -55,28 +58,60 @@ def observe_wg(runner: Runner, ifname: str) -> ObservedWg | None:
         out = runner.run(["wg", "show", ifname, "dump"]).stdout
     except CommandFailed:
         return None
-    lines = out.splitlines()
+    return parse_wg_dump(out)
+
+
+def parse_wg_dump(out: str) -> ObservedWg | None:
+    """Every state `wg show dump` prints, without raising: `(none)` for a key, an endpoint or
+    allowed IPs (a peer that lost them all to another peer), `off` for keepalive, IPv6
+    endpoints, a port of 0. What cannot be read becomes an anomaly and a value that differs
+    from any desired one, so that the next reconcile rewrites the device."""
+    lines = [line for line in out.splitlines() if line.strip()]
     if not lines:
         return None
+    anomalies: list[str] = []
     head = lines[0].split("\t")
+    if len(head) < 3:
+        anomalies.append(f"wg: unreadable interface line ({len(head)} fields)")
+        head += [""] * (3 - len(head))
+    private_key = "" if head[0] == "(none)" else head[0]
+    listen_port = _number(head[2], anomalies, "listen port")
     peers: dict[str, ObservedPeer] = {}
     for line in lines[1:]:
         f = line.split("\t")
-        if len(f) < 8:
+        if len(f) < 8 or not f[0]:
+            anomalies.append(f"wg: unreadable peer line ({len(f)} fields)")
             continue
-        allowed = tuple(
-            sorted(ipaddress.IPv4Network(a) for a in f[3].split(",") if a and ":" not in a)
-        )
+        allowed: list[ipaddress.IPv4Network] = []
+        foreign: list[str] = []
+        for item in f[3].split(","):
+            item = item.strip()
+            if not item or item == "(none)":
+                continue
+            try:
+                allowed.append(ipaddress.IPv4Network(item))
+            except ValueError:
+                foreign.append(item)  # IPv6 (never ours) or unreadable: drift
+        keepalive = 0 if f[7] == "off" else _number(f[7], anomalies, "keepalive", -1)
         peers[f[0]] = ObservedPeer(
             public_key=f[0],
-            endpoint=None if f[2] == "(none)" else f[2],
-            allowed_ips=allowed,
-            latest_handshake=int(f[4]),
-            rx_bytes=int(f[5]),
-            tx_bytes=int(f[6]),
-            keepalive_s=0 if f[7] == "off" else int(f[7]),
+            endpoint=None if f[2] in ("(none)", "") else f[2],
+            allowed_ips=tuple(sorted(allowed)),
+            latest_handshake=_number(f[4], anomalies, "handshake"),
+            rx_bytes=_number(f[5], anomalies, "rx bytes"),
+            tx_bytes=_number(f[6], anomalies, "tx bytes"),
+            keepalive_s=keepalive,
+            foreign_ips=tuple(sorted(foreign)),
         )
-    return ObservedWg(private_key=head[0], listen_port=int(head[2]), peers=peers)
+    return ObservedWg(private_key, listen_port, peers, tuple(anomalies))
+
+
+def _number(text: str, anomalies: list[str], what: str, unreadable: int = 0) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        anomalies.append(f"wg: unreadable {what} {text[:40]!r}")
+        return unreadable
 
 
 def diff_peers(
@@ -99,6 +134,7 @@ def diff_peers(
             changes.append(("add", peer.name))
         elif (
             got.allowed_ips != tuple(sorted(peer.allowed_ips))
+            or got.foreign_ips
             or got.keepalive_s != peer.keepalive_s
             or (peer.endpoint is not None and applied.get(key) != peer.endpoint)
         ):

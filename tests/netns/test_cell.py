@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import os
 import signal
 import time
@@ -181,6 +182,39 @@ def test_second_reconcile_changes_nothing_and_keeps_sessions(world: World) -> No
     assert report["write_commands"] == 0
     assert report["processes"] == 4  # wg show, ip -j addr, ip -j route, nft -j
     assert handshake() == before
+
+
+def test_reconcile_touches_only_routes_of_its_own_protocol(world: World) -> None:
+    """The cell host routes 192.168.77.0/24 through its LAN veth itself; a stale picell route to
+    the same network (as a link removed while the daemon was down leaves it) and another to a
+    network no link wants are removed by the next reconcile, and the host's route stays exactly
+    as it was. The cell has no default route: its exit lends nothing, and `status` says so."""
+    cell, ns = world.cell, world.cell.ns
+
+    def routes(*dst: str) -> list[dict[str, object]]:
+        out = ns.run(["ip", "-j", "-N", "-4", "route", "show", "table", "all"]).stdout
+        return [r for r in json.loads(out) if r.get("dst") in dst]
+
+    ns.run(["ip", "route", "add", "192.168.77.0/24", "via", "203.0.113.5", "proto", "static"])
+    lan = routes("192.168.77.0/24")
+    try:
+        for net, metric in (("192.168.77.0/24", "50"), ("192.168.78.0/24", "0")):
+            ns.run(["ip", "route", "add", net, "dev", cell.interface, "proto", "77",
+                    "metric", metric])  # fmt: skip
+        report = cell.cli("reconcile")
+        assert (
+            f"address: update route del 192.168.78.0/24 dev {cell.interface} proto 77"
+            in (report["changes"])
+        )
+        assert routes("192.168.77.0/24", "192.168.78.0/24") == lan
+        assert lan[0]["protocol"] == "4" and lan[0]["dev"] != cell.interface
+        again = cell.cli("reconcile")
+        assert again["changed"] is False and routes("192.168.77.0/24") == lan
+        status = cell.cli("status")["last_reconcile"]
+        assert status["uplink"] == []
+        assert any("no default route" in w for w in status["warnings"]), status
+    finally:
+        ns.run(["ip", "route", "del", "192.168.77.0/24", "proto", "static"])
 
 
 def test_crashed_children_are_restarted(world: World) -> None:

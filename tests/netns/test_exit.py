@@ -19,6 +19,8 @@ phone routes via beta, laptop via charlie, pad (full tunnel, no route-via) via a
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -27,6 +29,7 @@ from pathlib import Path
 
 import pytest
 
+from picell.constants import LAB_INTERNET_ENV
 from tests.netns.cells import Cell
 from tests.netns.harness import Netns, Proc, Topology, wait_until
 
@@ -91,6 +94,21 @@ def _internet_dns(inet: Netns, workdir: Path) -> tuple[Proc, Path]:
 
 @pytest.fixture(scope="module")
 def world() -> Iterator[World]:
+    # this topology's internet is made of documentation ranges (the only public addresses a
+    # test may use), which an exit never lends on a real host: the cells' daemons (started
+    # with this environment) lend them here, and still no other special-purpose range
+    previous = os.environ.get(LAB_INTERNET_ENV)
+    os.environ[LAB_INTERNET_ENV] = "1"
+    try:
+        yield from _world()
+    finally:
+        if previous is None:
+            os.environ.pop(LAB_INTERNET_ENV, None)
+        else:
+            os.environ[LAB_INTERNET_ENV] = previous
+
+
+def _world() -> Iterator[World]:
     with Topology() as topo:
         inet = topo.add_ns("inet")
         inet.sysctl("net.ipv4.ip_forward", 1)
@@ -204,6 +222,37 @@ def test_the_relay_lends_only_its_internet(routed: World) -> None:
     assert not w.phone.tcp_connect("203.0.113.5", 80)  # beta's LAN host
     assert not w.phone.tcp_connect(UPLINK["beta"], 51821)  # beta's own pairing port
     assert not w.phone.tcp_connect("10.62.0.1", 8000)  # a port of beta's host
+
+
+def test_exits_lend_only_the_default_routes_interface_and_no_special_range(
+    routed: World,
+) -> None:
+    """Alpha's host also reaches 192.0.2.99 through a second interface (a corporate VPN's, say)
+    and 198.18.0.80 (a benchmarking address, IANA special-purpose) through its uplink. Neither
+    is lent: not to the pad (alpha as home exit), not to the phone (beta as relay).
+
+        corp ns 192.0.2.99 (HTTP) ── veth 192.0.2.128/30 ── alpha ── uplink ── inet ns 198.18.0.80
+    """
+    w = routed
+    alpha = w.alpha
+    corp = w.topo.add_ns("corp")
+    corp.run(["ip", "addr", "add", "192.0.2.99/32", "dev", "lo"])
+    w.topo.link(alpha.ns, "192.0.2.129/30", corp, "192.0.2.130/30")
+    corp.run(["ip", "route", "add", "default", "via", "192.0.2.129"])
+    alpha.ns.run(["ip", "route", "add", "192.0.2.99/32", "via", "192.0.2.130"])
+    corp.serve_http("192.0.2.99", 80, "corp")
+    w.inet.run(["ip", "addr", "add", "198.18.0.80/32", "dev", "lo"])
+    w.inet.serve_http("198.18.0.80", 80, "bench")
+    assert alpha.ns.http_get("http://192.0.2.99/") == "corp"  # the host itself reaches both
+    assert alpha.ns.http_get("http://198.18.0.80/") == "bench"
+    leaves_through(w.pad, w, "alpha", 30, "no home exit via alpha", tag="pad-lend")
+    leaves_through(w.phone, w, "beta", 30, "no exit via beta", tag="phone-lend")
+    assert w.pad.http_get("http://192.0.2.99/", timeout_s=2) is None
+    assert w.pad.http_get("http://198.18.0.80/", timeout_s=2) is None
+    assert w.phone.http_get("http://198.18.0.80/", timeout_s=2) is None
+    out = alpha.ns.run(["ip", "-j", "route", "show", "default"]).stdout
+    uplink = json.loads(out)[0]["dev"]
+    assert alpha.cli("status")["last_reconcile"]["uplink"] == [uplink]
 
 
 def test_withdrawn_offer_fails_closed_and_returns(routed: World) -> None:

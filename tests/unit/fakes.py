@@ -16,7 +16,9 @@ from picell.errors import CommandFailed
 from picell.system.run import Result, Runner
 
 
-def _elem(element: str) -> dict[str, object]:
+def _elem(element: str) -> object:
+    if element.count(" . ") != 2:
+        return element  # a shape render never writes: `nft -j` shows it some other way
     net, vip, port = (p.strip() for p in element.split(" . "))
     addr, length = net.split("/")
     return {"concat": [{"prefix": {"addr": addr, "len": int(length)}}, vip, int(port)]}
@@ -50,10 +52,16 @@ class FakeKernel(Runner):
     up: set[str] = field(default_factory=set)
     routes: dict[str, set[str]] = field(default_factory=dict)
     table_routes: set[tuple[int, str, str | None]] = field(default_factory=set)
+    # the host's own routes, as `ip -j -N` prints them: picell must never change them
+    host_routes: list[dict[str, object]] = field(
+        default_factory=lambda: [{"dst": "default", "gateway": "192.0.2.1", "dev": "eth0"}]
+    )
     rules: set[tuple[int, int]] = field(default_factory=set)
     nft_text: str | None = None
+    nft_extra: list[object] = field(default_factory=list)  # objects someone else added
     grants: dict[str, set[str]] = field(default_factory=dict)
     flows_cut: list[tuple[str, ...]] = field(default_factory=list)
+    batches: list[str] = field(default_factory=list)  # every `ip -batch -` input, in order
     fail_on: str | None = None  # argv[0] of a command to fail
     handshake_resets: int = 0
 
@@ -86,7 +94,7 @@ class FakeKernel(Runner):
             peers: dict[str, dict[str, object]] = dev["peers"]  # type: ignore[assignment]
             for key, p in peers.items():
                 lines.append(
-                    f"{key}\t(none)\t(none)\t{p['allowed']}\t{p['handshake']}\t0\t0\t"
+                    f"{key}\t(none)\t(none)\t{p['allowed'] or '(none)'}\t{p['handshake']}\t0\t0\t"
                     f"{p['keepalive'] or 'off'}"
                 )
             return "\n".join(lines) + "\n"
@@ -104,20 +112,24 @@ class FakeKernel(Runner):
                 mtu = 1340 if ifname in self.up else 1420
                 links.append({"ifname": ifname, "flags": flags, "mtu": mtu, "addr_info": info})
             return json.dumps(links)
-        if a[:4] == ("ip", "-j", "-4", "route"):
-            # every route of the fake kernel is picell's own (proto 77)
-            main = [{"dst": r, "dev": dev, "protocol": "77"}
-                    for dev, rs in sorted(self.routes.items()) for r in sorted(rs)]  # fmt: skip
+        if a[:5] == ("ip", "-j", "-N", "-4", "route"):
+            main = [
+                {"dst": r, "dev": dev, "protocol": "77"}
+                for dev, rs in sorted(self.routes.items())
+                for r in sorted(rs)
+            ]
             tables = [
-                {"dst": dst, "table": str(table)} | ({"dev": dev} if dev else {"type": "blackhole"})
+                {"dst": dst, "table": str(table), "protocol": "77"}
+                | ({"dev": dev} if dev else {"type": "6", "metric": 4096})
                 for table, dst, dev in sorted(self.table_routes, key=str)
             ]
-            return json.dumps(main + tables)
+            return json.dumps(self.host_routes + main + tables)
         if a[:4] == ("ip", "-j", "-4", "rule"):
             return json.dumps(
                 [{"priority": 7700, "fwmark": hex(m), "table": str(t)} for m, t in self.rules]
             )
         if a[:2] == ("ip", "-batch"):
+            self.batches.append(stdin or "")
             for line in (stdin or "").splitlines():
                 w = line.split()
                 if w[:2] == ["address", "replace"]:
@@ -140,7 +152,7 @@ class FakeKernel(Runner):
                         self.rules.add(rule)
                     else:
                         self.rules.discard(rule)
-                elif w[:2] == ["route", "replace"]:
+                elif w[:2] in (["route", "replace"], ["route", "add"]):
                     self.routes.setdefault(w[4], set()).add(w[2])
                 elif w[:2] == ["route", "del"]:
                     self.routes.get(w[4], set()).discard(w[2])
@@ -161,7 +173,8 @@ class FakeKernel(Runner):
                 for name, elems in sorted(self.grants.items())
             ]
             rule = {"rule": {"comment": comment, "n": len(self.nft_text)}}
-            return json.dumps({"nftables": [{"table": {"name": "picell"}}, rule, *sets]})
+            items = [{"table": {"name": "picell"}}, rule, *sets, *self.nft_extra]
+            return json.dumps({"nftables": items})
         if a[:3] == ("nft", "-f", "-"):
             for line in (stdin or "").splitlines():
                 verb, _, _, _, name, rest = line.split(" ", 5)

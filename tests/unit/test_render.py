@@ -91,7 +91,7 @@ def test_device_config_covers_a_network_outside_the_mesh_range() -> None:
 
 
 def test_ruleset() -> None:
-    text, digest = render_ruleset(sample_state())
+    text, digest = render_ruleset(sample_state(), ("eth0",))
     check_golden("ruleset.nft", text)
     assert f'comment "{digest}"' in text
 
@@ -168,7 +168,7 @@ def test_exit_tunnels_are_built_from_the_store() -> None:
 
 
 def test_ruleset_with_exits() -> None:
-    text, _ = render_ruleset(exit_state())
+    text, _ = render_ruleset(exit_state(), ("eth0", "wlan0"))  # a multipath default route
     check_golden("ruleset-exits.nft", text)
 
 

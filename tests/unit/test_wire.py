@@ -208,7 +208,7 @@ class _Ip:
 
     def run(self, argv: list[str], **_: Any) -> Any:
         class R:
-            stdout = self.out[argv[3]]
+            stdout = self.out["route" if "route" in argv else "addr"]
 
         return R()
 
