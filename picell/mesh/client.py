@@ -26,7 +26,7 @@ import ipaddress
 import json
 import re
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
 import httpx
@@ -114,6 +114,16 @@ def strict_json(raw: bytes, max_depth: int = JSON_MAX_DEPTH) -> Any:
 
 
 _LENGTH = re.compile(r"[0-9]{1,18}")
+
+
+async def _raw_chunks(response: httpx.Response) -> AsyncIterator[bytes]:
+    """The body as it arrives, undecoded. A response built in memory (a MockTransport handler's
+    `content=b"..."`) was read when it was made: it comes as one chunk."""
+    if response.is_stream_consumed:
+        yield response.content
+        return
+    async for chunk in response.aiter_raw():
+        yield chunk
 
 
 class MeshClient:
@@ -204,7 +214,7 @@ class MeshClient:
             raise BadAnswer(status, f"{url}: HTTP {status}, answer is compressed (refused)")
         deadline = self.clock() + self.deadline_s
         body = bytearray()
-        async for chunk in response.aiter_raw():
+        async for chunk in _raw_chunks(response):
             body += chunk
             if len(body) > self.max_bytes:
                 raise BadAnswer(status, self._too_large(url, status))
