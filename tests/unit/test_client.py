@@ -124,7 +124,7 @@ def test_deep_nesting_is_refused_before_the_parser_recurses() -> None:
     with pytest.raises(ValueError, match="nested deeper"):
         strict_json(b'{"a":' * 100_000 + b"1" + b"}" * 100_000)
     # brackets inside strings are not nesting; 32 real levels are fine
-    assert strict_json(b'["[[[[{{{{\\"]"]') == ["[[[[{{{{\"]"]
+    assert strict_json(b'["[[[[{{{{\\"]"]') == ['[[[[{{{{"]']
     assert strict_json(b"[" * 32 + b"]" * 32) is not None
     with pytest.raises(ValueError, match="nested deeper"):
         strict_json(b"[" * 33 + b"]" * 33)

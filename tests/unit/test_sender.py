@@ -69,10 +69,7 @@ class World:
     def __init__(self, control: Control, deadline_s: float = 8.0) -> None:
         self.control = control
         self.links = Links(control)
-        inv = self.links.invite(3600)
-        assert inv.pairing is not None
-        self.links.accept(redeem(inv.pairing.token, identity("beta", "10.62.0.0/24",
-                                                             "beta.test", keypair()[1])))  # fmt: skip
+        self.pair("beta", "10.62.0.0/24")
         # rows the store stamps with the wall clock (an outbox message) lie in its past
         self.clock = FakeClock(time.time() + 3600)
         self.cells = Cells()
@@ -80,11 +77,14 @@ class World:
         mesh = MeshClient(transport, clock=self.clock.monotonic, deadline_s=deadline_s)
         self.sender = Sender(self.links, clock=self.clock, mesh_client=mesh)
 
-    def add_gamma(self) -> None:
+    def pair(self, name: str, subnet: str) -> None:
         inv = self.links.invite(3600)
         assert inv.pairing is not None
-        self.links.accept(redeem(inv.pairing.token, identity("gamma", "10.63.0.0/24",
-                                                             "gamma.test", keypair()[1])))  # fmt: skip
+        other = identity(name, subnet, f"{name}.test", keypair()[1])
+        self.links.accept(redeem(inv.pairing.token, other))
+
+    def add_gamma(self) -> None:
+        self.pair("gamma", "10.63.0.0/24")
 
     def round(self) -> list[Future[None]]:
         """One round, its jobs run to their end."""
