@@ -22,9 +22,11 @@ Never retries: the sender owns retries. Must not know about the store or the lin
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import json
 import re
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
@@ -113,6 +115,13 @@ def strict_json(raw: bytes, max_depth: int = JSON_MAX_DEPTH) -> Any:
         raise ValueError(printable(exc, 120)) from None
 
 
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    """httpx builds a TLS context (loading the CA bundle: tens of ms) for every transport, even
+    for plain http as here; one shared context makes a request cost what its exchange costs."""
+    return httpx.create_ssl_context()
+
+
 _LENGTH = re.compile(r"[0-9]{1,18}")
 
 
@@ -169,7 +178,9 @@ class MeshClient:
     ) -> tuple[int, Any]:
         status: int | None = None
         owned = self.transport is None
-        transport = self.transport or httpx.AsyncHTTPTransport(local_address=local_address)
+        transport = self.transport or httpx.AsyncHTTPTransport(
+            local_address=local_address, verify=_tls_context()
+        )
         client = httpx.AsyncClient(transport=transport, timeout=self.deadline_s, trust_env=False)
         try:
             async with asyncio.timeout(self.deadline_s):
