@@ -24,6 +24,13 @@ HOSTNAME_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
+def printable(text: object, limit: int) -> str:
+    """One line of at most `limit` characters without control characters: for text another
+    cell sent (an error, a refusal) on its way to the journal or a terminal."""
+    line = "".join(ch if ch.isprintable() else "?" for ch in str(text)[: limit + 1])
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
 def no_control(value: str, field: str) -> str:
     """`value` unless it holds a control character (a line break, NUL, escape...): such a
     character must never reach a rendered file or a terminal."""

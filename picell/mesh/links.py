@@ -237,13 +237,16 @@ class Links:
             "key_proof": _key_proof(cell.private_key, other.public_key, signed),
         }
         host = validate.endpoint(other.endpoint).host
+        name = other.cell_name
         try:
             status, data = client.pair(host, inv.pairing.port, request)
+        except client.BadAnswer as exc:  # it answered, with something unusable: no link
+            raise Forbidden(f"cell {name}'s pairing answer is unusable: {exc}",
+                            field="invite") from None  # fmt: skip
         except client.Unreachable as exc:
             self._store(other, LinkState.WAITING, "connect", f"pairing port unreachable: {exc}",
                         trust_domain, proof)  # fmt: skip
             return self.describe(other.cell_name)
-        name = other.cell_name
         if status != 200:
             raise Forbidden(
                 f"{name} refused the link; its owner sees why in {name}'s journal (HTTP {status})",

@@ -2,11 +2,23 @@
 
 - Link state: a link whose state changed (`pending_push`) is pushed at once, bursts coalescing
   into one document (`COALESCE_S`); every linked cell is pushed again each `HEARTBEAT_S` as a
-  heartbeat and safety net; a failed push is retried with backoff capped at
+  heartbeat and safety net; a failed push is retried with backoff (1, 2, 4, ... s) capped at
   `OUTBOX_MAX_BACKOFF_S`. A cell that was offline therefore converges within one heartbeat.
+  A push counts as accepted only when the answer is a 2xx whose body is a `StateAnswer` for the
+  sequence number we sent.
 - The outbox: queued one-off messages (`unlink`). One that reached the other cell (or that it no
   longer needs: 404) completes our side's removal; an `unlink` undelivered for
   `UNLINK_GIVE_UP_S` is dropped with our side.
+
+Links are isolated: the loop thread only decides what is due and hands each due link to a small
+pool of `WORKERS` threads, at most one job per link in flight. Every exchange is bounded by the
+client (`DEADLINE_S`, `ANSWER_MAX_BYTES`), so a slow, trickling or huge answer holds one worker
+for at most the deadline, and the other links go on. The loop thread never dies: any exception
+is logged (at most once per `ERROR_LOG_INTERVAL_S`, with a count), and the loop backs off and
+goes on. Time comes from a `Clock`, so tests drive all of this without sleeping.
+
+Must not: parse or trust an answer beyond `client`'s checks, hold the store lock while sending,
+or start a thread per push.
 """
 
 from __future__ import annotations
@@ -15,16 +27,21 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from ipaddress import IPv4Address
-from typing import Any
+from typing import Any, Protocol
+
+from pydantic import ValidationError
 
 from picell.constants import COALESCE_S, HEARTBEAT_S, OUTBOX_MAX_BACKOFF_S, UNLINK_GIVE_UP_S
-from picell.errors import PicellError
 from picell.mesh import client
+from picell.mesh.client import MeshClient, model_error, printable
 from picell.mesh.document import document
 from picell.mesh.links import Links
 from picell.mesh.protocol import envelope_from
+from picell.mesh.wire import StateAnswer
 from picell.store import cell as cell_table
 from picell.store import exits as exit_table
 from picell.store import links as link_table
@@ -35,6 +52,56 @@ from picell.store.outbox import Message
 
 log = logging.getLogger(__name__)
 
+WORKERS = 4  # pushes in flight at once; a bad link holds one for at most client.DEADLINE_S
+ERROR_LOG_INTERVAL_S = 60.0  # unexpected errors: one log line per interval, with a count
+
+
+class Clock(Protocol):
+    def time(self) -> float:
+        """Seconds since the epoch (stored as `last_push_at`, compared with `created_at`)."""
+        ...
+
+    def wait(self, event: threading.Event, timeout_s: float) -> bool:
+        """Wait until `event` is set (True) or `timeout_s` passed (False)."""
+        ...
+
+
+class SystemClock:
+    def time(self) -> float:
+        return time.time()
+
+    def wait(self, event: threading.Event, timeout_s: float) -> bool:
+        return event.wait(timeout_s)
+
+
+def backoff_s(attempts: int) -> float:
+    """The wait after the `attempts`-th consecutive failure (1, 2, 4, ... capped)."""
+    return min(OUTBOX_MAX_BACKOFF_S, 2.0 ** max(0, attempts - 1))
+
+
+class RepeatedErrors:
+    """Logs an unexpected error at once, then at most once per interval, saying how many came
+    since: a link that fails on every round must not flood the log."""
+
+    def __init__(self, clock: Clock, interval_s: float = ERROR_LOG_INTERVAL_S) -> None:
+        self.clock, self.interval_s = clock, interval_s
+        self.total = 0
+        self._since = 0
+        self._last: float | None = None
+        self._lock = threading.Lock()
+
+    def note(self, where: str, exc: BaseException) -> None:
+        with self._lock:
+            self.total += 1
+            self._since += 1
+            now = self.clock.time()
+            if self._last is not None and now - self._last < self.interval_s:
+                return
+            count, self._since, self._last = self._since, 0, now
+        more = f" ({count - 1} more since the last report)" if count > 1 else ""
+        log.error("sender: %s: %s: %s%s", where, exc.__class__.__name__, exc, more,
+                  exc_info=exc)  # fmt: skip
+
 
 @dataclass
 class Retry:
@@ -43,14 +110,27 @@ class Retry:
 
 
 class Sender:
-    def __init__(self, links: Links) -> None:
+    def __init__(
+        self,
+        links: Links,
+        *,
+        clock: Clock | None = None,
+        mesh_client: MeshClient | None = None,
+        workers: int = WORKERS,
+    ) -> None:
         self.links = links
         self.store = links.store
+        self.clock: Clock = clock or SystemClock()
+        self.client = mesh_client or client.default
         self.pushes = 0  # documents sent (benchmarks read it)
-        self._retry: dict[str, Retry] = {}
+        self.errors = RepeatedErrors(self.clock)
+        self._lock = threading.Lock()  # guards the fields below, written by the workers
+        self._retry: dict[str, Retry] = {}  # link key -> backoff after failed pushes or jobs
         # links told our state since this daemon started: at start every link is told at once,
         # since our identity (endpoint, domain) may have changed while we were stopped
         self._told: set[str] = set()
+        self._in_flight: dict[str, Future[None]] = {}  # link key -> its one job
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sender-job")
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sender", daemon=True)
@@ -64,51 +144,104 @@ class Sender:
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout=10)
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     def _run(self) -> None:
+        failures = 0
         while not self._stop.is_set():
+            self._wake.clear()  # before the round: a wake during it is not lost
             try:
-                self.deliver_due()
-                self.push_due()
-            except PicellError as exc:  # a store or apply failure: retry on the next round
-                log.error("sender: %s", exc.message)
-            woke = self._wake.wait(self._next_wait())
-            self._wake.clear()
-            if woke:
-                self._stop.wait(COALESCE_S)  # let a burst of changes settle into one push
+                self.round()
+                wait_s = self._next_wait()
+                failures = 0
+            except Exception as exc:  # a store failure, a bug: never end the thread
+                self.errors.note("round", exc)
+                failures += 1
+                wait_s = backoff_s(failures)
+            woke = self.clock.wait(self._wake, wait_s)
+            if woke and not self._stop.is_set():
+                self.clock.wait(self._stop, COALESCE_S)  # let a burst settle into one push
+
+    # -- scheduling ----------------------------------------------------------------------------
+    def round(self) -> list[Future[None]]:
+        """Start every due push and delivery whose link has no job in flight; returns the jobs
+        started (tests wait for them)."""
+        now = self.clock.time()
+        with self.store.read() as conn:
+            messages = outbox.all_messages(conn)
+            links = [ln for ln in link_table.all_links(conn) if ln.state == "linked"]
+        started: list[Future[None]] = []
+        for message in messages:
+            if self._message_due_at(message) <= now:
+                started += self._start(message.link_key, self._deliver, message)
+        for link in links:
+            if self._push_due_at(link, now) <= now:
+                started += self._start(link.public_key, self.push, link.name)
+        return started
 
     def _next_wait(self) -> float:
-        now = time.time()
+        now = self.clock.time()
         with self.store.read() as conn:
-            nxt = outbox.next_due(conn)
+            messages = outbox.all_messages(conn)
             links = [ln for ln in link_table.all_links(conn) if ln.state == "linked"]
-        times = [] if nxt is None else [nxt]
-        for link in links:
+        with self._lock:
+            busy = set(self._in_flight)  # their end wakes us
+        times = [now + HEARTBEAT_S]
+        times += [self._message_due_at(m) for m in messages if m.link_key not in busy]
+        times += [self._push_due_at(ln, now) for ln in links if ln.public_key not in busy]
+        return max(0.0, min(times) - now)
+
+    def _push_due_at(self, link: Link, now: float) -> float:
+        with self._lock:
             retry = self._retry.get(link.public_key)
-            if retry and retry.attempts:
-                times.append(retry.at)
-            elif link.pending_push or link.public_key not in self._told:
-                times.append(now)
-            else:
-                times.append((link.last_push_at or 0) + HEARTBEAT_S)
-        return max(0.0, min([now + HEARTBEAT_S, *times]) - now)
+            told = link.public_key in self._told
+        if retry is not None:
+            return retry.at
+        if link.pending_push or not told:
+            return now
+        return (link.last_push_at or 0.0) + HEARTBEAT_S
+
+    def _message_due_at(self, message: Message) -> float:
+        with self._lock:
+            retry = self._retry.get(message.link_key)
+        return max(message.next_at, retry.at if retry else 0.0)
+
+    def _start(self, key: str, job: Callable[[Any], Any], arg: Any) -> list[Future[None]]:
+        with self._lock:
+            if key in self._in_flight:
+                return []  # one job per link: the next round sees what this one left
+            future = self._pool.submit(self._guarded, key, job, arg)
+            self._in_flight[key] = future
+        future.add_done_callback(lambda _: self._finished(key))
+        return [future]
+
+    def _finished(self, key: str) -> None:
+        with self._lock:
+            self._in_flight.pop(key, None)
+        self._wake.set()  # a change made while it was in flight may be due now
+
+    def _guarded(self, key: str, job: Callable[[Any], Any], arg: Any) -> None:
+        try:
+            job(arg)
+        except Exception as exc:  # a bug or a store failure: back this link off, keep going
+            self.errors.note(f"job for {key[:8]}…", exc)
+            self._note(key, "internal error")
+
+    def _note(self, key: str, error: str | None) -> None:
+        with self._lock:
+            if error is None:
+                self._retry.pop(key, None)
+                return
+            retry = self._retry.setdefault(key, Retry())
+            retry.attempts += 1
+            retry.at = self.clock.time() + backoff_s(retry.attempts)
 
     # -- link state ----------------------------------------------------------------------------
-    def push_due(self) -> None:
-        now = time.time()
-        with self.store.read() as conn:
-            links = [ln for ln in link_table.all_links(conn) if ln.state == "linked"]
-        for link in links:
-            retry = self._retry.get(link.public_key, Retry())
-            due = (
-                link.pending_push
-                or link.public_key not in self._told
-                or (link.last_push_at or 0) + HEARTBEAT_S <= now
-            )
-            if due and retry.at <= now:
-                self.push(link.name)
-
     def push(self, name: str) -> bool:
         """Send `name` our whole state now; True when it was accepted."""
         with self.store.transaction() as conn:
@@ -122,44 +255,38 @@ class Sender:
             extra = document(cell, link, service_table.all_services(conn), slot)
             envelope = envelope_from(cell, link, "state", seq, extra)
             conn.execute("UPDATE links SET local_seq = ? WHERE name = ?", (seq, name))
-        self.pushes += 1
-        error = self._send(cell.ip, link, "state", envelope)
+        with self._lock:
+            self.pushes += 1
+        error = self._push_error(cell.ip, link, envelope, seq)
         with self.store.transaction() as conn:
             if error is None:
-                link_table.push_done(conn, name, generation, time.time())
+                link_table.push_done(conn, name, generation, self.clock.time())
             else:
                 link_table.push_failed(conn, name, error)
         self._note(link.public_key, error)
         if error is None:
-            self._told.add(link.public_key)
+            with self._lock:
+                self._told.add(link.public_key)
         return error is None
 
-    def _note(self, key: str, error: str | None) -> None:
-        if error is None:
-            self._retry.pop(key, None)
-            return
-        retry = self._retry.setdefault(key, Retry())
-        retry.at = time.time() + min(OUTBOX_MAX_BACKOFF_S, 2.0**retry.attempts)
-        retry.attempts += 1
-
-    @staticmethod
-    def _send(our_ip: IPv4Address, link: Link, kind: str, envelope: dict[str, Any]) -> str | None:
+    def _push_error(
+        self, our_ip: IPv4Address, link: Link, envelope: dict[str, Any], seq: int
+    ) -> str | None:
         try:
-            status, data = client.send(our_ip, link.dns_ip, link.mesh_port, kind, envelope)
-        except client.Unreachable as exc:
+            status, data = self.client.send(our_ip, link.dns_ip, link.mesh_port, "state", envelope)
+        except client.Unreachable as exc:  # BadAnswer included
             return str(exc)
-        if 200 <= status < 300:
-            return None
-        message = data.get("message") if isinstance(data, dict) else data
-        return f"HTTP {status}: {message}"
+        if not 200 <= status < 300:
+            return _refusal(status, data)
+        try:
+            answer = StateAnswer.model_validate(data)
+        except ValidationError as exc:
+            return f"HTTP {status}: {model_error(exc)}"
+        if answer.seq != seq:
+            return f"HTTP {status}: answer.seq: {answer.seq}, expected {seq}"
+        return None
 
     # -- the outbox ----------------------------------------------------------------------------
-    def deliver_due(self) -> None:
-        with self.store.read() as conn:
-            messages = outbox.due(conn, time.time())
-        for message in messages:
-            self._deliver(message)
-
     def _deliver(self, message: Message) -> None:
         with self.store.read() as conn:
             cell = cell_table.load(conn)
@@ -168,13 +295,21 @@ class Sender:
             with self.store.transaction() as conn:
                 outbox.done(conn, message.id)
             return
+        body = json.loads(message.body)  # our own, as stored by `Links.disconnect`
+        error: str | None = None
         try:
-            status, data = client.send(
-                cell.ip, link.dns_ip, link.mesh_port, message.kind, json.loads(message.body)
-            )
-            error = None if 200 <= status < 300 or status == 404 else f"HTTP {status}: {data}"
+            status, data = self.client.send(cell.ip, link.dns_ip, link.mesh_port, message.kind,
+                                            body)  # fmt: skip
+        except client.BadAnswer as exc:
+            # the status line settles a delivery; the body carries nothing we need
+            status, data, error = exc.status, None, str(exc)
         except client.Unreachable as exc:
-            status, error = 0, str(exc)
+            status, data, error = 0, None, str(exc)
+        if 200 <= status < 300 or status == 404:
+            error = None
+        elif error is None:
+            error = _refusal(status, data)
+        self._note(message.link_key, None)
         if error is None:
             with self.store.transaction() as conn:
                 outbox.done(conn, message.id)
@@ -182,13 +317,19 @@ class Sender:
                 outcome = "delivered" if status != 404 else "they had no link with us"
                 self.links.unlink_delivered(message.link_key, outcome)
             return
-        if message.kind == "unlink" and time.time() - message.created_at > UNLINK_GIVE_UP_S:
+        now = self.clock.time()
+        if message.kind == "unlink" and now - message.created_at > UNLINK_GIVE_UP_S:
             with self.store.transaction() as conn:
                 outbox.done(conn, message.id)
             self.links.unlink_delivered(message.link_key, f"given up: {error}")
             return
-        retry_s = min(OUTBOX_MAX_BACKOFF_S, 2.0**message.attempts)
+        retry_s = backoff_s(message.attempts + 1)
         log.info("sender: %s to %s failed (%s); retry in %.0f s", message.kind, link.name,
                  error, retry_s)  # fmt: skip
         with self.store.transaction() as conn:
-            outbox.failed(conn, message.id, error, retry_s)
+            outbox.failed(conn, message.id, error, now + retry_s)
+
+
+def _refusal(status: int, data: Any) -> str:
+    message = data.get("message") if isinstance(data, dict) else data
+    return f"HTTP {status}: {printable(message)}"

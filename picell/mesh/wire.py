@@ -256,11 +256,12 @@ class Envelope(Wire):
     mac: Mac
 
 
-class PushAnswer(Wire):
-    """What a cell answers to our state document."""
+class StateAnswer(Wire):
+    """The other cell's answer to our state document (`Sync.receive_state`): it applied `seq`.
+    A push counts only with this answer for the `seq` we sent."""
 
-    ok: bool
-    seq: Annotated[int, Field(ge=0, le=SEQ_MAX)] | None = None
+    ok: Literal[True]
+    seq: Annotated[int, Field(ge=1, le=SEQ_MAX)]
 
 
 MESSAGES: dict[str, type[Wire]] = {
@@ -270,7 +271,7 @@ MESSAGES: dict[str, type[Wire]] = {
     "envelope": Envelope,
     "state": StateBody,
     "unlink": UnlinkBody,
-    "push_answer": PushAnswer,
+    "state_answer": StateAnswer,
 }
 BODIES: dict[str, type[Header]] = {"state": StateBody, "unlink": UnlinkBody}
 

@@ -11,21 +11,19 @@ import sqlite3
 import time
 from typing import Any
 
+from picell.validate import printable
+
 KEEP_PER_LINK = 1000
 DETAIL_MAX = 500
-
-
-def _clean(text: str, limit: int) -> str:
-    return "".join(ch if ch.isprintable() else "?" for ch in text[:limit])
 
 
 def append(conn: sqlite3.Connection, link: str, event: str, actor: str, detail: str = "") -> None:
     conn.execute(
         "INSERT INTO journal (at, link, event, actor, detail) VALUES (?, ?, ?, ?, ?)",
-        (time.time(), _clean(link, 64), _clean(event, 200), _clean(actor, 100),
-         _clean(detail, DETAIL_MAX)),
+        (time.time(), printable(link, 64), printable(event, 200), printable(actor, 100),
+         printable(detail, DETAIL_MAX)),
     )  # fmt: skip
-    trim(conn, _clean(link, 64))
+    trim(conn, printable(link, 64))
 
 
 def trim(conn: sqlite3.Connection, link: str, keep: int = KEEP_PER_LINK) -> None:

@@ -14,6 +14,7 @@ from enum import StrEnum
 from typing import Any
 
 from picell.errors import Conflict, NotFound
+from picell.validate import printable
 
 
 class LinkState(StrEnum):
@@ -211,7 +212,7 @@ def push_done(conn: sqlite3.Connection, name: str, generation: int, at: float) -
 
 def push_failed(conn: sqlite3.Connection, name: str, error: str) -> None:
     # the error may quote the other cell's answer: one printable line, for the terminal
-    error = "".join(ch if ch.isprintable() else "?" for ch in error[:500])
+    error = printable(error, 500)
     conn.execute(
         "UPDATE links SET last_push_status = 'error', last_push_error = ?,"
         " pending_push = MAX(pending_push, 1) WHERE name = ?",

@@ -38,19 +38,15 @@ def due(conn: sqlite3.Connection, now: float) -> list[Message]:
     return [Message(*r) for r in rows]
 
 
-def next_due(conn: sqlite3.Connection) -> float | None:
-    row = conn.execute("SELECT MIN(next_at) FROM outbox").fetchone()
-    return float(row[0]) if row and row[0] is not None else None
-
-
 def done(conn: sqlite3.Connection, message_id: int) -> None:
     conn.execute("DELETE FROM outbox WHERE id = ?", (message_id,))
 
 
-def failed(conn: sqlite3.Connection, message_id: int, error: str, retry_in_s: float) -> None:
+def failed(conn: sqlite3.Connection, message_id: int, error: str, next_at: float) -> None:
+    """A failed attempt; the next one is due at `next_at` (the sender's clock decides)."""
     conn.execute(
         "UPDATE outbox SET attempts = attempts + 1, last_error = ?, next_at = ? WHERE id = ?",
-        (error[:500], time.time() + retry_in_s, message_id),
+        (error[:500], next_at, message_id),
     )
 
 

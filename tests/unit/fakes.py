@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -245,3 +246,48 @@ class FakeKernel(Runner):
         self.up.discard(ifname)
         self.routes.pop(ifname, None)
         self.table_routes = {r for r in self.table_routes if r[2] != ifname}
+
+
+class FakeClock:
+    """The sender's `Clock`, moved only by the test. A thread that waits on it blocks until the
+    test advances the time past its timeout or its event is set; `sleeper` lets the test wait
+    (on real time, generously) until the thread is parked in a given wait."""
+
+    def __init__(self, start: float) -> None:
+        self.now = start
+        self.waits: list[float] = []  # timeouts asked for, in order
+        self._parked: int | None = None  # index in `waits` of the wait in progress
+        self._cv = threading.Condition()
+
+    def time(self) -> float:
+        with self._cv:
+            return self.now
+
+    def monotonic(self) -> float:
+        return self.time()
+
+    def advance(self, seconds: float) -> None:
+        with self._cv:
+            self.now += seconds
+            self._cv.notify_all()
+
+    def wait(self, event: threading.Event, timeout_s: float) -> bool:
+        with self._cv:
+            deadline = self.now + timeout_s
+            self.waits.append(timeout_s)
+            self._parked = len(self.waits) - 1
+            self._cv.notify_all()
+            try:
+                # an Event cannot notify this condition: poll it in short real-time steps
+                while not event.is_set() and self.now < deadline:
+                    self._cv.wait(0.002)
+            finally:
+                self._parked = None
+            return event.is_set()
+
+    def sleeper(self, index: int, real_timeout_s: float = 20.0) -> float:
+        """Wait until the `index`-th wait (0-based) is in progress; return its timeout."""
+        with self._cv:
+            if not self._cv.wait_for(lambda: self._parked == index, real_timeout_s):
+                raise AssertionError(f"no wait #{index} within {real_timeout_s} s: {self.waits}")
+            return self.waits[index]
