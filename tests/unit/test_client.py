@@ -266,7 +266,9 @@ def test_connect_pairs_through_the_transport(
 def test_connect_refused_stores_nothing(control: Control, monkeypatch: pytest.MonkeyPatch) -> None:
     refusal = httpx.Response(403, json={"code": "forbidden", "message": "pairing refused"})
     links, _ = connect_with(control, monkeypatch, refusal)
-    with pytest.raises(Forbidden, match="beta refused the link; its owner sees why in beta.s journal"):
+    with pytest.raises(
+        Forbidden, match="beta refused the link; its owner sees why in beta.s journal"
+    ):
         links.connect(beta_invite(keypair()[1]))
     assert links.overview() == []
 
