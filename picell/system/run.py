@@ -51,6 +51,9 @@ class Runner:
                 input=stdin,
                 capture_output=True,
                 text=True,
+                # an interface or a comment named in another encoding must not raise here
+                encoding="utf-8",
+                errors="replace",
                 timeout=timeout_s,
                 env=env,
                 check=False,
