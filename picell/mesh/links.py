@@ -154,7 +154,7 @@ class Links:
         return Invite(identity_of(cell), Pairing(cell.pair_port, token, expires_at))
 
     # -- connect (this cell imports the other's invite) ----------------------------------------
-    def connect(self, text: str) -> dict[str, Any]:
+    def connect(self, text: str, trust_domain: bool = False) -> dict[str, Any]:
         inv = parse_invite(text)
         if inv.pairing is None:
             raise BadInput(
