@@ -25,10 +25,10 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import RedirectResponse
-from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from picell.api.errors import error_response
+from picell.api.models import PasswordChanged, PasswordSet
 from picell.constants import (
     LOGIN_FAILURES_GLOBAL,
     LOGIN_FAILURES_PER_SOURCE,
@@ -337,14 +337,10 @@ def _harden(response: Response, path: str) -> None:
 
 
 # -- setting the password (unix socket only) ---------------------------------------------------
-class PasswordSet(BaseModel):
-    password: str = Field(max_length=1024)
-
-
 password_router = APIRouter(prefix="/api/admin")
 
 
-@password_router.put("/password")
+@password_router.put("/password", response_model=PasswordChanged)
 def set_password(body: PasswordSet, request: Request) -> dict[str, Any]:
     """Set the web UI's admin password (stored as an argon2 hash); ends every web session."""
     auth: Auth = request.app.state.auth

@@ -15,7 +15,6 @@ import json
 import secrets
 from typing import Any
 
-import segno
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
@@ -23,6 +22,7 @@ from starlette.concurrency import run_in_threadpool
 
 from picell import validate
 from picell.api import auth
+from picell.api.cells import create_invite
 from picell.api.webrender import (
     WEB_DIR,
     FormError,
@@ -89,13 +89,14 @@ async def logout(request: Request) -> Response:
 
 # -- Cell Network ------------------------------------------------------------------------------
 def _invite_view(links: Links) -> dict[str, Any]:
-    inv = links.invite(DEFAULT_INVITE_TTL_S)
-    text = inv.encode()
+    """The same answer as `POST /api/cells/invites`, shown once: the token is not kept."""
+    created = create_invite(links, links.control.store, DEFAULT_INVITE_TTL_S)
     return {
-        "json": json.dumps(inv.as_dict(), indent=2),
-        "string": text,
-        "qr": segno.make(text, error="m").svg_inline(scale=3, light="white"),
-        "expires_at": inv.pairing.expires_at if inv.pairing else None,
+        "id": created.id,
+        "json": json.dumps(created.invite.model_dump(mode="json"), indent=2),
+        "string": created.string,
+        "qr": created.svg,
+        "expires_at": created.expires_at,
     }
 
 

@@ -98,7 +98,8 @@ def test_pages_need_a_login(client: TestClient, path: str) -> None:
 @pytest.mark.parametrize(
     ("method", "path"),
     [("GET", "/api/status"), ("GET", "/api/peers"), ("POST", "/api/peers"),
-     ("GET", "/api/cells/invite"), ("DELETE", "/api/services/web")],
+     ("POST", "/api/cells/invites"), ("GET", "/api/cells/invites"),
+     ("DELETE", "/api/services/web")],
 )  # fmt: skip
 def test_api_needs_a_login(client: TestClient, method: str, path: str) -> None:
     resp = client.request(method, path, json={"name": "evil"})

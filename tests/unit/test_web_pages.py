@@ -134,7 +134,9 @@ def test_connect_refusals_stand_next_to_the_invite(
 
 
 def test_our_own_invite_is_refused_with_words(client: TestClient) -> None:
-    own = client.get("/api/cells/invite").json()["string"]
+    made = client.post("/api/cells/invites", json={}, headers={"X-CSRF-Token": csrf(client)})
+    assert made.status_code == 201
+    own = made.json()["string"]
     resp = post(client, "/cells/connect", invite=own)
     assert resp.status_code == 409  # type: ignore[attr-defined]
     assert field_error(resp.text, "invite") == "That is this cell&#39;s own invite"  # type: ignore[attr-defined]
