@@ -66,12 +66,10 @@ async def login(request: Request) -> Response:
             request,
             CsrfRefused("login_token: the login form expired; reload it and try again"),
         )
-    source = request.client.host if request.client else "?"
     state(request, "auth").logout(request.cookies.get(auth.COOKIE))  # never reuse a session id
     try:
-        token, _ = await run_in_threadpool(
-            state(request, "auth").login, source, str(form.get("password", ""))
-        )
+        # awaits its turn after failed logins (never a refusal), holding no thread meanwhile
+        token, _ = await state(request, "auth").login(str(form.get("password", "")))
     except PicellError as exc:
         return await login_form(request, FormError("login", exc, ("password",)))
     response = back("/cells")
