@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
 from picell.constants import DEFAULT_INVITE_TTL_S, INVITE_MAX_TTL_S, INVITE_MIN_TTL_S
 
@@ -34,7 +34,17 @@ WG_KEY_PATTERN = r"^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$"
 PASSWORD_PATTERN = r"^[^\r\n\x00]{10,1024}$"
 
 Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN, max_length=NAME_MAX)]
-Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+def _whole(value: Any) -> Any:
+    """JSON Schema counts 80.0 as an integer; strict pydantic would not: let a whole float in
+    (only that: "80" and true stay refused)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+Port = Annotated[int, Field(ge=1, le=65535), BeforeValidator(_whole)]
 WgKey = Annotated[str, StringConstraints(pattern=WG_KEY_PATTERN, min_length=44, max_length=44)]
 Backend = Annotated[str, StringConstraints(pattern=BACKEND_PATTERN, max_length=21)]
 
