@@ -22,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 
 from picell import validate
 from picell.api import auth
-from picell.api.cells import create_invite
+from picell.api.cells import create_invite, list_invites
 from picell.api.webrender import (
     WEB_DIR,
     FormError,
@@ -40,6 +40,7 @@ from picell.errors import BadInput, CsrfRefused, PicellError
 from picell.mesh.exits import Exits
 from picell.mesh.links import Links
 from picell.mesh.sync import Sync
+from picell.store import invites as invite_table
 
 
 # -- login -------------------------------------------------------------------------------------
@@ -102,6 +103,7 @@ def _cells_context(links: Links) -> dict[str, Any]:
     overview = links.overview()
     return {
         "links": overview,
+        "invites": [i for i in list_invites(links.control.store) if i.state == "open"],
         "services": links.control.list_services(),
         "journals": {c["name"]: links.journal_entries(c["name"])[-30:] for c in overview},
     }
@@ -117,6 +119,25 @@ async def make_invite(request: Request) -> Response:
     links: Links = state(request, "links")
     invite = await run_in_threadpool(_invite_view, links)
     return await cells_page(request, invite=invite)
+
+
+async def revoke_invite(request: Request) -> Response:
+    links: Links = state(request, "links")
+    raw = request.path_params["invite_id"]
+    try:
+        if not raw.isdigit() or len(raw) > 15:
+            raise BadInput(f"id: {raw[:20]!r} is not an invite number", field="id")
+
+        def revoke() -> None:
+            with links.control.store.transaction() as conn:
+                invite_table.revoke(conn, int(raw))
+
+        await run_in_threadpool(revoke)
+    except PicellError as exc:
+        err = FormError(f"revoke-{raw[:20]}", exc, ())
+        return await cells_page(request, err.status, error=err)
+    flash(request, f"Revoked invite {raw}: it can no longer be used")
+    return back("/cells")
 
 
 async def connect(request: Request) -> Response:
@@ -302,6 +323,7 @@ def install(app: FastAPI, auth_: auth.Auth) -> None:
         ("/logout", logout, post),
         ("/cells", cells_page, get),
         ("/cells/invite", make_invite, post),
+        ("/cells/invites/{invite_id}/revoke", revoke_invite, post),
         ("/cells/connect", connect, post),
         ("/cells/{name}/sharing", set_sharing, post),
         ("/cells/{name}/exit-offer", set_exit_offer, post),
