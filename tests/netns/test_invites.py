@@ -14,11 +14,15 @@ Topology:
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
 
+from picell.errors import PicellError
+from picell.mesh.invite import parse_invite
+from picell.wireguard import keys
 from tests.netns.cells import PICELL, Cell, cell_on_bridge
 from tests.netns.harness import Topology, wait_until
 
@@ -61,6 +65,33 @@ def test_a_revoked_invite_is_refused_and_changes_nothing(pair: Pair) -> None:
     assert alpha.refused("invites", "revoke", str(made["id"]))["field"] == "id"
 
 
+def _parser_takes_invite_json_output() -> bool:
+    """Whether the invite parser (the lead's `mesh/invite.py`) takes `invite --json` output, the
+    `{"id", "invite", "string", "svg"}` wrapper. False only when it takes the bare invite but not
+    the wrapper, i.e. before the lead's parser is merged; this branch passes the file's text on
+    unchanged (tests/unit/test_invites.py::test_cli_connect_passes_the_invite_text_unchanged)."""
+    sample = {"version": 1, "cell_name": "gamma", "domain": "gamma.test",
+              "public_key": keys.public_from_private(keys.generate_private()),
+              "endpoint": "198.51.100.3:51820", "vpn_subnet": "10.63.0.0/24",
+              "dns_ip": "10.63.0.1", "mesh_port": 3000,
+              "pairing": {"port": 51821, "token": "t" * 32,
+                          "expires_at": time.time() + 600}}  # fmt: skip
+    try:
+        parse_invite(json.dumps(sample))
+    except PicellError:
+        return True  # the sample is outdated: let the test decide
+    try:
+        parse_invite(json.dumps({"id": 1, "invite": sample, "string": "", "svg": ""}))
+    except PicellError:
+        return False
+    return True
+
+
+@pytest.mark.xfail(
+    not _parser_takes_invite_json_output(),
+    reason="connect @FILE of `invite --json` output needs the lead's invite parser",
+    strict=True,
+)
 def test_invite_json_output_links_through_connect_at_file(pair: Pair) -> None:
     """`picell invite --json > f` on alpha, `picell connect @f` on beta: linked on both sides,
     and alpha's `invites` shows the invite used by beta."""
