@@ -202,10 +202,12 @@ def test_mallory_is_linked_and_its_signed_documents_are_accepted(world: World) -
 
 # -- signed documents alpha must refuse ---------------------------------------------------------
 
-# a peer section that would claim alpha's phone (10.61.0.2) for a key of mallory's choosing, one
-# sorting before every real key: the last peer listing an address owns it
-INJECTION = ("[fe80::1%1\n[Peer]\nPublicKey = AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAE=\n"
-             "AllowedIPs = 10.61.0.2/32]:51820")  # fmt: skip
+# A peer section that would claim alpha's phone (10.61.0.2) for a key of mallory's choosing, one
+# sorting before every real key (the last peer listing an address owns it). Python's
+# ip_address takes the scope id of an IPv6 address with any characters but "/" and "%"; the
+# rendered `Endpoint = [HOST]:PORT` then ends in the comment "#]:1".
+INJECTION = ("[fe80::1%1]:51820\n[Peer]\nPublicKey = AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAE=\n"
+             "AllowedIPs = 10.61.0.2\n#:1")  # fmt: skip
 HOSTILE_IDENTITIES: list[tuple[str, dict[str, Any]]] = [
     ("domain com", {"identity": {**LEGIT, "domain": "com"}}),
     ("domain co.uk", {"identity": {**LEGIT, "domain": "co.uk"}}),
@@ -440,10 +442,15 @@ def test_the_reconcile_loop_survives_the_attacks(world: World) -> None:
     """Drift is still repaired: the reconcile thread did not die (it reconciles every 30 s)."""
     alpha = world.alpha
     route = ["10.62.0.0/24", "dev", alpha.interface]
-    assert "10.62.0.0/24" in alpha.ns.run(["ip", "route", "show", *route]).stdout
+
+    def has_route() -> bool:
+        shown = alpha.ns.run(["ip", "route", "show", *route], check=False)
+        return "10.62.0.0/24" in shown.stdout
+
+    # the period repairs a lost interface too, within one period of its loss
+    wait_until(has_route, 75, f"alpha's route to beta via {alpha.interface} is gone")
     alpha.ns.run(["ip", "route", "del", *route])
-    wait_until(lambda: "10.62.0.0/24" in alpha.ns.run(["ip", "route", "show", *route]).stdout,
-               75, "alpha never repaired its route to beta")  # fmt: skip
+    wait_until(has_route, 75, "alpha never repaired its route to beta")
     assert "Exception in thread" not in alpha.log()
 
 
@@ -508,21 +515,33 @@ def test_hostile_identities_through_the_pairing_port_are_refused(world: World) -
 
 
 def test_alpha_is_the_same_process_and_changed_nothing(world: World) -> None:
-    alpha, phone = world.alpha, world.phone
+    alpha, phone, failures = world.alpha, world.phone, []
+
+    def expect(ok: bool, what: str) -> None:
+        if not ok:
+            failures.append(what)
+
     assert alpha.proc is not None and alpha.proc.running() and alpha.proc.pid == world.alpha_pid
     lines = log_lines(alpha)
-    assert lines <= LOG_LINES_MAX, f"alpha's log has {lines} lines"
-    assert "Exception in thread" not in alpha.log()
-    assert LAN_NET in alpha.ns.run(["ip", "route", "show", "dev", world.lan_if]).stdout
+    expect(lines <= LOG_LINES_MAX, f"alpha's log has {lines} lines")
+    expect("Exception in thread" not in alpha.log(), "a thread of alpha died")
+    lan = alpha.ns.run(["ip", "route", "show", LAN_NET], check=False).stdout
+    expect(f"dev {world.lan_if}" in lan and lan.count("\n") == 1,
+           f"alpha's LAN route is not (only) on its LAN: {lan!r}")  # fmt: skip
     check = unbound_checkconf(alpha.ns, alpha.unbound_conf)
-    assert check.returncode == 0, check.stdout + check.stderr
+    expect(check.returncode == 0, f"unbound-checkconf: {check.stdout}{check.stderr}")
     conf = alpha.unbound_conf.read_text()
-    assert '"com."' not in conf and '"co.uk."' not in conf
-    assert world.changes() == []
+    expect('"com."' not in conf and '"co.uk."' not in conf, "a forward zone for com/co.uk")
+    failures += world.changes()
     # what alpha's devices see
-    assert phone.dig("alpha.alpha.test") == ["10.61.0.1"]
-    assert phone.dig("beta.beta.test") == ["10.62.0.1"]
-    assert phone.dig("something.com") == ["192.0.2.81"]  # the internet's answer, not mallory's
-    assert phone.dig("something.co.uk") == ["192.0.2.82"]
-    assert sorted(alpha.links()) == ["beta", "mallory"]
+    expect(phone.dig("alpha.alpha.test") == ["10.61.0.1"], "phone: alpha.alpha.test")
+    expect(phone.dig("beta.beta.test") == ["10.62.0.1"], "phone: beta.beta.test")
+    # the internet's answers, not mallory's
+    expect(phone.dig("something.com") == ["192.0.2.81"], "phone: something.com")
+    expect(phone.dig("something.co.uk") == ["192.0.2.82"], "phone: something.co.uk")
+    try:
+        expect(sorted(alpha.links()) == ["beta", "mallory"], f"links: {sorted(alpha.links())}")
+    except AssertionError as exc:
+        failures.append(f"`picell cells` failed: {str(exc)[:300]}")
     print("\n".join(world.notes))
+    assert not failures, "\n".join(failures)
