@@ -123,6 +123,16 @@ class ReportOut(Answer):
     commands: list[list[str]] = []
     processes: int = 0
     write_commands: int = 0
+    warnings: list[str] = []  # what the owner should act on (a host route over a link, ...)
+    anomalies: list[str] = []  # what an observer could not read: repaired as drift
+
+
+class LinkConflict(Answer):
+    """A link whose network a host address or route overlaps (one that appeared later)."""
+
+    cell: str
+    network: str
+    overlaps: str  # in words: "this host's route to 172.17.0.0/16 on docker0"
 
 
 class StatusOut(Answer):
@@ -140,6 +150,7 @@ class StatusOut(Answer):
     dns_running: bool
     last_reconcile: ReportOut | None
     last_error: str | None
+    conflicts: list[LinkConflict] = []
     rejected_messages: dict[str, int] = {}
     applied: dict[str, int] = {}
     pushes_sent: int = 0

@@ -135,6 +135,10 @@ def status(as_json: JsonOpt = False) -> None:
     lines.append(f"dns running: {'yes' if data.dns_running else 'NO'}")
     if data.last_error:
         lines.append(f"last error: {data.last_error}")
+    for c in data.conflicts:
+        lines.append(f"CONFLICT: link {c.cell} ({c.network}) overlaps {c.overlaps}")
+    for warning in data.last_reconcile.warnings if data.last_reconcile else []:
+        lines.append(f"warning: {warning}")
     out(data, as_json, "\n".join(lines))
 
 

@@ -248,7 +248,7 @@ def test_status_names_a_link_a_new_host_route_overlaps(world: World) -> None:
     alpha.ns.run(["ip", "route", "add", "10.62.0.0/16", "dev", "lo"])
     try:
         [conflict] = alpha.cli("status")["conflicts"]
-        assert conflict["cell"] == "beta" and "10.62.0.0/16" in conflict["with"]
+        assert conflict["cell"] == "beta" and "10.62.0.0/16" in conflict["overlaps"]
     finally:
         alpha.ns.run(["ip", "route", "del", "10.62.0.0/16", "dev", "lo"])
     assert alpha.cli("status")["conflicts"] == []
