@@ -375,5 +375,7 @@ class Control:
         for link in links:
             overlap = host_overlap(link.vpn_subnet, host)
             if overlap:
-                out.append({"cell": link.name, "network": str(link.vpn_subnet), "overlaps": overlap})
+                out.append(
+                    {"cell": link.name, "network": str(link.vpn_subnet), "overlaps": overlap}
+                )
         return out
