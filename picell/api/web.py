@@ -13,6 +13,7 @@ from __future__ import annotations
 import hmac
 import json
 import secrets
+from functools import partial
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
@@ -147,7 +148,8 @@ async def connect(request: Request) -> Response:
     try:
         if not text:
             raise BadInput("invite: paste the other cell's invite here", field="invite")
-        link = await run_in_threadpool(links.connect, text)
+        trusted = form.get("trust_domain") == "on"  # the owner's word for a public domain
+        link = await run_in_threadpool(partial(links.connect, text, trust_domain=trusted))
     except PicellError as exc:
         err = FormError("connect", exc, ("invite",))
         return await cells_page(request, err.status, error=err, form=form)

@@ -6,15 +6,29 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from picell import reconcile
 from picell.cellinit import InitRequest
 from picell.control import Control
+from picell.mesh import client
+from picell.mesh.client import MeshClient
 from picell.paths import Paths
 from picell.reconcile import Reconciler
 from picell.store.db import Store
 from tests.unit.fakes import FakeChild, FakeKernel
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unit tests never send a packet: the mesh client's default transport refuses to connect
+    (a test that wants an answer installs its own `httpx.MockTransport`)."""
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("unit tests reach no network", request=request)
+
+    monkeypatch.setattr(client, "default", MeshClient(httpx.MockTransport(refuse)))
 
 
 @pytest.fixture

@@ -3,7 +3,9 @@ stand next to the field they name and change nothing."""
 
 from __future__ import annotations
 
+import json
 import re
+import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -11,6 +13,7 @@ from fastapi.testclient import TestClient
 from picell.api.auth import Auth
 from picell.app import build_web_api
 from picell.control import Control
+from picell.wireguard import keys
 
 PASSWORD = "a long enough password"
 
@@ -150,6 +153,26 @@ def test_connect_refusals_stand_next_to_the_invite(
     assert resp.status_code == 422  # type: ignore[attr-defined]
     message = field_error(resp.text, "invite")  # type: ignore[attr-defined]
     assert message and words in message.lower()
+
+
+def test_a_public_domain_needs_the_owners_word_on_the_page(client: TestClient) -> None:
+    """A cell calling itself mybank.com is refused next to the invite; ticking the box is the
+    owner's word, and the link waits for the other cell (its pairing port cannot be reached)."""
+    key = keys.public_from_private(keys.generate_private())
+    ident = {"cell_name": "bank", "domain": "mybank.com", "public_key": key,
+             "endpoint": "198.51.100.9:51820", "vpn_subnet": "10.77.0.0/24",
+             "dns_ip": "10.77.0.1", "mesh_port": 3000,
+             "pairing": {"port": 51821, "token": "t" * 32,
+                         "expires_at": time.time() + 600}}  # fmt: skip
+    resp = post(client, "/cells/connect", invite=json.dumps(ident))
+    assert resp.status_code == 422  # type: ignore[attr-defined]
+    message = field_error(resp.text, "invite")  # type: ignore[attr-defined]
+    assert message and "--trust-domain" in message
+    assert client.get("/api/cells").json() == []
+    resp = post(client, "/cells/connect", invite=json.dumps(ident), trust_domain="on")
+    assert "Saved bank: waiting" in resp.text  # type: ignore[attr-defined]
+    [bank] = client.get("/api/cells").json()
+    assert bank["domain"] == "mybank.com" and bank["state"] == "waiting"
 
 
 def test_our_own_invite_is_refused_with_words(client: TestClient) -> None:
