@@ -299,7 +299,11 @@ def test_a_document_flood_keeps_the_journal_bounded(world: World) -> None:
     statuses = result["statuses"]
     world.notes.append(f"document flood: sent in {result['sent_s']:.1f} s, answered in "
                        f"{result['done_s']:.1f} s; {statuses.count(200)} accepted")  # fmt: skip
-    wrong = [s for s in statuses if s != 200 and not is_4xx(s)]
+    # a connection over the mesh listener's per-source cap is reset at accept time (shed, not
+    # answered: a 503 would be a 5xx); every answer that came is a 2xx or a 4xx
+    shed = [s for s in statuses if isinstance(s, str) and "reset by peer" in s]
+    wrong = [s for s in statuses if s != 200 and not is_4xx(s) and s not in shed]
+    world.notes.append(f"document flood: {len(shed)} connections shed at accept time")
     assert not wrong, (
         f"{len(wrong)} of 300 documents got no 2xx/4xx: {sorted(set(map(str, wrong)))}"
     )
