@@ -189,6 +189,8 @@ def test_the_cell_to_cell_listeners_never_answer_5xx(
     if mode == GenerationMode.POSITIVE:
         document = narrowed(document, *apps["keys"])
     statuses = _run(apps[app], document, path, mode)
+    figures = dict(sorted(statuses.items()))
+    print(f"\n{path} {mode.value}: {sum(statuses.values())} cases, {figures}")
     assert sum(statuses.values()) >= EXAMPLES // 2, statuses
     assert not [s for s in statuses if s >= 500], statuses
     if mode == GenerationMode.NEGATIVE:
