@@ -296,8 +296,9 @@ def parse(model: type[W], data: Any, prefix: str) -> W:
         where = _where(tuple(err["loc"]))
         message = str(err["msg"]).removeprefix("Value error, ")
         named = re.fullmatch(r"([a-z_]+): (.*)", message, re.DOTALL)
-        if not where and named:  # a check across fields names its field in its message
-            where, message = named.group(1), named.group(2)
+        if named:  # a check across fields names its field in its message (nested ones too)
+            where = f"{where}.{named.group(1)}" if where else named.group(1)
+            message = named.group(2)
         field = f"{prefix}.{where}" if where else prefix
         raise BadInput(f"{field}: {message}", field=field) from None
 
