@@ -29,6 +29,7 @@ import schemathesis
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, Phase, given, settings
+from picell.mesh.strictjson import MAX_DEPTH
 from schemathesis.checks import not_a_server_error
 from schemathesis.config import SchemathesisConfig
 from schemathesis.generation import GenerationMode
@@ -39,7 +40,6 @@ from picell.control import Control
 from picell.mesh import wire
 from picell.mesh.crypto import mac, pairing_key
 from picell.mesh.links import Links
-from picell.mesh.strictjson import MAX_DEPTH
 from picell.mesh.sync import Sync
 from picell.wireguard import keys
 from tests.unit import hostile
