@@ -373,7 +373,9 @@ class Control:
         host = observe_host(self.runner, cell.interface)
         out = []
         for link in links:
-            overlap = host_overlap(link.vpn_subnet, host)
+            overlap = host_overlap(link.identity.vpn_subnet, host)
             if overlap:
-                out.append({"cell": link.name, "network": str(link.vpn_subnet), "with": overlap})
+                out.append(
+                    {"cell": link.name, "network": str(link.identity.vpn_subnet), "with": overlap}
+                )
         return out
