@@ -183,10 +183,10 @@ def _beta_private(world: World) -> str:
 
 def _signed(world: World, seq: int, private: str | None = None) -> Any:
     beta_private = _beta_private(world)
+    net, dns = ipaddress.IPv4Network("10.61.0.0/24"), ipaddress.IPv4Address("10.61.0.1")
     target = link_table.Link(
-        "alpha", alpha_key(world), "x:1", ipaddress.IPv4Network("10.61.0.0/24"),
-        ipaddress.IPv4Address("10.61.0.1"), "alpha.test",
-    )  # fmt: skip
+        "alpha", alpha_key(world), link_table.LinkIdentity("x:1", net, dns, "alpha.test")
+    )
     return make_envelope(
         kind="state", from_cell="beta", our_private=private or beta_private,
         our_public=keys.public_from_private(beta_private), link=target, seq=seq,
