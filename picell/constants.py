@@ -129,8 +129,11 @@ PAIRING_RATE = (10, 10.0)  # requests per window (s) per source address on the p
 MESH_BODY_MAX = 65536  # bytes; a state document with many services
 SESSION_TTL_S = 12 * 3600.0  # a web session lasts a working day, then the owner logs in again
 SESSION_IDLE_S = 2 * 3600.0  # ... and ends sooner if left idle
-LOGIN_FAILURES_PER_SOURCE = (5, 900.0)  # failed logins per window (s) from one address
-LOGIN_FAILURES_GLOBAL = (20, 900.0)  # ... and from all addresses: a tunnel hides the source
+# Failed web logins space out the next attempts (never refuse them: a tunnel hides the source,
+# so any refusal would lock the owner out too): 0.5, 1, 2, 4, 8, then 10 s between attempts.
+LOGIN_DELAY_BASE_S = 0.5  # the wait after the first failure
+LOGIN_DELAY_MAX_S = 10.0  # ... doubling up to this: ~8,600 guesses a day at most
+LOGIN_FAILURE_HALF_LIFE_S = 600.0  # recent failures count half after this long of quiet
 PASSWORD_MIN_LEN = 10  # the admin password; a generated one has 96 bits
 
 RECONCILE_PERIOD_S = 30.0  # drift is fixed at most this long after it happens

@@ -1,32 +1,32 @@
 """Admin routes: devices, services, status, reconcile. Served on the root-only unix socket; the
-web listener (with login) mounts the same router. Handlers only call `Control`."""
+web listener (with login) mounts the same router. Handlers only call `Control`; bodies and
+answers are the typed models of `picell.api.models`, so the OpenAPI schema says what is
+accepted and what comes back."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
 import segno
-from fastapi import APIRouter, Depends, Query, Request, Response
-from pydantic import BaseModel, Field
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 
+from picell.api.models import (
+    NAME_MAX,
+    NAME_PATTERN,
+    PeerCreate,
+    PeerCreated,
+    PeerLive,
+    ReportOut,
+    RouteVia,
+    RouteViaOut,
+    ServiceCreate,
+    ServiceOut,
+    StatusOut,
+)
 from picell.control import Control
 from picell.mesh.exits import Exits
 
-
-class PeerCreate(BaseModel):
-    name: str = Field(max_length=64)
-    public_key: str | None = Field(default=None, max_length=64)
-
-
-class RouteVia(BaseModel):
-    via_cell: str | None = Field(max_length=64)
-
-
-class ServiceCreate(BaseModel):
-    name: str = Field(max_length=64)
-    backend: str = Field(max_length=64)
-    port: int | None = None
-    protocol: Literal["tcp", "udp"] = "tcp"
+Name = Annotated[str, Path(pattern=NAME_PATTERN, max_length=NAME_MAX)]
 
 
 def get_control(request: Request) -> Control:
@@ -38,7 +38,7 @@ Ctl = Annotated[Control, Depends(get_control)]
 router = APIRouter(prefix="/api")
 
 
-@router.get("/status")
+@router.get("/status", response_model=StatusOut)
 def status(ctl: Ctl, request: Request) -> dict[str, Any]:
     data = ctl.status()
     data["rejected_messages"] = dict(request.app.state.links.rejected)
@@ -49,18 +49,18 @@ def status(ctl: Ctl, request: Request) -> dict[str, Any]:
     return data
 
 
-@router.post("/reconcile")
+@router.post("/reconcile", response_model=ReportOut)
 def reconcile(ctl: Ctl) -> dict[str, Any]:
     report = ctl.converge()
     return report.as_dict() if report else {"changed": False, "changes": []}
 
 
-@router.get("/peers")
+@router.get("/peers", response_model=list[PeerLive])
 def list_peers(ctl: Ctl) -> list[dict[str, Any]]:
     return ctl.list_peers()
 
 
-@router.post("/peers", status_code=201)
+@router.post("/peers", status_code=201, response_model=PeerCreated)
 def add_peer(body: PeerCreate, ctl: Ctl) -> dict[str, Any]:
     info = ctl.add_peer(body.name, body.public_key)
     info["config"] = ctl.peer_config(body.name)
@@ -68,22 +68,26 @@ def add_peer(body: PeerCreate, ctl: Ctl) -> dict[str, Any]:
 
 
 @router.delete("/peers/{name}", status_code=204)
-def remove_peer(name: str, ctl: Ctl) -> Response:
+def remove_peer(name: Name, ctl: Ctl) -> Response:
     ctl.remove_peer(name)
     return Response(status_code=204)
 
 
-@router.put("/peers/{name}/route-via")
-def route_via(name: str, body: RouteVia, request: Request) -> dict[str, Any]:
+@router.put("/peers/{name}/route-via", response_model=RouteViaOut)
+def route_via(name: Name, body: RouteVia, request: Request) -> dict[str, Any]:
     """Send the device's internet through a linked cell that offers its exit (null: through
     this cell). The answer carries the full-tunnel config the device must import."""
     exits: Exits = request.app.state.exits
     return exits.route_via(name, body.via_cell)
 
 
-@router.get("/peers/{name}/config")
+@router.get(
+    "/peers/{name}/config",
+    response_class=Response,
+    responses={200: {"content": {m: {} for m in ("text/plain", "image/svg+xml", "image/png")}}},
+)
 def peer_config(
-    name: str,
+    name: Name,
     ctl: Ctl,
     format: Annotated[Literal["conf", "svg", "png", "text"], Query()] = "conf",
     tunnel: Annotated[Literal["auto", "full", "split"], Query()] = "auto",
@@ -118,17 +122,17 @@ def image(qr: segno.QRCode, kind: Literal["svg", "png"]) -> bytes:
     return buf.getvalue()
 
 
-@router.get("/services")
+@router.get("/services", response_model=list[ServiceOut])
 def list_services(ctl: Ctl) -> list[dict[str, Any]]:
     return ctl.list_services()
 
 
-@router.post("/services", status_code=201)
+@router.post("/services", status_code=201, response_model=ServiceOut)
 def add_service(body: ServiceCreate, ctl: Ctl) -> dict[str, Any]:
     return ctl.add_service(body.name, body.backend, body.port, body.protocol)
 
 
 @router.delete("/services/{name}", status_code=204)
-def remove_service(name: str, ctl: Ctl) -> Response:
+def remove_service(name: Name, ctl: Ctl) -> Response:
     ctl.remove_service(name)
     return Response(status_code=204)

@@ -1,21 +1,20 @@
-"""Login for the web listener: the admin password (argon2), sessions, CSRF, the login rate limit.
+"""Login for the web listener: the admin password (argon2), sessions, CSRF, the login delay.
 
-Owns `Auth` (password hash in the store's `admin` table, in-memory sessions, failed-login
-limiter), the `guard` middleware of the web app (nothing but the login page and static files
-without a session; a CSRF token on every state-changing request; only local host names), and
-the unix-socket route that sets the password. Must not render pages (`picell.api.web` does) nor
-touch the cell's state.
+Owns `Auth` (password hash in the store's `admin` table, in-memory sessions, `LoginThrottle`
+spacing out attempts after failures), the `guard` middleware of the web app (nothing but the
+login page and static files without a session; a CSRF token on every state-changing request;
+only local host names), and the unix-socket route that sets the password. Must not render pages
+(`picell.api.web` does) nor touch the cell's state.
 """
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import hashlib
 import hmac
 import secrets
 import threading
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,13 +24,14 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import RedirectResponse
-from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from picell.api.errors import error_response
+from picell.api.models import PasswordChanged, PasswordSet
 from picell.constants import (
-    LOGIN_FAILURES_GLOBAL,
-    LOGIN_FAILURES_PER_SOURCE,
+    LOGIN_DELAY_BASE_S,
+    LOGIN_DELAY_MAX_S,
+    LOGIN_FAILURE_HALF_LIFE_S,
     PASSWORD_MIN_LEN,
     SESSION_IDLE_S,
     SESSION_TTL_S,
@@ -42,7 +42,6 @@ from picell.errors import (
     LoginRefused,
     LoginRequired,
     PicellError,
-    RateLimited,
 )
 from picell.store import admin as admin_table
 from picell.store.db import Store
@@ -89,67 +88,78 @@ def generate_password() -> str:
 
 
 # -- failed logins -----------------------------------------------------------------------------
-def _minutes(seconds: float) -> str:
-    if seconds < 90:
-        return f"{max(1, round(seconds))} seconds"
-    return f"{round(seconds / 60)} minutes"
+Clock = Callable[[], float]
+Sleep = Callable[[float], Awaitable[None]]
 
 
-class FailureLimiter:
-    """Refuses login attempts after too many recent failures from one address, or from all
-    addresses together (an SSH tunnel makes every browser look like 127.0.0.1).
+@dataclass(frozen=True)
+class Ticket:
+    """One login attempt's place in line: when it may be checked, and how it was counted."""
 
-    An attempt counts as a failure from the moment it starts (`begin`) until it succeeds, so
-    that many concurrent guesses cannot all slip under the limit while argon2 verifies them."""
+    at: float  # the clock's time at which the password may be checked
+    wait_s: float  # how long the attempt waits for that
 
-    def __init__(
-        self,
-        per_source: tuple[int, float] = LOGIN_FAILURES_PER_SOURCE,
-        overall: tuple[int, float] = LOGIN_FAILURES_GLOBAL,
-    ) -> None:
-        self.per_source, self.overall = per_source, overall
-        self._by_source: dict[str, deque[float]] = {}
-        self._all: deque[float] = deque()
+
+def login_delay(failures: float) -> float:
+    """Seconds between attempts after `failures` recent failures: doubling from
+    `LOGIN_DELAY_BASE_S`, capped at `LOGIN_DELAY_MAX_S` (none before the first failure)."""
+    if failures < 1:
+        return 0.0
+    return float(min(LOGIN_DELAY_MAX_S, LOGIN_DELAY_BASE_S * 2 ** (failures - 1)))
+
+
+class LoginThrottle:
+    """Spaces password checks out after failures; never refuses one.
+
+    Through an SSH tunnel every browser comes from 127.0.0.1, so a per-source rule protects
+    nothing, and a global limit that refuses lets any local process lock the owner out. Instead
+    every attempt gets a turn (`begin`): the first waits for nothing, and after failures the
+    turns are spaced by `login_delay` of the recent failures (doubling up to about 10 s), a count
+    that halves every `LOGIN_FAILURE_HALF_LIFE_S` of quiet. The right password waits its turn,
+    then gets in, and clears the count.
+
+    An attempt counts as a failure from its start until it succeeds (`succeeded`), and turns are
+    handed out one after another, so concurrent guesses queue instead of slipping past the delay
+    while argon2 works. The wait is awaited (`wait`, `asyncio.sleep` by default): a waiting
+    attempt holds no thread. `clock` and `sleep` are seams for the tests."""
+
+    def __init__(self, clock: Clock = time.monotonic, sleep: Sleep = asyncio.sleep) -> None:
+        self.clock, self.sleep = clock, sleep
+        self._failures = 0.0  # recent failures, decayed to `_at`
+        self._at = clock()
+        self._next = self._at  # the earliest time the next attempt may be checked
         self._lock = threading.Lock()
 
-    @staticmethod
-    def _trim(times: deque[float], window_s: float, now: float) -> None:
-        while times and now - times[0] > window_s:
-            times.popleft()
+    def _decay(self, now: float) -> None:
+        if now > self._at:
+            self._failures *= 0.5 ** ((now - self._at) / LOGIN_FAILURE_HALF_LIFE_S)
+            self._at = now
 
-    def begin(self, source: str) -> float:
-        """Count an attempt from `source` (RateLimited if over a limit); return its stamp."""
-        now = time.monotonic()
+    def failures(self) -> float:
         with self._lock:
-            if len(self._by_source) > 10_000:  # forget idle sources rather than grow unbounded
-                window = self.per_source[1]
-                self._by_source = {
-                    k: v for k, v in self._by_source.items() if v and now - v[-1] < window
-                }
-            mine = self._by_source.setdefault(source, deque())
-            self._trim(mine, self.per_source[1], now)
-            self._trim(self._all, self.overall[1], now)
-            if len(mine) >= self.per_source[0]:
-                wait = _minutes(self.per_source[1] - (now - mine[0]))
-                raise RateLimited(
-                    f"password: too many failed logins from this address; try again in {wait}",
-                    field="password",
-                )
-            if len(self._all) >= self.overall[0]:
-                wait = _minutes(self.overall[1] - (now - self._all[0]))
-                raise RateLimited(
-                    f"password: too many failed logins; try again in {wait}", field="password"
-                )
-            mine.append(now)
-            self._all.append(now)
-            return now
+            self._decay(self.clock())
+            return self._failures
 
-    def succeeded(self, source: str, stamp: float) -> None:
-        """The attempt `stamp` was right: it was no failure, and its address starts afresh."""
+    def begin(self) -> Ticket:
+        """Count an attempt as failed (until it succeeds) and give it the next turn."""
         with self._lock:
-            self._by_source.pop(source, None)
-            with contextlib.suppress(ValueError):
-                self._all.remove(stamp)
+            now = self.clock()
+            self._decay(now)
+            at = max(now, self._next)
+            self._failures += 1
+            self._next = at + login_delay(self._failures)
+            return Ticket(at=at, wait_s=at - now)
+
+    async def wait(self, ticket: Ticket) -> None:
+        if ticket.wait_s > 0:
+            await self.sleep(ticket.wait_s)
+
+    def succeeded(self, ticket: Ticket) -> None:
+        """The attempt was right: the owner is in, so the recent failures are forgotten."""
+        with self._lock:
+            self._decay(self.clock())
+            self._failures = 0.0
+            self._next = min(self._next, max(ticket.at, self.clock()))
 
 
 # -- sessions ----------------------------------------------------------------------------------
@@ -169,9 +179,9 @@ class Auth:
     """The admin password and the web sessions of one daemon (shared by its two listeners, so
     a password set on the unix socket ends every web session at once)."""
 
-    def __init__(self, store: Store, limiter: FailureLimiter | None = None) -> None:
+    def __init__(self, store: Store, throttle: LoginThrottle | None = None) -> None:
         self.store = store
-        self.limiter = limiter or FailureLimiter()
+        self.throttle = throttle or LoginThrottle()
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
 
@@ -194,12 +204,21 @@ class Auth:
         self.set_password(password)
         return password
 
-    def login(self, source: str, password: str) -> tuple[str, Session]:
-        """A new session for the right password; RateLimited or LoginRefused otherwise."""
-        stamp = self.limiter.begin(source)
-        if not verify_password(self.password_hash(), password):
+    def check(self, password: str) -> bool:
+        """Whether `password` is the admin password (argon2: run it in a thread)."""
+        return verify_password(self.password_hash(), password)
+
+    async def login(self, password: str) -> tuple[str, Session]:
+        """A new session for the right password, after the attempt's turn (`LoginThrottle`);
+        LoginRefused otherwise. Never refused for the number of attempts."""
+        ticket = self.throttle.begin()
+        await self.throttle.wait(ticket)
+        if not await run_in_threadpool(self.check, password):
             raise LoginRefused("password: wrong password", field="password")
-        self.limiter.succeeded(source, stamp)
+        self.throttle.succeeded(ticket)
+        return self.new_session()
+
+    def new_session(self) -> tuple[str, Session]:
         token = secrets.token_urlsafe(32)
         now = time.monotonic()
         session = Session(csrf=secrets.token_urlsafe(32), created=now, seen=now)
@@ -337,14 +356,10 @@ def _harden(response: Response, path: str) -> None:
 
 
 # -- setting the password (unix socket only) ---------------------------------------------------
-class PasswordSet(BaseModel):
-    password: str = Field(max_length=1024)
-
-
 password_router = APIRouter(prefix="/api/admin")
 
 
-@password_router.put("/password")
+@password_router.put("/password", response_model=PasswordChanged)
 def set_password(body: PasswordSet, request: Request) -> dict[str, Any]:
     """Set the web UI's admin password (stored as an argon2 hash); ends every web session."""
     auth: Auth = request.app.state.auth

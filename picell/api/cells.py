@@ -1,35 +1,42 @@
-"""Admin routes for links to other cells (DESIGN §9): list, invite, connect, disconnect,
-journal, import of the seed system's link file. Handlers only call `Links`."""
+"""Admin routes for links to other cells (DESIGN §9): list, invites, connect, disconnect,
+sharing, exit offer, journal, import of the seed system's link file. Handlers only call `Links`,
+`Sync` and the invites table; bodies and answers are the typed models of `picell.api.models`.
+
+No GET changes anything: an invite (a stored single-use token) is made only by
+`POST /api/cells/invites`, whose one answer carries the JSON, the copy-paste string and the QR
+code (SVG), since the token is never shown again.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+import time
+from typing import Annotated, Any
 
 import segno
-from fastapi import APIRouter, Depends, Query, Request, Response
-from pydantic import BaseModel, Field
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 
 from picell.api.admin import image
-from picell.constants import DEFAULT_INVITE_TTL_S
+from picell.api.models import (
+    NAME_MAX,
+    NAME_PATTERN,
+    CellConnect,
+    CellOut,
+    ExitOffer,
+    ImportOut,
+    InviteCreate,
+    InviteCreated,
+    InviteJson,
+    InviteRow,
+    JournalEntryOut,
+    LinksImport,
+    Permissions,
+)
+from picell.mesh.crypto import token_hash
 from picell.mesh.links import Links
 from picell.mesh.seed import import_links
 from picell.mesh.sync import Sync
-
-
-class CellConnect(BaseModel):
-    invite: str = Field(max_length=8192)
-
-
-class Permissions(BaseModel):
-    services: list[str] = Field(max_length=1000)
-
-
-class ExitOffer(BaseModel):
-    offered: bool
-
-
-class LinksImport(BaseModel):
-    content: str = Field(max_length=4_000_000)
+from picell.store import invites as invite_table
+from picell.store.db import Store
 
 
 def get_links(request: Request) -> Links:
@@ -42,76 +49,130 @@ def get_sync(request: Request) -> Sync:
     return sync
 
 
+def get_store(request: Request) -> Store:
+    store: Store = request.app.state.control.store
+    return store
+
+
 LinksDep = Annotated[Links, Depends(get_links)]
 SyncDep = Annotated[Sync, Depends(get_sync)]
+StoreDep = Annotated[Store, Depends(get_store)]
+CellName = Annotated[str, Path(pattern=NAME_PATTERN, max_length=NAME_MAX)]
+ServiceName = Annotated[str, Path(pattern=NAME_PATTERN, max_length=NAME_MAX)]
+InviteId = Annotated[int, Path(ge=1, le=2**53)]
 router = APIRouter(prefix="/api/cells")
 
 
-@router.get("")
+@router.get("", response_model=list[CellOut])
 def list_cells(links: LinksDep) -> list[dict[str, Any]]:
     return links.overview()
 
 
-@router.get("/invite")
-def invite(
+# -- invites -----------------------------------------------------------------------------------
+def create_invite(links: Links, store: Store, expires_s: float) -> InviteCreated:
+    """A fresh invite (a new single-use token) as one answer; also the web page's."""
+    inv = links.invite(expires_s)
+    assert inv.pairing is not None  # our own invites always carry their pairing block
+    with store.read() as conn:
+        invite_id = invite_table.id_of(conn, token_hash(inv.pairing.token))
+    text = inv.encode()
+    svg = image(segno.make(text, error="m"), "svg").decode()
+    return InviteCreated(
+        id=invite_id,
+        expires_at=inv.pairing.expires_at,
+        invite=InviteJson.model_validate(inv.as_dict()),
+        string=text,
+        svg=svg,
+    )
+
+
+def list_invites(store: Store) -> list[InviteRow]:
+    now = time.time()
+    with store.read() as conn:
+        records = invite_table.listing(conn)
+    return [
+        InviteRow(
+            id=r.id,
+            created_at=r.created_at,
+            expires_at=r.expires_at,
+            used_at=r.used_at,
+            used_by=r.used_by,
+            state=r.state(now),
+        )
+        for r in records
+    ]
+
+
+@router.post("/invites", status_code=201, response_model=InviteCreated)
+def invite(body: InviteCreate, links: LinksDep, store: StoreDep) -> InviteCreated:
+    """A fresh invite: its JSON, its copy-paste string and its QR code (SVG), in one answer.
+    The token is shown only here; the cell keeps its hash."""
+    return create_invite(links, store, body.expires_s)
+
+
+@router.get("/invites", response_model=list[InviteRow])
+def invites(store: StoreDep) -> list[InviteRow]:
+    """The invites this cell handed out: open, used (and by whom) or expired. Creates nothing."""
+    return list_invites(store)
+
+
+@router.delete("/invites/{invite_id}", status_code=204)
+def revoke_invite(invite_id: InviteId, store: StoreDep) -> Response:
+    """End an invite that was not used: a redemption of it is refused from now on."""
+    with store.transaction() as conn:
+        invite_table.revoke(conn, invite_id)
+    return Response(status_code=204)
+
+
+# -- links -------------------------------------------------------------------------------------
+@router.get("/journal", response_model=list[JournalEntryOut])
+def journal(
     links: LinksDep,
-    expires: Annotated[float, Query(description="seconds until the token expires")] = (
-        DEFAULT_INVITE_TTL_S
-    ),
-    format: Annotated[Literal["json", "svg"], Query()] = "json",
-) -> Any:
-    """A fresh invite (each call makes a new single-use token)."""
-    inv = links.invite(expires)
-    if format == "svg":
-        return Response(image(segno.make(inv.encode(), error="m"), "svg"),
-                        media_type="image/svg+xml")  # fmt: skip
-    return {"invite": inv.as_dict(), "string": inv.encode()}
-
-
-@router.get("/journal")
-def journal(links: LinksDep, cell: str | None = None) -> list[dict[str, Any]]:
+    cell: Annotated[str | None, Query(pattern=NAME_PATTERN, max_length=NAME_MAX)] = None,
+) -> list[dict[str, Any]]:
     return links.journal_entries(cell)
 
 
-@router.post("", status_code=201)
+@router.post("", status_code=201, response_model=CellOut)
 def connect(body: CellConnect, links: LinksDep) -> dict[str, Any]:
-    return links.connect(body.invite)
+    """Import another cell's invite (its string, its JSON or `picell invite --json` output)."""
+    return links.connect(body.invite, trust_domain=body.trust_domain)
 
 
-@router.post("/import", status_code=201)
+@router.post("/import", status_code=201, response_model=ImportOut)
 def import_seed(body: LinksImport, links: LinksDep) -> dict[str, Any]:
     return import_links(links, body.content)
 
 
-@router.put("/{name}/permissions")
-def set_permissions(name: str, body: Permissions, sync: SyncDep) -> dict[str, Any]:
+@router.put("/{name}/permissions", response_model=CellOut)
+def set_permissions(name: CellName, body: Permissions, sync: SyncDep) -> dict[str, Any]:
     """The full set of our services that cell `name` may use."""
     return sync.set_permissions(name, body.services)
 
 
-@router.put("/{name}/exit-offer")
-def exit_offer(name: str, body: ExitOffer, sync: SyncDep) -> dict[str, Any]:
+@router.put("/{name}/exit-offer", response_model=CellOut)
+def exit_offer(name: CellName, body: ExitOffer, sync: SyncDep) -> dict[str, Any]:
     """Offer our internet exit to cell `name` (DESIGN §8); it sees `remote_exit_offered`."""
     return sync.set_exit_offer(name, body.offered)
 
 
-@router.post("/{name}/shares/{service}")
-def share(name: str, service: str, sync: SyncDep) -> dict[str, Any]:
+@router.post("/{name}/shares/{service}", response_model=CellOut)
+def share(name: CellName, service: ServiceName, sync: SyncDep) -> dict[str, Any]:
     return sync.share(name, service)
 
 
-@router.delete("/{name}/shares/{service}")
-def unshare(name: str, service: str, sync: SyncDep) -> dict[str, Any]:
+@router.delete("/{name}/shares/{service}", response_model=CellOut)
+def unshare(name: CellName, service: ServiceName, sync: SyncDep) -> dict[str, Any]:
     return sync.unshare(name, service)
 
 
-@router.get("/rejected")
+@router.get("/rejected", response_model=dict[str, int])
 def rejected(links: LinksDep) -> dict[str, int]:
     """Refused cross-cell messages since start, by route and status."""
     return dict(links.rejected)
 
 
 @router.delete("/{name}", status_code=204)
-def disconnect(name: str, links: LinksDep) -> Response:
+def disconnect(name: CellName, links: LinksDep) -> Response:
     links.disconnect(name)
     return Response(status_code=204)

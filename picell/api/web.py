@@ -15,7 +15,6 @@ import json
 import secrets
 from typing import Any
 
-import segno
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
@@ -23,6 +22,7 @@ from starlette.concurrency import run_in_threadpool
 
 from picell import validate
 from picell.api import auth
+from picell.api.cells import create_invite, list_invites
 from picell.api.webrender import (
     WEB_DIR,
     FormError,
@@ -40,6 +40,7 @@ from picell.errors import BadInput, CsrfRefused, PicellError
 from picell.mesh.exits import Exits
 from picell.mesh.links import Links
 from picell.mesh.sync import Sync
+from picell.store import invites as invite_table
 
 
 # -- login -------------------------------------------------------------------------------------
@@ -66,12 +67,10 @@ async def login(request: Request) -> Response:
             request,
             CsrfRefused("login_token: the login form expired; reload it and try again"),
         )
-    source = request.client.host if request.client else "?"
     state(request, "auth").logout(request.cookies.get(auth.COOKIE))  # never reuse a session id
     try:
-        token, _ = await run_in_threadpool(
-            state(request, "auth").login, source, str(form.get("password", ""))
-        )
+        # awaits its turn after failed logins (never a refusal), holding no thread meanwhile
+        token, _ = await state(request, "auth").login(str(form.get("password", "")))
     except PicellError as exc:
         return await login_form(request, FormError("login", exc, ("password",)))
     response = back("/cells")
@@ -89,13 +88,14 @@ async def logout(request: Request) -> Response:
 
 # -- Cell Network ------------------------------------------------------------------------------
 def _invite_view(links: Links) -> dict[str, Any]:
-    inv = links.invite(DEFAULT_INVITE_TTL_S)
-    text = inv.encode()
+    """The same answer as `POST /api/cells/invites`, shown once: the token is not kept."""
+    created = create_invite(links, links.control.store, DEFAULT_INVITE_TTL_S)
     return {
-        "json": json.dumps(inv.as_dict(), indent=2),
-        "string": text,
-        "qr": segno.make(text, error="m").svg_inline(scale=3, light="white"),
-        "expires_at": inv.pairing.expires_at if inv.pairing else None,
+        "id": created.id,
+        "json": json.dumps(created.invite.model_dump(mode="json"), indent=2),
+        "string": created.string,
+        "qr": created.svg,
+        "expires_at": created.expires_at,
     }
 
 
@@ -103,6 +103,7 @@ def _cells_context(links: Links) -> dict[str, Any]:
     overview = links.overview()
     return {
         "links": overview,
+        "invites": [i for i in list_invites(links.control.store) if i.state == "open"],
         "services": links.control.list_services(),
         "journals": {c["name"]: links.journal_entries(c["name"])[-30:] for c in overview},
     }
@@ -118,6 +119,25 @@ async def make_invite(request: Request) -> Response:
     links: Links = state(request, "links")
     invite = await run_in_threadpool(_invite_view, links)
     return await cells_page(request, invite=invite)
+
+
+async def revoke_invite(request: Request) -> Response:
+    links: Links = state(request, "links")
+    raw = request.path_params["invite_id"]
+    try:
+        if not raw.isdigit() or len(raw) > 15:
+            raise BadInput(f"id: {raw[:20]!r} is not an invite number", field="id")
+
+        def revoke() -> None:
+            with links.control.store.transaction() as conn:
+                invite_table.revoke(conn, int(raw))
+
+        await run_in_threadpool(revoke)
+    except PicellError as exc:
+        err = FormError(f"revoke-{raw[:20]}", exc, ())
+        return await cells_page(request, err.status, error=err)
+    flash(request, f"Revoked invite {raw}: it can no longer be used")
+    return back("/cells")
 
 
 async def connect(request: Request) -> Response:
@@ -303,6 +323,7 @@ def install(app: FastAPI, auth_: auth.Auth) -> None:
         ("/logout", logout, post),
         ("/cells", cells_page, get),
         ("/cells/invite", make_invite, post),
+        ("/cells/invites/{invite_id}/revoke", revoke_invite, post),
         ("/cells/connect", connect, post),
         ("/cells/{name}/sharing", set_sharing, post),
         ("/cells/{name}/exit-offer", set_exit_offer, post),

@@ -10,7 +10,8 @@ import sys
 
 import typer
 
-from picell.cli.base import JsonOpt, app, call, out
+from picell.api.models import PasswordChanged
+from picell.cli.base import JsonOpt, app, call, out, read
 
 admin_app = typer.Typer(no_args_is_help=True, help="The web UI's administrator")
 app.add_typer(admin_app, name="admin")
@@ -30,5 +31,5 @@ def read_password() -> str:
 @admin_app.command("password")
 def password(as_json: JsonOpt = False) -> None:
     """Set the web UI's admin password (from stdin, or asked twice); logs every browser out."""
-    call("PUT", "/api/admin/password", as_json, json={"password": read_password()})
-    out({"changed": True}, as_json, "admin password changed; web sessions ended")
+    resp = call("PUT", "/api/admin/password", as_json, json={"password": read_password()})
+    out(read(resp, PasswordChanged, as_json), as_json, "admin password changed; web sessions ended")

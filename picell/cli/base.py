@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import httpx
 import typer
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from picell.constants import DEFAULT_DATA_DIR
 
@@ -79,7 +80,30 @@ def call(method: str, path: str, as_json: bool, **kwargs: Any) -> httpx.Response
     return resp
 
 
+M = TypeVar("M", bound=BaseModel)
+
+
+def read(resp: httpx.Response, model: type[M], as_json: bool) -> M:
+    """The daemon's answer as the API's own answer model (`picell.api.models`)."""
+    try:
+        return model.model_validate_json(resp.content)
+    except ValidationError as exc:
+        fail(f"unexpected answer from the daemon: {exc.errors()[0]['msg']}", as_json)
+
+
+def read_list(resp: httpx.Response, model: type[M], as_json: bool) -> list[M]:
+    try:
+        return TypeAdapter(list[model]).validate_json(resp.content)  # type: ignore[valid-type]
+    except ValidationError as exc:
+        fail(f"unexpected answer from the daemon: {exc.errors()[0]['msg']}", as_json)
+
+
 def out(data: Any, as_json: bool, human: str) -> None:
+    """Print `human`, or with --json the answer itself (a model, a list of them, or a dict)."""
+    if isinstance(data, BaseModel):
+        data = data.model_dump(mode="json")
+    elif isinstance(data, list):
+        data = [d.model_dump(mode="json") if isinstance(d, BaseModel) else d for d in data]
     print(json.dumps(data, indent=2) if as_json else human)
 
 

@@ -10,6 +10,7 @@ from typing import Annotated
 import httpx
 import typer
 
+from picell.api.models import PeerCreated, PeerLive, ReportOut, ServiceOut, StatusOut
 from picell.cli.base import (
     CTX,
     JsonOpt,
@@ -20,6 +21,8 @@ from picell.cli.base import (
     out,
     peers_app,
     qr_terminal,
+    read,
+    read_list,
     services_app,
 )
 from picell.errors import PicellError
@@ -125,21 +128,21 @@ def serve(
 @app.command()
 def status(as_json: JsonOpt = False) -> None:
     """The cell's identity and health."""
-    data = call("GET", "/api/status", as_json).json()
+    data = read(call("GET", "/api/status", as_json), StatusOut, as_json)
     keys = ("name", "domain", "address", "endpoint", "interface", "public_key", "dns")
-    lines = [f"{k}: {data[k]}" for k in keys]
-    lines.append(f"devices: {data['devices']}  services: {data['services']}")
-    lines.append(f"dns running: {'yes' if data['dns_running'] else 'NO'}")
-    if data.get("last_error"):
-        lines.append(f"last error: {data['last_error']}")
+    lines = [f"{k}: {getattr(data, k)}" for k in keys]
+    lines.append(f"devices: {data.devices}  services: {data.services}")
+    lines.append(f"dns running: {'yes' if data.dns_running else 'NO'}")
+    if data.last_error:
+        lines.append(f"last error: {data.last_error}")
     out(data, as_json, "\n".join(lines))
 
 
 @app.command()
 def reconcile(as_json: JsonOpt = False) -> None:
     """Converge the system to the store now, and show what changed."""
-    data = call("POST", "/api/reconcile", as_json).json()
-    human = "no change" if not data["changed"] else "\n".join(data["changes"])
+    data = read(call("POST", "/api/reconcile", as_json), ReportOut, as_json)
+    human = "no change" if not data.changed else "\n".join(data.changes)
     out(data, as_json, human)
 
 
@@ -153,24 +156,25 @@ def peers_add(
     as_json: JsonOpt = False,
 ) -> None:
     """Add a device and print its WireGuard config."""
-    data = call("POST", "/api/peers", as_json, json={"name": name, "public_key": public_key}).json()
+    body = {"name": name, "public_key": public_key}
+    data = read(call("POST", "/api/peers", as_json, json=body), PeerCreated, as_json)
     if as_json:
         out(data, True, "")
         return
-    print(data["config"], end="")
+    print(data.config, end="")
     if qr:
-        qr_terminal(data["config"])
+        qr_terminal(data.config)
 
 
 @peers_app.command("list")
 def peers_list(as_json: JsonOpt = False) -> None:
     """The devices, with their address and last handshake."""
-    data = call("GET", "/api/peers", as_json).json()
+    data = read_list(call("GET", "/api/peers", as_json), PeerLive, as_json)
     rows = [
-        f"{p['name']:<20} {p['address']:<16} "
-        f"{'never' if p['handshake_age_s'] is None else str(p['handshake_age_s']) + 's ago':<12} "
-        f"rx {p['rx_bytes']} tx {p['tx_bytes']}"
-        + (f"  internet via {p['route_via']}" if p.get("route_via") else "")
+        f"{p.name:<20} {p.address:<16} "
+        f"{'never' if p.handshake_age_s is None else str(p.handshake_age_s) + 's ago':<12} "
+        f"rx {p.rx_bytes} tx {p.tx_bytes}"
+        + (f"  internet via {p.route_via}" if p.route_via else "")
         for p in data
     ]
     out(data, as_json, "\n".join(rows) or "no devices")
@@ -230,17 +234,15 @@ def services_add(
 ) -> None:
     """Offer a service on its own virtual IP and name."""
     body = {"name": name, "backend": backend, "port": port, "protocol": protocol}
-    data = call("POST", "/api/services", as_json, json=body).json()
-    out(data, as_json, f"{data['fqdn']} -> {data['vip']}:{data['port']} ({data['backend']})")
+    data = read(call("POST", "/api/services", as_json, json=body), ServiceOut, as_json)
+    out(data, as_json, f"{data.fqdn} -> {data.vip}:{data.port} ({data.backend})")
 
 
 @services_app.command("list")
 def services_list(as_json: JsonOpt = False) -> None:
     """The services, with their names and addresses."""
-    data = call("GET", "/api/services", as_json).json()
-    rows = [
-        f"{s['name']:<20} {s['vip']}:{s['port']}/{s['protocol']:<4} -> {s['backend']}" for s in data
-    ]
+    data = read_list(call("GET", "/api/services", as_json), ServiceOut, as_json)
+    rows = [f"{s.name:<20} {s.vip}:{s.port}/{s.protocol:<4} -> {s.backend}" for s in data]
     out(data, as_json, "\n".join(rows) or "no services")
 
 

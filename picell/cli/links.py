@@ -1,15 +1,27 @@
-"""`picell invite | connect | disconnect | share | unshare | cells | import-links`: links."""
+"""`picell invite | invites | connect | disconnect | share | unshare | exit-offer | cells |
+import-links | route-via`: links to other cells. Answers are read with the admin API's own models
+(`picell.api.models`), and `--json` prints them."""
 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from picell.cli.base import JsonOpt, app, call, out, qr_terminal
+from picell.api.models import (
+    CellOut,
+    ImportOut,
+    InviteCreated,
+    InviteRow,
+    JournalEntryOut,
+    RouteViaOut,
+    SharedServiceOut,
+)
+from picell.cli.base import JsonOpt, app, call, out, qr_terminal, read, read_list
 
 
 def _duration(text: str) -> float:
@@ -29,73 +41,127 @@ def invite(
     as_json: JsonOpt = False,
 ) -> None:
     """Print a fresh invite for another cell (single use; only its hash is kept)."""
-    data = call("GET", "/api/cells/invite", as_json, params={"expires": _duration(expires)}).json()
+    body = {"expires_s": _duration(expires)}
+    data = read(call("POST", "/api/cells/invites", as_json, json=body), InviteCreated, as_json)
     if as_json:
         out(data, True, "")
         return
-    print(json.dumps(data["invite"], indent=2))
+    print(json.dumps(data.invite.model_dump(mode="json"), indent=2))
     print()
     print("Copy-paste string (give it to the other cell's owner: picell connect STRING):")
-    print(data["string"])
+    print(data.string)
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(data.expires_at))
+    print(f"\ninvite {data.id}, single use, expires {when}; end it with "
+          f"`picell invites revoke {data.id}`")  # fmt: skip
     if qr:
-        qr_terminal(data["string"])
+        qr_terminal(data.string)
 
 
-def _show_link(c: dict[str, Any]) -> str:
-    hs = "never" if c["handshake_age_s"] is None else f"{c['handshake_age_s']}s ago"
-    state = c["state"]
+def _show_invite(row: InviteRow) -> str:
+    def when(ts: float) -> str:
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
+
+    state = {"open": f"open until {when(row.expires_at)}",
+             "expired": f"expired {when(row.expires_at)}",
+             "used": f"used {when(row.used_at or 0)} by {row.used_by}"}[row.state]  # fmt: skip
+    return f"{row.id:>4}  created {when(row.created_at)}  {state}"
+
+
+@app.command()
+def invites(
+    action: Annotated[str | None, typer.Argument(help="revoke (or nothing: list them)")] = None,
+    invite_id: Annotated[int | None, typer.Argument(metavar="ID", help="The invite to end")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The invites this cell handed out (open, used, expired); `invites revoke ID` ends one."""
+    if action is None:
+        rows = read_list(call("GET", "/api/cells/invites", as_json), InviteRow, as_json)
+        out(rows, as_json, "\n".join(_show_invite(r) for r in rows) or "no invites")
+        return
+    if action != "revoke" or invite_id is None:
+        raise typer.BadParameter("use `picell invites` or `picell invites revoke ID`")
+    call("DELETE", f"/api/cells/invites/{invite_id}", as_json)
+    out({"revoked": invite_id}, as_json, f"revoked invite {invite_id}: it can no longer be used")
+
+
+def _services(items: list[SharedServiceOut]) -> str:
+    return (
+        ", ".join(
+            f"{s.name} ({s.vip}:{','.join(map(str, s.ports))})" if s.vip else s.name for s in items
+        )
+        or "nothing"
+    )
+
+
+def _show_link(c: CellOut) -> str:
+    hs = "never" if c.handshake_age_s is None else f"{c.handshake_age_s}s ago"
+    state = c.state
     if state == "linked":
-        state = "linked, online" if c["online"] else "linked, offline"
+        state = "linked, online" if c.online else "linked, offline"
     lines = [
-        f"{c['name']}  [{state}]  {c['domain']}  {c['vpn_subnet']}  via {c['endpoint']}",
-        f"  handshake {hs}  rx {c['rx_bytes']} tx {c['tx_bytes']}",
-        f"  authentication string: {c['auth_string']} (compare it with {c['name']}'s owner)",
+        f"{c.name}  [{state}]  {c.domain}  {c.vpn_subnet}  via {c.endpoint}",
+        f"  handshake {hs}  rx {c.rx_bytes} tx {c.tx_bytes}",
+        f"  authentication string: {c.auth_string} (compare it with {c.name}'s owner)",
+        f"  we share: {_services(c.inbound)}",
     ]
-
-    def services(items: list[Any]) -> str:
-        return ", ".join(
-            f"{s['name']} ({s['vip']}:{','.join(map(str, s['ports']))})" if isinstance(s, dict)
-            and "vip" in s else str(s.get("name") if isinstance(s, dict) else s)
-            for s in items
-        ) or "nothing"  # fmt: skip
-
-    lines.append(f"  we share: {services(c['inbound'])}")
     exits = [
-        "we offer them our exit" if c.get("exit_offered") else "",
-        "they offer us their exit" if c.get("remote_exit_offered") else "",
-        "some of our devices use their exit" if c.get("exit_relay_active") else "",
-        "their devices use our exit" if c.get("relaying") else "",
+        "we offer them our exit" if c.exit_offered else "",
+        "they offer us their exit" if c.remote_exit_offered else "",
+        "some of our devices use their exit" if c.exit_relay_active else "",
+        "their devices use our exit" if c.relaying else "",
     ]
     if any(exits):
         lines.append("  " + "; ".join(x for x in exits if x))
-    lines.append(f"  they share: {services(c['outbound'])}")
-    if c.get("last_push_at"):
-        when = time.strftime("%H:%M:%S", time.localtime(c["last_push_at"]))
-        lines.append(f"  last push: {c['last_push_status']} at {when}")
-    if c.get("last_remote_update_at"):
-        when = time.strftime("%H:%M:%S", time.localtime(c["last_remote_update_at"]))
+    lines.append(f"  they share: {_services(c.outbound)}")
+    if c.last_push_at:
+        when = time.strftime("%H:%M:%S", time.localtime(c.last_push_at))
+        lines.append(f"  last push: {c.last_push_status} at {when}")
+    if c.last_remote_update_at:
+        when = time.strftime("%H:%M:%S", time.localtime(c.last_remote_update_at))
         lines.append(f"  they last told us their state at {when}")
-    if c.get("last_push_error"):
-        lines.append(f"  {c['last_push_error']}")
-    if c.get("pending_message"):
-        err = f": {c['pending_error']}" if c.get("pending_error") else ""
-        lines.append(f"  telling {c['name']}: {c['pending_message']} pending{err}")
+    if c.last_push_error:
+        lines.append(f"  {c.last_push_error}")
+    if c.pending_message:
+        err = f": {c.pending_error}" if c.pending_error else ""
+        lines.append(f"  telling {c.name}: {c.pending_message} pending{err}")
     return "\n".join(lines)
+
+
+def _link(resp: Any, as_json: bool) -> None:
+    cell = read(resp, CellOut, as_json)
+    out(cell, as_json, _show_link(cell))
+
+
+def _invite_text(invite: str) -> str:
+    """The invite as given: a string, @FILE or - (stdin). A file's text is passed on unchanged
+    (the daemon takes every form a cell exports, `invite --json` output included)."""
+    if invite == "-":
+        return sys.stdin.read()
+    if invite.startswith("@"):
+        try:
+            return Path(invite[1:]).read_text()
+        except OSError as exc:
+            raise typer.BadParameter(f"cannot read {invite[1:]}: {exc.strerror}") from None
+    return invite
 
 
 @app.command()
 def connect(
-    invite: Annotated[str, typer.Argument(help="The other cell's invite string, or @FILE")],
+    invite: Annotated[
+        str, typer.Argument(help="The other cell's invite string, @FILE, or - (stdin)")
+    ],
+    trust_domain: Annotated[
+        bool,
+        typer.Option(
+            "--trust-domain",
+            help="Accept the other cell's domain although it is not under a private-use suffix",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Link with another cell by importing its invite."""
-    if invite.startswith("@"):
-        try:
-            invite = Path(invite[1:]).read_text()
-        except OSError as exc:
-            raise typer.BadParameter(f"cannot read {invite[1:]}: {exc.strerror}") from None
-    data = call("POST", "/api/cells", as_json, json={"invite": invite}).json()
-    out(data, as_json, _show_link(data))
+    body = {"invite": _invite_text(invite), "trust_domain": trust_domain}
+    _link(call("POST", "/api/cells", as_json, json=body), as_json)
 
 
 @app.command()
@@ -105,8 +171,7 @@ def share(
     as_json: JsonOpt = False,
 ) -> None:
     """Let a linked cell's network use one of our services (by name and address)."""
-    data = call("POST", f"/api/cells/{cell}/shares/{service}", as_json).json()
-    out(data, as_json, _show_link(data))
+    _link(call("POST", f"/api/cells/{cell}/shares/{service}", as_json), as_json)
 
 
 @app.command()
@@ -116,8 +181,7 @@ def unshare(
     as_json: JsonOpt = False,
 ) -> None:
     """Stop sharing a service with a linked cell; its open connections stop too."""
-    data = call("DELETE", f"/api/cells/{cell}/shares/{service}", as_json).json()
-    out(data, as_json, _show_link(data))
+    _link(call("DELETE", f"/api/cells/{cell}/shares/{service}", as_json), as_json)
 
 
 @app.command("exit-offer")
@@ -130,8 +194,7 @@ def exit_offer(
     if state not in ("on", "off"):
         raise typer.BadParameter(f"{state!r}: use on or off")
     body = {"offered": state == "on"}
-    data = call("PUT", f"/api/cells/{cell}/exit-offer", as_json, json=body).json()
-    out(data, as_json, _show_link(data))
+    _link(call("PUT", f"/api/cells/{cell}/exit-offer", as_json, json=body), as_json)
 
 
 @app.command()
@@ -145,16 +208,17 @@ def disconnect(
 
 def _cells(journal: str | None, as_json: bool) -> None:
     if journal is not None:
-        entries = call("GET", "/api/cells/journal", as_json, params={"cell": journal}).json()
+        resp = call("GET", "/api/cells/journal", as_json, params={"cell": journal})
+        entries = read_list(resp, JournalEntryOut, as_json)
         rows = [
-            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(e['at']))}  {e['event']}"
-            f"  by {e['actor']}" + (f"  ({e['detail']})" if e["detail"] else "")
+            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(e.at))}  {e.event}"
+            f"  by {e.actor}" + (f"  ({e.detail})" if e.detail else "")
             for e in entries
         ]
         out(entries, as_json, "\n".join(rows) or f"no journal entries for {journal}")
         return
-    data = call("GET", "/api/cells", as_json).json()
-    out(data, as_json, "\n".join(_show_link(c) for c in data) or "no linked cells")
+    cells = read_list(call("GET", "/api/cells", as_json), CellOut, as_json)
+    out(cells, as_json, "\n".join(_show_link(c) for c in cells) or "no linked cells")
 
 
 JournalOpt = Annotated[
@@ -184,12 +248,13 @@ def import_links(
         content = file.read_text()
     except OSError as exc:
         raise typer.BadParameter(f"cannot read {file}: {exc.strerror}") from None
-    data = call("POST", "/api/cells/import", as_json, json={"content": content}).json()
+    resp = call("POST", "/api/cells/import", as_json, json={"content": content})
+    data = read(resp, ImportOut, as_json)
     human = "\n".join(
-        f"imported {i['name']}"
-        + (f" (unknown fields kept in the journal: {', '.join(i['unknown_fields'])})"
-           if i["unknown_fields"] else "")
-        for i in data["imported"]
+        f"imported {i.name}"
+        + (f" (unknown fields kept in the journal: {', '.join(i.unknown_fields)})"
+           if i.unknown_fields else "")
+        for i in data.imported
     ) or "nothing to import"  # fmt: skip
     out(data, as_json, human)
 
@@ -203,5 +268,6 @@ def route_via(
     """Send a device's internet traffic through a linked cell's exit (none: through this cell).
     The device then needs the full-tunnel config printed here."""
     body = {"via_cell": None if cell == "none" else cell}
-    data = call("PUT", f"/api/peers/{peer}/route-via", as_json, json=body).json()
-    out(data, as_json, f"{data['message']}\n\n{data['config']}")
+    resp = call("PUT", f"/api/peers/{peer}/route-via", as_json, json=body)
+    data = read(resp, RouteViaOut, as_json)
+    out(data, as_json, f"{data.message}\n\n{data.config}")

@@ -1,26 +1,48 @@
-"""Login on the web listener: argon2 password, session cookie flags, CSRF, rate limit, and
-nothing served without a session but the login page and static files."""
+"""Login on the web listener: argon2 password, session cookie flags, CSRF, the login delay
+(never a lockout), and nothing served without a session but the login page and static files."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 import pytest
 from fastapi.testclient import TestClient
 
-from picell.api.auth import Auth, FailureLimiter, hash_password, verify_password
+from picell.api.auth import Auth, LoginThrottle, hash_password, login_delay, verify_password
 from picell.app import build_api, build_web_api
+from picell.constants import LOGIN_DELAY_MAX_S
 from picell.control import Control
-from picell.errors import RateLimited
+from picell.errors import LoginRefused
 from picell.store import admin as admin_table
 
 PASSWORD = "a long enough password"
 BASE = "http://127.0.0.1:8080"
 
 
+class FakeClock:
+    """The throttle's clock seam: sleeping advances time and is recorded, nothing really waits."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.waits: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.waits.append(seconds)
+        self.now += seconds
+
+
 @pytest.fixture
-def auth(control: Control) -> Auth:
-    a = Auth(control.store, FailureLimiter(per_source=(3, 900.0), overall=(5, 900.0)))
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def auth(control: Control, clock: FakeClock) -> Auth:
+    a = Auth(control.store, LoginThrottle(clock=clock, sleep=clock.sleep))
     a.set_password(PASSWORD)
     return a
 
@@ -98,7 +120,8 @@ def test_pages_need_a_login(client: TestClient, path: str) -> None:
 @pytest.mark.parametrize(
     ("method", "path"),
     [("GET", "/api/status"), ("GET", "/api/peers"), ("POST", "/api/peers"),
-     ("GET", "/api/cells/invite"), ("DELETE", "/api/services/web")],
+     ("POST", "/api/cells/invites"), ("GET", "/api/cells/invites"),
+     ("DELETE", "/api/services/web")],
 )  # fmt: skip
 def test_api_needs_a_login(client: TestClient, method: str, path: str) -> None:
     resp = client.request(method, path, json={"name": "evil"})
@@ -148,34 +171,90 @@ def test_other_host_names_are_refused(control: Control, auth: Auth) -> None:
     assert resp.status_code == 422 and "127.0.0.1" in resp.text
 
 
-def test_repeated_failed_logins_are_refused_with_429(client: TestClient) -> None:
-    for _ in range(3):
+def test_failed_logins_slow_the_next_ones_but_never_lock_the_owner_out(
+    client: TestClient, clock: FakeClock
+) -> None:
+    """25 wrong passwords (the old code refused the right one after 20): each next attempt
+    waits longer, doubling up to about 10 s; the right password then waits and gets in."""
+    for _ in range(25):
         assert log_in(client, "wrong password!").status_code == 401  # type: ignore[attr-defined]
-    resp = log_in(client)  # even the right password, for now
-    assert resp.status_code == 429  # type: ignore[attr-defined]
-    assert "too many failed logins" in resp.text.lower()  # type: ignore[attr-defined]
-    assert "picell_session" not in client.cookies
+    waits = clock.waits
+    assert len(waits) == 24  # the first attempt did not wait
+    assert waits[0] == pytest.approx(0.5, rel=0.01) and waits[1] == pytest.approx(1.0, rel=0.01)
+    assert all(b >= a * 0.99 for a, b in zip(waits, waits[1:], strict=False))  # growing
+    assert max(waits) == pytest.approx(LOGIN_DELAY_MAX_S, rel=0.01)
+    resp = log_in(client)
+    assert resp.status_code == 303  # type: ignore[attr-defined]
+    assert clock.waits[-1] == pytest.approx(LOGIN_DELAY_MAX_S, rel=0.01)  # delayed, not refused
+    assert client.get("/cells").status_code == 200
+    # the owner is in: the failures are forgotten, the next login does not wait
+    before = len(clock.waits)
+    client.cookies.clear()
+    assert log_in(client).status_code == 303  # type: ignore[attr-defined]
+    assert len(clock.waits) == before
 
 
-def test_failures_from_all_addresses_count_together() -> None:
-    limiter = FailureLimiter(per_source=(3, 900.0), overall=(4, 900.0))
-    for source in ("a", "b", "c", "d"):
-        limiter.begin(source)
-    with pytest.raises(RateLimited, match="too many failed logins"):
-        limiter.begin("e")
+def test_delays_double_up_to_the_cap() -> None:
+    assert login_delay(0) == 0.0
+    assert [login_delay(n) for n in (1, 2, 3, 4, 5, 6, 50)] == [0.5, 1, 2, 4, 8, 10, 10]
 
 
-def test_a_success_does_not_count_and_clears_its_address() -> None:
-    limiter = FailureLimiter(per_source=(2, 900.0), overall=(4, 900.0))
-    limiter.begin("a")
-    limiter.succeeded("a", limiter.begin("a"))
-    for _ in range(2):
-        limiter.begin("a")
-    with pytest.raises(RateLimited):
-        limiter.begin("a")  # two failures since the success
-    limiter.begin("b")  # overall: 4 failures (the success does not count)
-    with pytest.raises(RateLimited):
-        limiter.begin("c")
+def test_concurrent_guesses_queue_instead_of_slipping_past() -> None:
+    """Ten attempts at the same instant: each counts as failed from its start, so they get
+    turns one after another, spaced by the growing delay (not ten checks at once)."""
+    clock = FakeClock()
+    throttle = LoginThrottle(clock=clock, sleep=clock.sleep)
+    turns = [throttle.begin().at - clock.now for _ in range(10)]
+    gaps = [b - a for a, b in zip(turns, turns[1:], strict=False)]
+    assert turns[0] == 0
+    assert gaps == pytest.approx([login_delay(n) for n in range(1, 10)])
+    assert turns[-1] > 40  # ten guesses take most of a minute, however they are sent
+
+
+def test_failures_are_forgotten_over_time() -> None:
+    clock = FakeClock()
+    throttle = LoginThrottle(clock=clock, sleep=clock.sleep)
+    for _ in range(8):
+        throttle.begin()
+    assert throttle.failures() == pytest.approx(8)
+    clock.now += 3 * 3600  # three quiet hours
+    assert throttle.failures() < 1
+    assert throttle.begin().wait_s == 0
+
+
+def test_the_wait_is_awaited_without_blocking_the_event_loop(control: Control) -> None:
+    """While an attempt waits its turn, the event loop serves other requests."""
+    gate = asyncio.Event()
+    waited: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waited.append(seconds)
+        await gate.wait()
+
+    clock = FakeClock()
+    auth = Auth(control.store, LoginThrottle(clock=clock, sleep=sleep))
+    auth.set_password(PASSWORD)
+
+    async def scenario() -> list[str]:
+        first = asyncio.create_task(auth.login("wrong password!"))
+        second = asyncio.create_task(auth.login(PASSWORD))
+        done: list[str] = []
+        with pytest.raises(LoginRefused):
+            await first
+        done.append("first refused")
+        for _ in range(5):  # the loop keeps running while the second attempt waits
+            await asyncio.sleep(0)
+        assert not second.done() and waited == [pytest.approx(0.5)]
+        done.append("loop ran while it waited")
+        gate.set()
+        token, _session = await second
+        assert auth.session(token) is not None
+        done.append("second logged in")
+        return done
+
+    assert asyncio.run(scenario()) == [
+        "first refused", "loop ran while it waited", "second logged in"
+    ]  # fmt: skip
 
 
 def test_logout_ends_the_session(client: TestClient) -> None:

@@ -118,6 +118,25 @@ def test_invite_is_shown_as_string_json_and_qr(client: TestClient) -> None:
     assert string and string.group(1).startswith("picell-invite:")
     assert 'data-copy="invite-string"' in html
     assert "<svg" in html and "&#34;pairing&#34;" in html
+    # the page's invite is the one stored; loading the page again makes none
+    listed = client.get("/api/cells/invites").json()
+    assert [r["state"] for r in listed] == ["open"]
+    client.get("/cells")
+    assert len(client.get("/api/cells/invites").json()) == 1
+
+
+def test_an_open_invite_is_revoked_from_the_page(client: TestClient) -> None:
+    post(client, "/cells/invite")
+    made = client.get("/api/cells/invites").json()[0]
+    page = client.get("/cells").text
+    assert f'action="/cells/invites/{made["id"]}/revoke"' in page
+    resp = post(client, f"/cells/invites/{made['id']}/revoke")
+    assert f"Revoked invite {made['id']}" in resp.text  # type: ignore[attr-defined]
+    assert client.get("/api/cells/invites").json() == []
+    assert 'id="open-invites"' not in client.get("/cells").text
+    again = post(client, f"/cells/invites/{made['id']}/revoke")
+    assert again.status_code == 404  # type: ignore[attr-defined]
+    assert post(client, "/cells/invites/x1/revoke").status_code == 422  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(
@@ -134,7 +153,9 @@ def test_connect_refusals_stand_next_to_the_invite(
 
 
 def test_our_own_invite_is_refused_with_words(client: TestClient) -> None:
-    own = client.get("/api/cells/invite").json()["string"]
+    made = client.post("/api/cells/invites", json={}, headers={"X-CSRF-Token": csrf(client)})
+    assert made.status_code == 201
+    own = made.json()["string"]
     resp = post(client, "/cells/connect", invite=own)
     assert resp.status_code == 409  # type: ignore[attr-defined]
     assert field_error(resp.text, "invite") == "That is this cell&#39;s own invite"  # type: ignore[attr-defined]

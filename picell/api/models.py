@@ -1,0 +1,293 @@
+"""The admin API's typed requests and answers: one pydantic model per body the API reads or writes.
+
+The request models say exactly what the API accepts (`extra="forbid"`, strict types, full-match
+patterns, bounded lengths and ranges), so the published OpenAPI schema is the contract a client
+can generate data from; `picell.validate` stays the second line behind them. The answer models are
+the routes' `response_model`s, and the CLI (`picell.cli`) reads the daemon's answers with the same
+classes instead of indexing dicts. Must not import FastAPI (the CLI imports this module) nor hold
+logic beyond the shape of the data.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
+
+from picell.constants import DEFAULT_INVITE_TTL_S, INVITE_MAX_TTL_S, INVITE_MIN_TTL_S
+
+# -- value types -------------------------------------------------------------------------------
+# A DNS label that is also safe as a file name, an nft comment and a log word (`validate.name`).
+# `$` is the end of the text for pydantic's regex engine, so a trailing newline is refused.
+NAME_PATTERN = r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$"
+NAME_MAX = 63
+_OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_PORT = r"(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3})"
+# A service backend, IPV4:PORT (`validate.backend`): 0.0.0.0, multicast and the broadcast
+# address are refused by the handler; the pattern keeps the first octet to 1-223 for that reason
+# and leaves 255.255.255.255 out with it.
+_FIRST = r"(22[0-3]|2[01][0-9]|1[0-9][0-9]|[1-9][0-9]?)"
+BACKEND_PATTERN = rf"^{_FIRST}(\.{_OCTET}){{3}}:{_PORT}$"
+# A WireGuard key: 32 bytes in standard base64; the last character carries 4 zero bits.
+WG_KEY_PATTERN = r"^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$"
+# The admin password (`auth.check_password`): one line of 10-1024 characters.
+PASSWORD_PATTERN = r"^[^\r\n\x00]{10,1024}$"
+
+Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN, max_length=NAME_MAX)]
+
+
+def _whole(value: Any) -> Any:
+    """JSON Schema counts 80.0 as an integer; strict pydantic would not: let a whole float in
+    (only that: "80" and true stay refused)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+Port = Annotated[int, Field(ge=1, le=65535), BeforeValidator(_whole)]
+WgKey = Annotated[str, StringConstraints(pattern=WG_KEY_PATTERN, min_length=44, max_length=44)]
+Backend = Annotated[str, StringConstraints(pattern=BACKEND_PATTERN, max_length=21)]
+
+
+class Request(BaseModel):
+    """A request body: unknown fields and coerced types are refused (a 422 naming the field)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class Answer(BaseModel):
+    """An answer of the daemon. Unknown fields are kept, so that a CLI older than its daemon
+    still shows (and `--json` still passes on) what it does not know."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+# -- requests ----------------------------------------------------------------------------------
+class PeerCreate(Request):
+    name: Name
+    public_key: WgKey | None = None
+
+
+class RouteVia(Request):
+    via_cell: Name | None
+
+
+class ServiceCreate(Request):
+    name: Name
+    backend: Backend = Field(description="IPV4:PORT that serves it (the cell host or its LAN)")
+    port: Port | None = Field(default=None, description="port on the service address")
+    protocol: Literal["tcp", "udp"] = "tcp"
+
+
+class CellConnect(Request):
+    invite: str = Field(
+        min_length=1,
+        max_length=16384,
+        description="the other cell's invite: its string, its JSON, or `invite --json` output",
+    )
+    trust_domain: bool = Field(
+        default=False,
+        description="accept a domain outside the private-use suffixes (the owner's own word)",
+    )
+
+
+class Permissions(Request):
+    services: list[Name] = Field(max_length=256)
+
+
+class ExitOffer(Request):
+    offered: bool
+
+
+class LinksImport(Request):
+    content: str = Field(max_length=4_000_000)
+
+
+class InviteCreate(Request):
+    expires_s: float = Field(
+        default=DEFAULT_INVITE_TTL_S,
+        ge=INVITE_MIN_TTL_S,
+        le=INVITE_MAX_TTL_S,
+        description="seconds until the token expires",
+    )
+
+
+class PasswordSet(Request):
+    password: str = Field(pattern=PASSWORD_PATTERN, min_length=10, max_length=1024)
+
+
+# -- answers -----------------------------------------------------------------------------------
+class ReportOut(Answer):
+    changed: bool
+    changes: list[str]
+    commands: list[list[str]] = []
+    processes: int = 0
+    write_commands: int = 0
+
+
+class StatusOut(Answer):
+    name: str
+    domain: str
+    address: str
+    network: str
+    endpoint: str
+    interface: str
+    public_key: str
+    listen_port: int
+    dns: str
+    devices: int
+    services: int
+    dns_running: bool
+    last_reconcile: ReportOut | None
+    last_error: str | None
+    rejected_messages: dict[str, int] = {}
+    applied: dict[str, int] = {}
+    pushes_sent: int = 0
+
+
+class PeerOut(Answer):
+    name: str
+    address: str
+    public_key: str
+    fqdn: str
+    own_key: bool
+    route_via: str | None
+    created_at: float
+
+
+class PeerLive(PeerOut):
+    latest_handshake: int = 0
+    handshake_age_s: int | None = None
+    rx_bytes: int = 0
+    tx_bytes: int = 0
+    endpoint: str | None = None
+
+
+class PeerCreated(PeerOut):
+    config: str
+
+
+class RouteViaOut(PeerLive):
+    full_tunnel: bool
+    config: str
+    message: str
+
+
+class ServiceOut(Answer):
+    name: str
+    fqdn: str
+    vip: str
+    port: int
+    protocol: str
+    backend: str
+
+
+class SharedServiceOut(Answer):
+    name: str
+    vip: str | None = None
+    ports: list[int] = []
+    protocol: str = "tcp"
+
+
+class CellOut(Answer):
+    """A linked cell as `picell cells --json` shows it (DESIGN §9)."""
+
+    name: str
+    state: str
+    domain: str
+    vpn_subnet: str
+    dns_ip: str
+    endpoint: str
+    public_key: str
+    auth_string: str
+    handshake_age_s: int | None
+    online: bool
+    rx_bytes: int
+    tx_bytes: int
+    inbound: list[SharedServiceOut]
+    outbound: list[SharedServiceOut]
+    exit_offered: bool
+    remote_exit_offered: bool
+    exit_relay_active: bool
+    remote_exit_relay_active: bool
+    relaying: bool
+    pending_push: int
+    last_push_status: str | None
+    last_push_at: float | None
+    last_push_error: str | None
+    last_remote_update_at: float | None
+    linked_at: float | None
+    pending_message: str | None
+    pending_error: str | None
+
+
+class JournalEntryOut(Answer):
+    id: int
+    at: float
+    link: str
+    event: str
+    actor: str
+    detail: str | None
+
+
+class ImportedOut(Answer):
+    name: str
+    unknown_fields: list[str]
+
+
+class ImportOut(Answer):
+    imported: list[ImportedOut]
+
+
+class PairingOut(Answer):
+    port: int
+    token: str
+    expires_at: float
+
+
+class InviteJson(Answer):
+    """The invite as another cell imports it (DESIGN §5); fields the wire adds pass through."""
+
+    cell_name: str
+    domain: str
+    public_key: str
+    endpoint: str
+    vpn_subnet: str
+    dns_ip: str
+    mesh_port: int
+    pairing: PairingOut | None = None
+
+
+InviteState = Literal["open", "used", "expired"]
+
+
+class InviteRow(Answer):
+    """An invite this cell handed out; its token is never stored, so never shown again."""
+
+    id: int
+    created_at: float
+    expires_at: float
+    used_at: float | None
+    used_by: str | None
+    state: InviteState
+
+
+class InviteCreated(Answer):
+    """A fresh invite in one answer: the JSON, the copy-paste string and the QR code (SVG)."""
+
+    id: int
+    expires_at: float
+    invite: InviteJson
+    string: str
+    svg: str
+
+
+class PasswordChanged(Answer):
+    changed: bool
+
+
+def dump(model: BaseModel | list[Any]) -> Any:
+    """The JSON-ready value of an answer (or a list of them), unknown fields included."""
+    if isinstance(model, list):
+        return [dump(m) for m in model]
+    return model.model_dump(mode="json")
