@@ -30,7 +30,7 @@ from picell.firewall.apply import apply_grant_delta, apply_ruleset, observe_tabl
 from picell.firewall.render import grant_elements, render_grant_delta, render_ruleset  # noqa: E402
 from picell.state import State, build_state  # noqa: E402
 from picell.store.cell import Cell  # noqa: E402
-from picell.store.links import Link  # noqa: E402
+from picell.store.links import Link, LinkIdentity, LinkState, OwnerChoices  # noqa: E402
 from picell.store.services import Service  # noqa: E402
 from picell.system.run import Runner  # noqa: E402
 from picell.wireguard import keys  # noqa: E402
@@ -55,12 +55,14 @@ def state_with(grants: int) -> State:
         Link(
             f"l{j}",
             keys.public_from_private(keys.generate_private()),
-            "198.51.100.9:1",
-            ipaddress.IPv4Network(f"10.{100 + j}.0.0/24"),
-            ipaddress.IPv4Address(f"10.{100 + j}.0.1"),
-            f"l{j}.test",
-            state="linked",
-            inbound=shared,
+            LinkIdentity(
+                "198.51.100.9:1",
+                ipaddress.IPv4Network(f"10.{100 + j}.0.0/24"),
+                ipaddress.IPv4Address(f"10.{100 + j}.0.1"),
+                f"l{j}.test",
+            ),
+            state=LinkState.LINKED,
+            choices=OwnerChoices(inbound=shared),
         )
         for j in range(LINKS)
     ]

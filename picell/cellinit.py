@@ -48,19 +48,20 @@ class InitRequest:
 def check_links(cell: Cell, links: list[Link]) -> None:
     """A change of our own network or domain must not collide with a linked cell's."""
     for link in links:
-        if cell.network.overlaps(link.vpn_subnet):
+        theirs = link.identity
+        if cell.network.overlaps(theirs.vpn_subnet):
             raise Conflict(
-                f"address: {cell.network} overlaps the network {link.vpn_subnet} of linked cell "
+                f"address: {cell.network} overlaps the network {theirs.vpn_subnet} of linked cell "
                 f"{link.name}",
                 field="address",
             )
         if (
-            cell.domain == link.domain
-            or cell.domain.endswith("." + link.domain)
-            or link.domain.endswith("." + cell.domain)
+            cell.domain == theirs.domain
+            or cell.domain.endswith("." + theirs.domain)
+            or theirs.domain.endswith("." + cell.domain)
         ):
             raise Conflict(
-                f"domain: {cell.domain} clashes with the domain {link.domain} of linked cell "
+                f"domain: {cell.domain} clashes with the domain {theirs.domain} of linked cell "
                 f"{link.name}",
                 field="domain",
             )

@@ -373,9 +373,13 @@ class Control:
         host = observe_host(self.runner, cell.interface)
         out = []
         for link in links:
-            overlap = host_overlap(link.vpn_subnet, host)
+            overlap = host_overlap(link.identity.vpn_subnet, host)
             if overlap:
                 out.append(
-                    {"cell": link.name, "network": str(link.vpn_subnet), "overlaps": overlap}
+                    {
+                        "cell": link.name,
+                        "network": str(link.identity.vpn_subnet),
+                        "overlaps": overlap,
+                    }
                 )
         return out

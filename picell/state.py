@@ -202,10 +202,10 @@ def build_state(
             LinkState(
                 name=link.name,
                 public_key=link.public_key,
-                endpoint=link.endpoint,
-                network=link.vpn_subnet,
-                dns_ip=link.dns_ip,
-                mesh_port=link.mesh_port,
+                endpoint=link.identity.endpoint,
+                network=link.identity.vpn_subnet,
+                dns_ip=link.identity.dns_ip,
+                mesh_port=link.identity.mesh_port,
                 unlinking=link.state == Phase.UNLINKING,
             )
             for link in links
@@ -246,11 +246,12 @@ def build_state(
     )
     by_name = {s.name: s for s in service_states}
     shared = {
-        link.name: [by_name[n] for n in sorted(set(link.inbound)) if n in by_name] for link in links
+        link.name: [by_name[n] for n in sorted(set(link.choices.inbound)) if n in by_name]
+        for link in links
     }
     grants = tuple(
         sorted(
-            Grant(svc.protocol, link.vpn_subnet, svc.vip, svc.port)
+            Grant(svc.protocol, link.identity.vpn_subnet, svc.vip, svc.port)
             for link in links
             if link.state != Phase.UNLINKING
             for svc in shared[link.name]
@@ -266,7 +267,7 @@ def build_state(
     records |= {DnsRecord(f"{s.name}.{cell.domain}", s.vip) for s in service_states}
     exits = _exits(cell, peers, links, exit_slots or {})
     relayed = {n for t in exits for n in t.relayed}
-    live_domains = sorted(ln.domain for ln in links if ln.state != Phase.UNLINKING)
+    live_domains = sorted(ln.identity.domain for ln in links if ln.state != Phase.UNLINKING)
     dns = DnsState(
         domain=cell.domain,
         listen=cell.ip,
@@ -275,16 +276,20 @@ def build_state(
         records=tuple(sorted(records)),
         upstreams=tuple(u for u in (cell.upstreams or upstreams) if u != cell.ip),
         forwards=tuple(
-            sorted(DnsForward(ln.domain, ln.dns_ip) for ln in links if ln.state != Phase.UNLINKING)
+            sorted(
+                DnsForward(ln.identity.domain, ln.identity.dns_ip)
+                for ln in links
+                if ln.state != Phase.UNLINKING
+            )
         ),
         views=tuple(
             sorted(
                 DnsView(
                     link.name,
-                    link.vpn_subnet,
+                    link.identity.vpn_subnet,
                     _view_records(cell, shared[link.name]),
-                    internet=link.vpn_subnet in relayed,
-                    hidden=tuple(d for d in live_domains if d != link.domain),
+                    internet=link.identity.vpn_subnet in relayed,
+                    hidden=tuple(d for d in live_domains if d != link.identity.domain),
                 )
                 for link in links
                 if link.state != Phase.UNLINKING
@@ -317,18 +322,18 @@ def _exits(
     relay_peers = tuple(
         sorted(
             PeerState(
-                public_key=str(ln.remote_exit_client_key),
+                public_key=str(ln.mirror.exit_client_key),
                 name=f"exit client {ln.name}",
-                allowed_ips=(ln.vpn_subnet,),
-                endpoint=f"{ln.dns_ip}:{ln.remote_exit_client_port}",
+                allowed_ips=(ln.identity.vpn_subnet,),
+                endpoint=f"{ln.identity.dns_ip}:{ln.mirror.exit_client_port}",
                 keepalive_s=LINK_KEEPALIVE_S,
             )
             for ln in links
             if ln.state == Phase.LINKED
-            and ln.exit_offered
-            and ln.remote_exit_relay_active
-            and ln.remote_exit_client_key
-            and ln.remote_exit_client_port
+            and ln.choices.exit_offered
+            and ln.mirror.exit_relay_active
+            and ln.mirror.exit_client_key
+            and ln.mirror.exit_client_port
         )
     )
     if relay_peers:
@@ -349,22 +354,22 @@ def _exits(
         up = (
             link is not None
             and link.state == Phase.LINKED
-            and link.remote_exit_offered
-            and link.remote_exit_relay_key
-            and link.remote_exit_relay_port
+            and link.mirror.exit_offered
+            and link.mirror.exit_relay_key
+            and link.mirror.exit_relay_port
         )
         wg: WgDevice | None = None
         if up and link is not None:
             peer = PeerState(
-                public_key=str(link.remote_exit_relay_key),
+                public_key=str(link.mirror.exit_relay_key),
                 name=f"exit {via}",
                 allowed_ips=(ANY,),
-                endpoint=f"{link.dns_ip}:{link.remote_exit_relay_port}",
+                endpoint=f"{link.identity.dns_ip}:{link.mirror.exit_relay_port}",
                 keepalive_s=LINK_KEEPALIVE_S,
             )
             wg = WgDevice(ifname, exit_private_key(cell, link.public_key),
                           exit_port(cell.listen_port, slot), (peer,))  # fmt: skip
-        dns = link.dns_ip if link is not None and link.state != Phase.UNLINKING else None
+        dns = link.identity.dns_ip if link is not None and link.state != Phase.UNLINKING else None
         tunnels.append(ExitTunnel(slot, ifname, wg, cell=via, devices=devices, dns_server=dns))
     return tuple(tunnels)
 
@@ -384,7 +389,7 @@ def _not_internet(
     """Where an exit (ours as home exit, or as relay) never leads: private and reserved ranges,
     our network, linked networks and the host's own on-link networks (its LANs)."""
     ours = {cell.interface, *(t.interface for t in exits)}
-    nets = [*NOT_INTERNET, cell.network, *(ln.vpn_subnet for ln in links)]
+    nets = [*NOT_INTERNET, cell.network, *(ln.identity.vpn_subnet for ln in links)]
     nets += [n for dev, n in onlink if dev not in ours]
     return tuple(ipaddress.collapse_addresses(nets))
 

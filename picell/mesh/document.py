@@ -45,13 +45,13 @@ def document(
         client = {"public_key": wg(exit_private_key(cell, link.public_key)),
                   "port": exit_port(cell.listen_port, exit_slot)}  # fmt: skip
     return {
-        "shared_services": shared_services(cell, services, link.inbound),
-        "exit_offered": link.exit_offered,
+        "shared_services": shared_services(cell, services, link.choices.inbound),
+        "exit_offered": link.choices.exit_offered,
         "use_as_exit_relay": exit_slot is not None,
-        "exit_relay": relay if link.exit_offered else None,
+        "exit_relay": relay if link.choices.exit_offered else None,
         "exit_client": client,
         # spends the invite of theirs we imported, if our pairing with it never happened
-        **({"invite_proof": link.invite_proof} if link.invite_proof else {}),
+        **({"invite_proof": link.sync.invite_proof} if link.sync.invite_proof else {}),
         "identity": {
             "endpoint": cell.endpoint,
             "vpn_subnet": str(cell.network),

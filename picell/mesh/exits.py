@@ -38,7 +38,7 @@ class Exits:
                 link = link_table.get(conn, via)
                 if link.state == LinkState.UNLINKING:
                     raise Conflict(f"via_cell: the link with {via} is ending", field="via_cell")
-                if not link.remote_exit_offered:
+                if not link.mirror.exit_offered:
                     me = cell_table.load(conn).name
                     raise ExitNotOffered(
                         f"via_cell: cell {via} does not offer its internet exit to this cell; "

@@ -48,7 +48,7 @@ from picell.store import journal, outbox
 from picell.store import links as link_table
 from picell.store import services as service_table
 from picell.store.cell import Cell
-from picell.store.links import Link, LinkState
+from picell.store.links import Link, LinkIdentity, LinkState
 from picell.wireguard import keys
 from picell.wireguard.apply import observe_wg
 
@@ -113,13 +113,13 @@ def check_conflicts(
                 f"{prefix}cell_name: a cell named {name} is already linked with another key",
                 field=f"{prefix}cell_name",
             )
-        if other.vpn_subnet.overlaps(link.vpn_subnet):
+        if other.vpn_subnet.overlaps(link.identity.vpn_subnet):
             raise Conflict(
                 f"{prefix}vpn_subnet: cell {name}'s network {other.vpn_subnet} overlaps the "
-                f"network {link.vpn_subnet} of linked cell {link.name}",
+                f"network {link.identity.vpn_subnet} of linked cell {link.name}",
                 field=f"{prefix}vpn_subnet",
             )
-        if _domains_clash(other.domain, link.domain):
+        if _domains_clash(other.domain, link.identity.domain):
             raise Conflict(
                 f"{prefix}domain: cell {name}'s domain {other.domain} clashes with the domain of "
                 f"linked cell {link.name}",
@@ -129,24 +129,24 @@ def check_conflicts(
 
 def _link_from(other: Identity, existing: Link | None, state: LinkState) -> Link:
     """The link row for `other`: a new one, or `existing` updated in place (a re-pairing)."""
-    fields: dict[str, Any] = {
-        "name": other.cell_name,
-        "endpoint": other.endpoint,
-        "vpn_subnet": other.vpn_subnet,
-        "dns_ip": other.dns_ip,
-        "domain": other.domain,
-        "mesh_port": other.mesh_port,
-        "remote_api_url": f"http://{other.dns_ip}:{other.mesh_port}",
-        "remote_versions": other.speaks(),
-    }
+    identity = LinkIdentity(
+        endpoint=other.endpoint,
+        vpn_subnet=other.vpn_subnet,
+        dns_ip=other.dns_ip,
+        domain=other.domain,
+        mesh_port=other.mesh_port,
+        api_url=f"http://{other.dns_ip}:{other.mesh_port}",
+        versions=other.speaks(),
+    )
     if existing is None:
-        link = Link(public_key=other.public_key, created_at=time.time(), state=state, **fields)
+        link = Link(other.cell_name, other.public_key, identity, state, created_at=time.time())
     else:
-        link = replace(existing, state=existing.state.to(state, existing.name), **fields)
+        state = existing.state.to(state, existing.name)
+        link = replace(existing, name=other.cell_name, state=state, identity=identity)
     return replace(
         link,
         linked_at=link.linked_at or (time.time() if state == LinkState.LINKED else None),
-        last_push_error=None if state == LinkState.LINKED else link.last_push_error,
+        sync=replace(link.sync, last_push_error=None) if state == LinkState.LINKED else link.sync,
     )
 
 
@@ -189,9 +189,9 @@ class Links:
     ) -> None:
         """Refuse `other` unless the policy, our links and a common version allow it."""
         existing = link_table.by_key(conn, other.public_key)
-        if existing is None or existing.domain != other.domain:
+        if existing is None or existing.identity.domain != other.domain:
             policy.check_domain(other.domain, f"{prefix}domain", trusted=trusted_domain)
-        if existing is None or existing.vpn_subnet != other.vpn_subnet:
+        if existing is None or existing.identity.vpn_subnet != other.vpn_subnet:
             if host is None:
                 host = policy.observe_host(self.control.runner, cell.interface)
             policy.check_network(other.vpn_subnet, f"{prefix}vpn_subnet", other.cell_name, host)
@@ -282,9 +282,11 @@ class Links:
             existing = link_table.by_key(conn, other.public_key)
             if existing is not None and existing.state == LinkState.LINKED:
                 state = LinkState.LINKED  # re-pairing an established link: keep it established
-            link = replace(_link_from(other, existing, state), invite_proof=proof)
+            link = _link_from(other, existing, state)
+            marks = replace(link.sync, invite_proof=proof)
             if state == LinkState.WAITING:
-                link = replace(link, last_push_error=f"waiting for the other cell: {detail}")
+                marks = replace(marks, last_push_error=f"waiting for the other cell: {detail}")
+            link = replace(link, sync=marks)
             link_table.save(conn, link)
             outbox.drop(conn, other.public_key)  # a pending unlink would end the new link
             journal.append(conn, other.cell_name, event, "local owner", detail)
@@ -362,10 +364,10 @@ class Links:
                 journal.append(conn, name, "unlinked", "local owner", "before it was confirmed")
                 return
             cell = cell_table.load(conn)
-            seq = link.local_seq + 1
+            seq = link.sync.seq + 1
             envelope = envelope_from(cell, link, "unlink", seq)
             state = link.state.to(LinkState.UNLINKING, name)
-            link_table.save(conn, replace(link, state=state, local_seq=seq))
+            link_table.save(conn, replace(link, state=state, sync=replace(link.sync, seq=seq)))
             outbox.put(conn, link.public_key, "unlink", json.dumps(envelope))
             journal.append(conn, name, "unlinked", "local owner", "telling the other cell")
         self.wake_sender()
@@ -428,31 +430,31 @@ class Links:
                 {
                     "name": link.name,
                     "state": link.state.value,
-                    "domain": link.domain,
-                    "vpn_subnet": str(link.vpn_subnet),
-                    "dns_ip": str(link.dns_ip),
-                    "endpoint": link.endpoint,
+                    "domain": link.identity.domain,
+                    "vpn_subnet": str(link.identity.vpn_subnet),
+                    "dns_ip": str(link.identity.dns_ip),
+                    "endpoint": link.identity.endpoint,
                     "public_key": link.public_key,
                     "auth_string": short_auth_string(our_public, link.public_key),
                     "handshake_age_s": age,
                     "online": age is not None and age < LINK_ONLINE_S,
                     "rx_bytes": seen.rx_bytes if seen else 0,
                     "tx_bytes": seen.tx_bytes if seen else 0,
-                    "inbound": shared_services(cell, services, link.inbound),
-                    "outbound": list(link.outbound),
-                    "exit_offered": link.exit_offered,
-                    "remote_exit_offered": link.remote_exit_offered,
+                    "inbound": shared_services(cell, services, link.choices.inbound),
+                    "outbound": list(link.mirror.outbound),
+                    "exit_offered": link.choices.exit_offered,
+                    "remote_exit_offered": link.mirror.exit_offered,
                     # we use their exit (devices routed via them); they use ours
-                    "exit_relay_active": link.exit_relay_active,
-                    "remote_exit_relay_active": link.remote_exit_relay_active,
+                    "exit_relay_active": link.choices.exit_relay_active,
+                    "remote_exit_relay_active": link.mirror.exit_relay_active,
                     "relaying": link.state == LinkState.LINKED
-                    and link.exit_offered
-                    and link.remote_exit_relay_active,
-                    "pending_push": link.pending_push,
-                    "last_push_status": link.last_push_status,
-                    "last_push_at": link.last_push_at,
-                    "last_push_error": link.last_push_error,
-                    "last_remote_update_at": link.last_remote_update_at,
+                    and link.choices.exit_offered
+                    and link.mirror.exit_relay_active,
+                    "pending_push": link.sync.pending_push,
+                    "last_push_status": link.sync.last_push_status,
+                    "last_push_at": link.sync.last_push_at,
+                    "last_push_error": link.sync.last_push_error,
+                    "last_remote_update_at": link.mirror.updated_at,
                     "linked_at": link.linked_at,
                     "pending_message": msg.kind if msg else None,
                     "pending_error": msg.last_error if msg else None,

@@ -40,7 +40,7 @@ def make_envelope(
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {
-        "v": wire.common_version(link.remote_versions, link.name, "versions"),
+        "v": wire.common_version(link.identity.versions, link.name, "versions"),
         "versions": list(wire.SUPPORTED_VERSIONS),
         "type": kind,
         "from_cell": from_cell,
@@ -93,7 +93,7 @@ def check_envelope(
     our_public: str,
 ) -> None:
     """Raise Forbidden unless the message is authentic, fresh and addressed to us."""
-    if link is None or source is None or source != link.dns_ip:
+    if link is None or source is None or source != link.identity.dns_ip:
         # WireGuard's cryptokey routing makes the source address proof of the sending cell;
         # only the cell's own address speaks for it, not its devices
         raise Forbidden("message: not from the linked cell's own address", field="source")
@@ -107,8 +107,8 @@ def check_envelope(
             f"body.v: the message is in protocol version {env.body.v}; this cell speaks {ours}",
             field="body.v",
         )
-    if env.body.seq <= link.remote_seq:
+    if env.body.seq <= link.mirror.seq:
         raise Forbidden(
-            f"body.seq: {env.body.seq} was already applied (last {link.remote_seq})",
+            f"body.seq: {env.body.seq} was already applied (last {link.mirror.seq})",
             field="body.seq",
         )

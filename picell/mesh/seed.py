@@ -13,7 +13,7 @@ import datetime as dt
 import ipaddress
 import json
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -24,7 +24,7 @@ from picell.mesh.links import Links, _link_from
 from picell.store import cell as cell_table
 from picell.store import journal
 from picell.store import links as link_table
-from picell.store.links import LinkState
+from picell.store.links import Link, LinkState, OwnerChoices
 
 SEED_MAX = 4_000_000  # bytes: the API's own limit on the seed file (LinksImport)
 
@@ -34,6 +34,42 @@ FLAGS = ("exit_offered", "remote_exit_offered", "exit_relay_active", "remote_exi
 TIMES = ("last_push_at", "last_remote_update_at")
 TEXTS = ("last_push_status", "last_push_error")
 KNOWN = {*IDENTITY, *FLAGS, *TIMES, *TEXTS, "remote_api_url", "inbound", "outbound", "mesh_port"}
+
+
+@dataclass(frozen=True)
+class _Seeded:
+    """What a seed entry says beyond the other cell's identity, in the seed's own words;
+    `onto` puts each value in its part of the link and keeps what the seed does not hold (their
+    exit ends, the sequence numbers, our invite proof)."""
+
+    choices: OwnerChoices
+    outbound: tuple[dict[str, Any], ...]
+    remote_exit_offered: bool
+    remote_exit_relay_active: bool
+    last_remote_update_at: float | None
+    pending_push: int
+    last_push_status: str | None
+    last_push_at: float | None
+    last_push_error: str | None
+    api_url: str  # "": the one the identity implies
+
+    def onto(self, link: Link) -> Link:
+        mirror = replace(
+            link.mirror,
+            outbound=self.outbound,
+            exit_offered=self.remote_exit_offered,
+            exit_relay_active=self.remote_exit_relay_active,
+            updated_at=self.last_remote_update_at,
+        )
+        sync = replace(
+            link.sync,
+            pending_push=self.pending_push,
+            last_push_status=self.last_push_status,
+            last_push_at=self.last_push_at,
+            last_push_error=self.last_push_error,
+        )
+        identity = replace(link.identity, api_url=self.api_url or link.identity.api_url)
+        return replace(link, identity=identity, choices=self.choices, mirror=mirror, sync=sync)
 
 
 def _entries(data: Any) -> list[dict[str, Any]]:
@@ -72,7 +108,7 @@ def _names(value: Any, field: str) -> list[Any]:
     return value
 
 
-def _one(entry: dict[str, Any], index: int) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+def _one(entry: dict[str, Any], index: int) -> tuple[Any, _Seeded, dict[str, Any]]:
     where = f"links[{index}]"
     if "_bad" in entry:
         raise BadInput(f"{where}: a link object is expected", field=where)
@@ -91,18 +127,29 @@ def _one(entry: dict[str, Any], index: int) -> tuple[Any, dict[str, Any], dict[s
     port = raw.get("mesh_port") or (urlsplit(url).port if url else None) or 3000
     fields = {k: raw.get(k) for k in IDENTITY if raw.get(k) is not None}
     identity = parse_identity({**fields, "mesh_port": port}, prefix.replace(" .", ".").rstrip("."))
-    extra = {
-        "inbound": tuple(str(x.get("name") if isinstance(x, dict) else x)
-                         for x in _names(raw.get("inbound"), f"{where}.inbound")),
-        "outbound": tuple(x if isinstance(x, dict) else {"name": str(x)}
-                          for x in _names(raw.get("outbound"), f"{where}.outbound")),
-        **{f: bool(raw.get(f, False)) for f in FLAGS},
-        **{f: _time(raw.get(f), f"{where}.{f}") for f in TIMES},
-        **{f: (str(raw[f]) if raw.get(f) is not None else None) for f in TEXTS},
-        "remote_api_url": url,
-    }  # fmt: skip
+    flags = {f: bool(raw.get(f, False)) for f in FLAGS}
+    times = {f: _time(raw.get(f), f"{where}.{f}") for f in TIMES}
+    texts = {f: (str(raw[f]) if raw.get(f) is not None else None) for f in TEXTS}
+    seeded = _Seeded(
+        choices=OwnerChoices(
+            inbound=tuple(str(x.get("name") if isinstance(x, dict) else x)
+                          for x in _names(raw.get("inbound"), f"{where}.inbound")),
+            exit_offered=flags["exit_offered"],
+            exit_relay_active=flags["exit_relay_active"],
+        ),
+        outbound=tuple(x if isinstance(x, dict) else {"name": str(x)}
+                       for x in _names(raw.get("outbound"), f"{where}.outbound")),
+        remote_exit_offered=flags["remote_exit_offered"],
+        remote_exit_relay_active=flags["remote_exit_relay_active"],
+        last_remote_update_at=times["last_remote_update_at"],
+        pending_push=int(flags["pending_push"]),
+        last_push_status=texts["last_push_status"],
+        last_push_at=times["last_push_at"],
+        last_push_error=texts["last_push_error"],
+        api_url=url,
+    )  # fmt: skip
     unknown = {k: v for k, v in entry.items() if k not in KNOWN}
-    return identity, extra, unknown
+    return identity, seeded, unknown
 
 
 def import_links(links: Links, content: str) -> dict[str, Any]:
@@ -111,13 +158,11 @@ def import_links(links: Links, content: str) -> dict[str, Any]:
     imported = []
     with links.control.change() as conn:
         cell = cell_table.load(conn)
-        for identity, extra, unknown in parsed:
+        for identity, seeded, unknown in parsed:
             # the owner's own file: their word for each domain, as `connect --trust-domain`
             links.admit(conn, cell, identity, "links.", trusted_domain=True)
             existing = link_table.by_key(conn, identity.public_key)
-            link = replace(_link_from(identity, existing, LinkState.LINKED), **extra)
-            if not link.remote_api_url:
-                link = replace(link, remote_api_url=f"http://{link.dns_ip}:{link.mesh_port}")
+            link = seeded.onto(_link_from(identity, existing, LinkState.LINKED))
             link_table.save(conn, replace(link, linked_at=link.linked_at or time.time()))
             journal.append(conn, link.name, "imported", "local owner", "from cell_links.json")
             if unknown:

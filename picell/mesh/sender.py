@@ -202,9 +202,9 @@ class Sender:
             told = link.public_key in self._told
         if retry is not None:
             return retry.at
-        if link.pending_push or not told:
+        if link.sync.pending_push or not told:
             return now
-        return (link.last_push_at or 0.0) + HEARTBEAT_S
+        return (link.sync.last_push_at or 0.0) + HEARTBEAT_S
 
     def _message_due_at(self, message: Message) -> float:
         with self._lock:
@@ -249,7 +249,7 @@ class Sender:
             if link is None or link.state != "linked":
                 return False
             cell = cell_table.load(conn)
-            seq = link.local_seq + 1
+            seq = link.sync.seq + 1
             generation = link_table.pending_generation(conn, name)
             slot = exit_table.slots(conn).get(name)
             extra = document(cell, link, service_table.all_services(conn), slot)
@@ -273,7 +273,9 @@ class Sender:
         self, our_ip: IPv4Address, link: Link, envelope: dict[str, Any], seq: int
     ) -> str | None:
         try:
-            status, data = self.client.send(our_ip, link.dns_ip, link.mesh_port, "state", envelope)
+            status, data = self.client.send(
+                our_ip, link.identity.dns_ip, link.identity.mesh_port, "state", envelope
+            )
         except client.Unreachable as exc:  # BadAnswer included
             return str(exc)
         if not 200 <= status < 300:
@@ -298,7 +300,8 @@ class Sender:
         body = json.loads(message.body)  # our own, as stored by `Links.disconnect`
         error: str | None = None
         try:
-            status, data = self.client.send(cell.ip, link.dns_ip, link.mesh_port, message.kind,
+            theirs = link.identity
+            status, data = self.client.send(cell.ip, theirs.dns_ip, theirs.mesh_port, message.kind,
                                             body)  # fmt: skip
         except client.BadAnswer as exc:
             # the status line settles a delivery; the body carries nothing we need

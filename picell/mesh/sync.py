@@ -22,29 +22,30 @@ from picell.mesh.protocol import parse_envelope
 from picell.store import journal
 from picell.store import links as link_table
 from picell.store import services as service_table
-from picell.store.links import Link, LinkState
+from picell.store.links import Link, LinkState, Mirror
 
 
-def _exit_ends(body: wire.StateBody) -> dict[str, Any]:
-    """Their ends of the exit tunnels: the relay's (with an offer), the client's (with a
-    request to use our exit)."""
-    relay, client = body.exit_relay, body.exit_client
-    return {
-        "remote_exit_relay_key": relay.public_key if relay else None,
-        "remote_exit_relay_port": relay.port if relay else None,
-        "remote_exit_client_key": client.public_key if client else None,
-        "remote_exit_client_port": client.port if client else None,
-    }
-
-
-def _outbound(body: wire.StateBody, link: Link) -> tuple[dict[str, Any], ...]:
-    """What they share with us; every address inside their network."""
+def _mirror(body: wire.StateBody, link: Link) -> Mirror:
+    """Their document as we keep it: what they share with us (every address inside their
+    network), their exit offer and use of ours, and their ends of the exit tunnels: the
+    relay's (with an offer), the client's (with a request to use our exit)."""
     for i, svc in enumerate(body.shared_services):
-        if svc.vip not in link.vpn_subnet:
+        if svc.vip not in link.identity.vpn_subnet:
             field = f"body.shared_services[{i}].vip"
-            raise BadInput(f"{field}: {svc.vip} is outside {link.vpn_subnet}", field=field)
-    return tuple(
-        s.model_dump(mode="json") for s in sorted(body.shared_services, key=lambda s: s.name)
+            raise BadInput(f"{field}: {svc.vip} is outside {link.identity.vpn_subnet}", field=field)
+    relay, client = body.exit_relay, body.exit_client
+    return Mirror(
+        outbound=tuple(
+            s.model_dump(mode="json") for s in sorted(body.shared_services, key=lambda s: s.name)
+        ),
+        exit_offered=body.exit_offered,
+        exit_relay_active=body.use_as_exit_relay,
+        exit_relay_key=relay.public_key if relay else None,
+        exit_relay_port=relay.port if relay else None,
+        exit_client_key=client.public_key if client else None,
+        exit_client_port=client.port if client else None,
+        seq=body.seq,
+        updated_at=time.time(),
     )
 
 
@@ -67,12 +68,12 @@ class Sync:
             for svc in wanted:
                 if svc not in known:
                     raise NotFound(f"services: no service named {svc!r}", field="services")
-            for svc in sorted(set(wanted) - set(link.inbound)):
+            for svc in sorted(set(wanted) - set(link.choices.inbound)):
                 journal.append(conn, name, f"shared {svc}", "local owner")
-            for svc in sorted(set(link.inbound) - set(wanted)):
+            for svc in sorted(set(link.choices.inbound) - set(wanted)):
                 journal.append(conn, name, f"unshared {svc}", "local owner")
-            if wanted != tuple(sorted(link.inbound)):
-                link_table.save(conn, replace(link, inbound=wanted))
+            if wanted != tuple(sorted(link.choices.inbound)):
+                link_table.save(conn, replace(link, choices=replace(link.choices, inbound=wanted)))
                 link_table.mark_pending(conn, name)
         self.wake_sender()
         return self.links.describe(name)
@@ -85,8 +86,10 @@ class Sync:
             link = link_table.get(conn, name)
             if link.state == LinkState.UNLINKING:
                 raise Conflict(f"cell: the link with {name} is ending", field="cell")
-            if link.exit_offered != offered:
-                link_table.save(conn, replace(link, exit_offered=offered))
+            if link.choices.exit_offered != offered:
+                link_table.save(
+                    conn, replace(link, choices=replace(link.choices, exit_offered=offered))
+                )
                 link_table.mark_pending(conn, name)
                 event = "offered our exit" if offered else "withdrew our exit offer"
                 journal.append(conn, name, event, "local owner")
@@ -107,14 +110,14 @@ class Sync:
     def _inbound(self, name: str) -> tuple[str, ...]:
         validate.name(name, "cell")
         with self.store.read() as conn:
-            return link_table.get(conn, name).inbound
+            return link_table.get(conn, name).choices.inbound
 
     def forget_service(self, conn: Any, service: str) -> None:
         """A removed service stops being shared (called inside the removal's transaction)."""
         for link in link_table.all_links(conn):
-            if service in link.inbound:
-                kept = tuple(s for s in link.inbound if s != service)
-                link_table.save(conn, replace(link, inbound=kept))
+            if service in link.choices.inbound:
+                kept = tuple(s for s in link.choices.inbound if s != service)
+                link_table.save(conn, replace(link, choices=replace(link.choices, inbound=kept)))
                 link_table.mark_pending(conn, link.name)
                 journal.append(
                     conn, link.name, f"unshared {service}", "local owner", "the service was removed"
@@ -129,16 +132,10 @@ class Sync:
         body = env.body
         with self.store.transaction() as conn:
             link, cell = self.links.authenticate(conn, env, source)
-            outbound = _outbound(body, link)
+            mirror = _mirror(body, link)
+            versions = tuple(body.versions or (body.v,))
             updated = replace(
-                link,
-                outbound=outbound,
-                remote_exit_offered=body.exit_offered,
-                remote_exit_relay_active=body.use_as_exit_relay,
-                **_exit_ends(body),
-                last_remote_update_at=time.time(),
-                remote_seq=body.seq,
-                remote_versions=tuple(body.versions or (body.v,)),
+                link, identity=replace(link.identity, versions=versions), mirror=mirror
             )
             events: list[str] = []
             updated = self._identity(link, updated, body.identity, events)
@@ -147,33 +144,35 @@ class Sync:
                     updated,
                     state=link.state.to(LinkState.LINKED, link.name),
                     linked_at=time.time(),
-                    last_push_error=None,
+                    sync=replace(updated.sync, last_push_error=None),
                 )
                 events.append("linked: confirmed by their signed state")
             if body.invite_proof is not None:
                 self.links.spend_invite(conn, cell, link, body.invite_proof)
-            before = {s["name"] for s in link.outbound}
-            after = {s["name"] for s in outbound}
+            before = {s["name"] for s in link.mirror.outbound}
+            after = {s["name"] for s in mirror.outbound}
             events += [f"they shared {svc}" for svc in sorted(after - before)]
             events += [f"they unshared {svc}" for svc in sorted(before - after)]
-            if updated.remote_exit_offered != link.remote_exit_offered:
+            if updated.mirror.exit_offered != link.mirror.exit_offered:
                 events.append(
                     "they offered their exit"
-                    if updated.remote_exit_offered
+                    if updated.mirror.exit_offered
                     else "they withdrew their exit offer"
                 )
-            if updated.remote_exit_relay_active != link.remote_exit_relay_active:
-                relaying = "relaying" if link.exit_offered else "not relaying: we do not offer it"
+            if updated.mirror.exit_relay_active != link.mirror.exit_relay_active:
+                relaying = (
+                    "relaying" if link.choices.exit_offered else "not relaying: we do not offer it"
+                )
                 events.append(
                     f"they use our exit ({relaying})"
-                    if updated.remote_exit_relay_active
+                    if updated.mirror.exit_relay_active
                     else "they stopped using our exit"
                 )
             if events:  # one summarised row per document, none for a heartbeat
                 event = events[0].split(":")[0] if len(events) == 1 else "state changed"
                 journal.append(conn, link.name, event, f"cell {link.name}", "; ".join(events))
             link_table.save(conn, updated)
-        self.control.converge_soon(flush=updated.domain if before != after else None)
+        self.control.converge_soon(flush=updated.identity.domain if before != after else None)
         return {"ok": True, "seq": body.seq}
 
     @staticmethod
@@ -184,24 +183,25 @@ class Sync:
         domain only by pairing again with a fresh invite (they pass the identity policy)."""
         if ident is None:
             return updated
-        if ident.vpn_subnet is not None and ident.vpn_subnet != link.vpn_subnet:
+        if ident.vpn_subnet is not None and ident.vpn_subnet != link.identity.vpn_subnet:
             raise BadInput(
                 "body.identity.vpn_subnet: a cell changes its network by pairing again",
                 field="body.identity.vpn_subnet",
             )
-        if ident.domain is not None and ident.domain != link.domain:
+        if ident.domain is not None and ident.domain != link.identity.domain:
             raise BadInput(
                 "body.identity.domain: a cell changes its domain by pairing again",
                 field="body.identity.domain",
             )
-        dns_ip = ident.dns_ip or link.dns_ip
-        if dns_ip not in link.vpn_subnet:
+        dns_ip = ident.dns_ip or link.identity.dns_ip
+        if dns_ip not in link.identity.vpn_subnet:
             raise BadInput(
                 "body.identity.dns_ip: outside the cell's network", field="body.identity.dns_ip"
             )
-        endpoint = ident.endpoint or link.endpoint
-        if (endpoint, dns_ip) == (link.endpoint, link.dns_ip):
+        endpoint = ident.endpoint or link.identity.endpoint
+        if (endpoint, dns_ip) == (link.identity.endpoint, link.identity.dns_ip):
             return updated
         events.append(f"identity changed: endpoint {endpoint}, dns {dns_ip}")
-        return replace(updated, endpoint=endpoint, dns_ip=dns_ip,
-                       remote_api_url=f"http://{dns_ip}:{link.mesh_port}")  # fmt: skip
+        url = f"http://{dns_ip}:{link.identity.mesh_port}"
+        moved = replace(updated.identity, endpoint=endpoint, dns_ip=dns_ip, api_url=url)
+        return replace(updated, identity=moved)

@@ -1,6 +1,11 @@
 """The `links` table: one row per linked cell (the seed system's cell_links.json, plus state).
 
 `state` is a `LinkState`: its transitions live in `LinkState.to` and nowhere else.
+
+A `Link` is a name, a key, a state and four typed parts, each with one writer: `identity` (what
+the other cell told us about itself), `choices` (our owner's), `mirror` (the other cell's state
+document, as it told us) and `sync` (our bookkeeping of what we told it). The parts are an
+in-memory shape only: the table keeps its flat columns, mapped in `_row` and `save`.
 """
 
 from __future__ import annotations
@@ -48,75 +53,113 @@ _NEXT: dict[LinkState, frozenset[LinkState]] = {
 
 
 @dataclass(frozen=True)
-class Link:
-    name: str
-    public_key: str
+class LinkIdentity:
+    """What the other cell told us about itself: its invite, its pairing answer, and the
+    endpoint and DNS address its documents may update (the network and domain only change by
+    pairing again)."""
+
     endpoint: str
     vpn_subnet: ipaddress.IPv4Network
     dns_ip: ipaddress.IPv4Address
     domain: str
     mesh_port: int = 3000
-    remote_api_url: str = ""
-    state: LinkState = LinkState.WAITING
-    inbound: tuple[str, ...] = ()
-    outbound: tuple[dict[str, Any], ...] = field(default=())
-    exit_offered: bool = False
-    remote_exit_offered: bool = False
-    exit_relay_active: bool = False
-    remote_exit_relay_active: bool = False
+    api_url: str = ""
+    # the protocol versions the other cell speaks (DESIGN §5), from its invite or document
+    versions: tuple[int, ...] = (1,)
+
+
+@dataclass(frozen=True)
+class OwnerChoices:
+    """Our owner's choices for this link, which our state document tells the other cell."""
+
+    inbound: tuple[str, ...] = ()  # our services they may use
+    exit_offered: bool = False  # we offer them our internet exit
+    exit_relay_active: bool = False  # some of our devices leave through their exit
+
+
+@dataclass(frozen=True)
+class Mirror:
+    """The other cell's state document as it told us (DESIGN §7): never our own choice."""
+
+    outbound: tuple[dict[str, Any], ...] = field(default=())  # what they share with us
+    exit_offered: bool = False  # they offer us their exit
+    exit_relay_active: bool = False  # they use our exit
+    # their ends of the exit tunnels (DESIGN §8): the relay end (when they offer their exit)
+    # and the client end (when they use ours)
+    exit_relay_key: str | None = None
+    exit_relay_port: int | None = None
+    exit_client_key: str | None = None
+    exit_client_port: int | None = None
+    seq: int = 0  # the last seq of theirs applied
+    updated_at: float | None = None  # when their last document arrived
+
+
+@dataclass(frozen=True)
+class SyncMarks:
+    """Our bookkeeping of what we told the other cell."""
+
     pending_push: int = 0  # changes not yet pushed (a counter; 0: in sync)
     last_push_status: str | None = None
     last_push_at: float | None = None
     last_push_error: str | None = None
-    last_remote_update_at: float | None = None
-    local_seq: int = 0
-    remote_seq: int = 0
-    created_at: float = 0.0
-    linked_at: float | None = None
-    # their ends of the exit tunnels (DESIGN §8), as their state document announced them:
-    # the relay end (when they offer their exit) and the client end (when they use ours)
-    remote_exit_relay_key: str | None = None
-    remote_exit_relay_port: int | None = None
-    remote_exit_client_key: str | None = None
-    remote_exit_client_port: int | None = None
-    # the protocol versions the other cell speaks (DESIGN §5), from its invite or document
-    remote_versions: tuple[int, ...] = (1,)
+    seq: int = 0  # the last seq of ours used
     # our proof, for their document, that we imported their invite (see wire.StateBody)
     invite_proof: str | None = None
+
+
+@dataclass(frozen=True)
+class Link:
+    name: str
+    public_key: str
+    identity: LinkIdentity
+    state: LinkState = LinkState.WAITING
+    choices: OwnerChoices = field(default_factory=OwnerChoices)
+    mirror: Mirror = field(default_factory=Mirror)
+    sync: SyncMarks = field(default_factory=SyncMarks)
+    created_at: float = 0.0
+    linked_at: float | None = None
 
 
 def _row(r: sqlite3.Row) -> Link:
     return Link(
         name=r["name"],
         public_key=r["public_key"],
-        endpoint=r["endpoint"],
-        vpn_subnet=ipaddress.IPv4Network(r["vpn_subnet"]),
-        dns_ip=ipaddress.IPv4Address(r["dns_ip"]),
-        domain=r["domain"],
-        mesh_port=r["mesh_port"],
-        remote_api_url=r["remote_api_url"],
+        identity=LinkIdentity(
+            endpoint=r["endpoint"],
+            vpn_subnet=ipaddress.IPv4Network(r["vpn_subnet"]),
+            dns_ip=ipaddress.IPv4Address(r["dns_ip"]),
+            domain=r["domain"],
+            mesh_port=r["mesh_port"],
+            api_url=r["remote_api_url"],
+            versions=tuple(json.loads(r["remote_versions"])),
+        ),
         state=LinkState(r["state"]),
-        inbound=tuple(json.loads(r["inbound"])),
-        outbound=tuple(json.loads(r["outbound"])),
-        exit_offered=bool(r["exit_offered"]),
-        remote_exit_offered=bool(r["remote_exit_offered"]),
-        exit_relay_active=bool(r["exit_relay_active"]),
-        remote_exit_relay_active=bool(r["remote_exit_relay_active"]),
-        pending_push=r["pending_push"],
-        last_push_status=r["last_push_status"],
-        last_push_at=r["last_push_at"],
-        last_push_error=r["last_push_error"],
-        last_remote_update_at=r["last_remote_update_at"],
-        local_seq=r["local_seq"],
-        remote_seq=r["remote_seq"],
+        choices=OwnerChoices(
+            inbound=tuple(json.loads(r["inbound"])),
+            exit_offered=bool(r["exit_offered"]),
+            exit_relay_active=bool(r["exit_relay_active"]),
+        ),
+        mirror=Mirror(
+            outbound=tuple(json.loads(r["outbound"])),
+            exit_offered=bool(r["remote_exit_offered"]),
+            exit_relay_active=bool(r["remote_exit_relay_active"]),
+            exit_relay_key=r["remote_exit_relay_key"],
+            exit_relay_port=r["remote_exit_relay_port"],
+            exit_client_key=r["remote_exit_client_key"],
+            exit_client_port=r["remote_exit_client_port"],
+            seq=r["remote_seq"],
+            updated_at=r["last_remote_update_at"],
+        ),
+        sync=SyncMarks(
+            pending_push=r["pending_push"],
+            last_push_status=r["last_push_status"],
+            last_push_at=r["last_push_at"],
+            last_push_error=r["last_push_error"],
+            seq=r["local_seq"],
+            invite_proof=r["invite_proof"],
+        ),
         created_at=r["created_at"],
         linked_at=r["linked_at"],
-        remote_exit_relay_key=r["remote_exit_relay_key"],
-        remote_exit_relay_port=r["remote_exit_relay_port"],
-        remote_exit_client_key=r["remote_exit_client_key"],
-        remote_exit_client_port=r["remote_exit_client_port"],
-        remote_versions=tuple(json.loads(r["remote_versions"])),
-        invite_proof=r["invite_proof"],
     )
 
 
@@ -143,6 +186,7 @@ def by_key(conn: sqlite3.Connection, public_key: str) -> Link | None:
 
 def save(conn: sqlite3.Connection, link: Link) -> None:
     """Insert or replace the row of `link` (keyed by its public key)."""
+    ident, ours, theirs, marks = link.identity, link.choices, link.mirror, link.sync
     conn.execute("DELETE FROM links WHERE public_key = ? OR name = ?", (link.public_key, link.name))
     conn.execute(
         """INSERT INTO links (name, public_key, endpoint, vpn_subnet, dns_ip, domain, mesh_port,
@@ -156,34 +200,34 @@ def save(conn: sqlite3.Connection, link: Link) -> None:
         (
             link.name,
             link.public_key,
-            link.endpoint,
-            str(link.vpn_subnet),
-            str(link.dns_ip),
-            link.domain,
-            link.mesh_port,
-            link.remote_api_url,
+            ident.endpoint,
+            str(ident.vpn_subnet),
+            str(ident.dns_ip),
+            ident.domain,
+            ident.mesh_port,
+            ident.api_url,
             link.state.value,
-            json.dumps(list(link.inbound)),
-            json.dumps(list(link.outbound)),
-            int(link.exit_offered),
-            int(link.remote_exit_offered),
-            int(link.exit_relay_active),
-            int(link.remote_exit_relay_active),
-            link.pending_push,
-            link.last_push_status,
-            link.last_push_at,
-            link.last_push_error,
-            link.last_remote_update_at,
-            link.local_seq,
-            link.remote_seq,
+            json.dumps(list(ours.inbound)),
+            json.dumps(list(theirs.outbound)),
+            int(ours.exit_offered),
+            int(theirs.exit_offered),
+            int(ours.exit_relay_active),
+            int(theirs.exit_relay_active),
+            marks.pending_push,
+            marks.last_push_status,
+            marks.last_push_at,
+            marks.last_push_error,
+            theirs.updated_at,
+            marks.seq,
+            theirs.seq,
             link.created_at or time.time(),
             link.linked_at,
-            link.remote_exit_relay_key,
-            link.remote_exit_relay_port,
-            link.remote_exit_client_key,
-            link.remote_exit_client_port,
-            json.dumps(list(link.remote_versions)),
-            link.invite_proof,
+            theirs.exit_relay_key,
+            theirs.exit_relay_port,
+            theirs.exit_client_key,
+            theirs.exit_client_port,
+            json.dumps(list(ident.versions)),
+            marks.invite_proof,
         ),
     )
 

@@ -47,7 +47,7 @@ def test_route_via_needs_an_offer_and_builds_a_fail_closed_tunnel(
     with control.store.read() as conn:
         beta = link_table.get(conn, "beta")
         slot = exit_table.slots(conn)["beta"]
-        assert beta.exit_relay_active
+        assert beta.choices.exit_relay_active
     doc = document(control.cell(), beta, [], slot)
     assert doc["use_as_exit_relay"] and doc["exit_client"]["port"] == 51822
 
@@ -64,7 +64,7 @@ def test_route_via_needs_an_offer_and_builds_a_fail_closed_tunnel(
     assert kernel.rules == set() and kernel.table_routes == set()
     with control.store.read() as conn:
         assert exit_table.slots(conn) == {}
-        assert not link_table.get(conn, "beta").exit_relay_active
+        assert not link_table.get(conn, "beta").choices.exit_relay_active
 
 
 def test_the_relay_exists_only_while_offered_and_asked(

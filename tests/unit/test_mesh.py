@@ -23,7 +23,7 @@ from picell.mesh.protocol import check_envelope, make_envelope, parse_envelope
 from picell.mesh.seed import import_links
 from picell.mesh.wire import Identity
 from picell.store import links as link_table
-from picell.store.links import Link
+from picell.store.links import Link, LinkIdentity, Mirror
 from picell.wireguard import keys
 
 
@@ -91,8 +91,16 @@ def _as_identity(data: dict[str, Any]) -> Identity:
 
 def test_conflicts_name_the_cell(control: Control) -> None:
     cell = control.cell()
-    beta = Link("beta", keypair()[1], "198.51.100.2:1", ipaddress.IPv4Network("10.62.0.0/24"),
-                ipaddress.IPv4Address("10.62.0.1"), "beta.test")  # fmt: skip
+    beta = Link(
+        "beta",
+        keypair()[1],
+        LinkIdentity(
+            "198.51.100.2:1",
+            ipaddress.IPv4Network("10.62.0.0/24"),
+            ipaddress.IPv4Address("10.62.0.1"),
+            "beta.test",
+        ),
+    )
     for data, field, who in [
         (identity("gamma", "10.61.0.0/25", "g.test"), "invite.vpn_subnet", "this cell"),
         (identity("gamma", "10.62.0.128/25", "g.test"), "invite.vpn_subnet", "beta"),
@@ -110,10 +118,27 @@ def test_conflicts_name_the_cell(control: Control) -> None:
 
 def test_envelopes_are_checked_for_source_mac_target_and_order() -> None:
     (a_priv, a_pub), (b_priv, b_pub) = keypair(), keypair()
-    link_at_b = Link("alpha", a_pub, "x:1", ipaddress.IPv4Network("10.61.0.0/24"),
-                     ipaddress.IPv4Address("10.61.0.1"), "alpha.test", remote_seq=4)  # fmt: skip
-    link_at_a = Link("beta", b_pub, "x:1", ipaddress.IPv4Network("10.62.0.0/24"),
-                     ipaddress.IPv4Address("10.62.0.1"), "beta.test")  # fmt: skip
+    link_at_b = Link(
+        "alpha",
+        a_pub,
+        LinkIdentity(
+            "x:1",
+            ipaddress.IPv4Network("10.61.0.0/24"),
+            ipaddress.IPv4Address("10.61.0.1"),
+            "alpha.test",
+        ),
+        mirror=Mirror(seq=4),
+    )
+    link_at_a = Link(
+        "beta",
+        b_pub,
+        LinkIdentity(
+            "x:1",
+            ipaddress.IPv4Network("10.62.0.0/24"),
+            ipaddress.IPv4Address("10.62.0.1"),
+            "beta.test",
+        ),
+    )
     env = make_envelope(kind="unlink", from_cell="alpha", our_private=a_priv, our_public=a_pub,
                         link=link_at_a, seq=5)  # fmt: skip
     src = ipaddress.IPv4Address("10.61.0.1")
@@ -131,8 +156,16 @@ def test_envelopes_are_checked_for_source_mac_target_and_order() -> None:
                           link=link_at_a, seq=4)  # fmt: skip
     with pytest.raises(Forbidden):
         check_envelope(parse_envelope(stale, wire.UnlinkBody), link_at_b, src, b_priv, b_pub)
-    other = Link("gamma", keypair()[1], "x:1", ipaddress.IPv4Network("10.62.0.0/24"),
-                 ipaddress.IPv4Address("10.62.0.1"), "g.test")  # fmt: skip
+    other = Link(
+        "gamma",
+        keypair()[1],
+        LinkIdentity(
+            "x:1",
+            ipaddress.IPv4Network("10.62.0.0/24"),
+            ipaddress.IPv4Address("10.62.0.1"),
+            "g.test",
+        ),
+    )
     retargeted = make_envelope(kind="unlink", from_cell="alpha", our_private=a_priv,
                                our_public=a_pub, link=other, seq=9)  # fmt: skip
     with pytest.raises(Forbidden):
@@ -258,9 +291,16 @@ def _linked_pair(control: Control) -> tuple[Links, str, str]:
 
 
 def _state_from_beta(control: Control, beta_private: str, seq: int, **extra: Any) -> Any:
-    alpha = Link("alpha", keys.public_from_private(control.cell().private_key), "x:1",
-                 ipaddress.IPv4Network("10.61.0.0/24"), ipaddress.IPv4Address("10.61.0.1"),
-                 "alpha.test")  # fmt: skip
+    alpha = Link(
+        "alpha",
+        keys.public_from_private(control.cell().private_key),
+        LinkIdentity(
+            "x:1",
+            ipaddress.IPv4Network("10.61.0.0/24"),
+            ipaddress.IPv4Address("10.61.0.1"),
+            "alpha.test",
+        ),
+    )
     body = {"shared_services": [], "exit_offered": False, "use_as_exit_relay": False, **extra}
     return make_envelope(kind="state", from_cell="beta", our_private=beta_private,
                          our_public=keys.public_from_private(beta_private), link=alpha, seq=seq,

@@ -13,7 +13,7 @@ from picell.dns.render import render_unbound
 from picell.firewall.render import render_ruleset
 from picell.state import State, build_state
 from picell.store.cell import Cell
-from picell.store.links import Link
+from picell.store.links import Link, LinkIdentity, Mirror, OwnerChoices
 from picell.store.peers import Peer
 from picell.store.services import Service
 from picell.wireguard.render import device_allowed_ips, render_device, render_interface
@@ -48,11 +48,29 @@ def sample_state() -> State:
         Service("nas", 2, ipaddress.IPv4Address("203.0.113.5"), 445, "tcp", 445),
     ]
     links = [
-        Link("beta", KEY_LINK_B, "198.51.100.2:51820", ipaddress.IPv4Network("10.62.0.0/24"),
-             ipaddress.IPv4Address("10.62.0.1"), "beta.test", state="linked"),
-        Link("gamma", KEY_LINK_C, "198.51.100.3:51820", ipaddress.IPv4Network("10.63.0.0/24"),
-             ipaddress.IPv4Address("10.63.0.1"), "gamma.test", state="unlinking"),
-    ]  # fmt: skip
+        Link(
+            "beta",
+            KEY_LINK_B,
+            LinkIdentity(
+                "198.51.100.2:51820",
+                ipaddress.IPv4Network("10.62.0.0/24"),
+                ipaddress.IPv4Address("10.62.0.1"),
+                "beta.test",
+            ),
+            state="linked",
+        ),
+        Link(
+            "gamma",
+            KEY_LINK_C,
+            LinkIdentity(
+                "198.51.100.3:51820",
+                ipaddress.IPv4Network("10.63.0.0/24"),
+                ipaddress.IPv4Address("10.63.0.1"),
+                "gamma.test",
+            ),
+            state="unlinking",
+        ),
+    ]
     upstream = (ipaddress.IPv4Address("198.51.100.53"),)
     return build_state(cell, peers, services, upstream, links)
 
@@ -137,14 +155,37 @@ def exit_state() -> State:
         Peer("phone", KEY_A, None, 2, "beta", now),
         Peer("laptop", KEY_B, None, 3, "gamma", now),
     ]
-    beta = Link("beta", KEY_LINK_B, "198.51.100.2:51820", ipaddress.IPv4Network("10.62.0.0/24"),
-                ipaddress.IPv4Address("10.62.0.1"), "beta.test", state="linked",
-                exit_offered=True, remote_exit_offered=True, remote_exit_relay_active=True,
-                remote_exit_relay_key=KEY_EXIT_B, remote_exit_relay_port=51821,
-                remote_exit_client_key=KEY_EXIT_CLIENT_B,
-                remote_exit_client_port=51822)  # fmt: skip
-    gamma = Link("gamma", KEY_LINK_C, "198.51.100.3:51820", ipaddress.IPv4Network("10.63.0.0/24"),
-                 ipaddress.IPv4Address("10.63.0.1"), "gamma.test", state="linked")  # fmt: skip
+    beta = Link(
+        "beta",
+        KEY_LINK_B,
+        LinkIdentity(
+            "198.51.100.2:51820",
+            ipaddress.IPv4Network("10.62.0.0/24"),
+            ipaddress.IPv4Address("10.62.0.1"),
+            "beta.test",
+        ),
+        state="linked",
+        choices=OwnerChoices(exit_offered=True),
+        mirror=Mirror(
+            exit_offered=True,
+            exit_relay_active=True,
+            exit_relay_key=KEY_EXIT_B,
+            exit_relay_port=51821,
+            exit_client_key=KEY_EXIT_CLIENT_B,
+            exit_client_port=51822,
+        ),
+    )
+    gamma = Link(
+        "gamma",
+        KEY_LINK_C,
+        LinkIdentity(
+            "198.51.100.3:51820",
+            ipaddress.IPv4Network("10.63.0.0/24"),
+            ipaddress.IPv4Address("10.63.0.1"),
+            "gamma.test",
+        ),
+        state="linked",
+    )
     services = [Service("web", 1, ipaddress.IPv4Address("127.0.0.1"), 8080, "tcp", 80)]
     onlink = (("pcalpha0", ipaddress.IPv4Network("10.61.0.0/24")),
               ("eth1", ipaddress.IPv4Network("203.0.113.0/24")))  # fmt: skip

@@ -121,13 +121,13 @@ def test_a_pending_link_is_pushed_once_and_a_burst_of_marks_is_one_push(world: W
     world.mark()
     assert len(world.round()) == 1
     beta = world.link()
-    assert world.cells.pushes() == [1] and beta.local_seq == 1
-    assert beta.pending_push == 0 and beta.last_push_status == "ok"
-    assert beta.last_push_at == world.clock.now and beta.last_push_error is None
+    assert world.cells.pushes() == [1] and beta.sync.seq == 1
+    assert beta.sync.pending_push == 0 and beta.sync.last_push_status == "ok"
+    assert beta.sync.last_push_at == world.clock.now and beta.sync.last_push_error is None
     assert world.round() == []  # in sync, and the heartbeat is far
     world.mark(times=5)
     assert len(world.round()) == 1
-    assert world.cells.pushes() == [1, 2] and world.link().pending_push == 0
+    assert world.cells.pushes() == [1, 2] and world.link().sync.pending_push == 0
     assert world.sender.pushes == 2
 
 
@@ -146,7 +146,7 @@ def test_a_burst_within_the_coalescing_window_is_one_push(world: World) -> None:
     assert clock.sleeper(5) == COALESCE_S  # the push's end woke it
     clock.advance(COALESCE_S)
     assert clock.sleeper(6) == pytest.approx(HEARTBEAT_S - COALESCE_S)
-    assert world.cells.pushes() == [1, 2] and world.link().pending_push == 0
+    assert world.cells.pushes() == [1, 2] and world.link().sync.pending_push == 0
     assert sender.alive()
 
 
@@ -162,11 +162,13 @@ def test_failures_retry_at_1_2_4_up_to_the_cap(world: World) -> None:
     assert gaps == [1, 2, 4, 8, 16, 30, 30, 30]
     assert OUTBOX_MAX_BACKOFF_S == 30
     beta = world.link()
-    assert beta.last_push_status == "error" and "ConnectError" in (beta.last_push_error or "")
-    assert beta.pending_push >= 1
+    assert beta.sync.last_push_status == "error" and "ConnectError" in (
+        beta.sync.last_push_error or ""
+    )
+    assert beta.sync.pending_push >= 1
     del world.cells.policy[BETA]  # beta is back: the next retry succeeds, backoff forgotten
     world.clock.advance(30)
-    assert len(world.round()) == 1 and world.link().pending_push == 0
+    assert len(world.round()) == 1 and world.link().sync.pending_push == 0
     world.clock.advance(HEARTBEAT_S - 1)
     assert world.round() == []
 
@@ -196,8 +198,8 @@ def test_an_answer_for_another_seq_or_of_another_shape_is_a_failed_push(world: W
         world.clock.advance(OUTBOX_MAX_BACKOFF_S)
         assert len(world.round()) == 1
         beta = world.link()
-        assert beta.last_push_status == "error" and beta.pending_push >= 1
-        errors.append(beta.last_push_error or "")
+        assert beta.sync.last_push_status == "error" and beta.sync.pending_push >= 1
+        errors.append(beta.sync.last_push_error or "")
     assert errors[0].endswith("answer.seq: 99, expected 1")
     assert "answer.seq: Field required" in errors[1]
     assert "answer.ok:" in errors[2] and "answer.seq:" in errors[3] and "answer.seq:" in errors[4]
@@ -208,7 +210,7 @@ def test_a_refusal_reaches_last_push_error_without_control_characters(world: Wor
     message = "refused\n\x1b[31mred\x00" + "x" * 2000
     world.cells.policy[BETA] = lambda r, s: httpx.Response(403, json={"message": message})
     world.round()
-    error = world.link().last_push_error or ""
+    error = world.link().sync.last_push_error or ""
     assert error.startswith("HTTP 403: refused??[31mred?x")
     assert error.isprintable() and len(error) < 400
 
@@ -257,12 +259,12 @@ def test_a_hostile_answer_is_a_failed_push_and_the_next_round_goes_on(
     world.cells.policy[BETA] = policy
     assert len(world.round()) == 2
     beta, gamma = world.link("beta"), world.link("gamma")
-    assert beta.last_push_status == "error" and why in (beta.last_push_error or "")
+    assert beta.sync.last_push_status == "error" and why in (beta.sync.last_push_error or "")
     assert body.pulled <= ANSWER_MAX_BYTES + 65536  # streamed, cut off early
-    assert gamma.last_push_status == "ok" and world.cells.pushes(GAMMA) == [1]
+    assert gamma.sync.last_push_status == "ok" and world.cells.pushes(GAMMA) == [1]
     world.cells.policy[BETA] = accept  # it backs off, then recovers like any failure
     world.clock.advance(1)
-    assert len(world.round()) == 1 and world.link("beta").last_push_status == "ok"
+    assert len(world.round()) == 1 and world.link("beta").sync.last_push_status == "ok"
 
 
 def test_a_slow_link_does_not_delay_another(control: Control) -> None:
@@ -284,7 +286,7 @@ def test_a_slow_link_does_not_delay_another(control: Control) -> None:
         beta_job, gamma_job = w.sender.round()  # links in name order
         done, _ = wait([gamma_job], timeout=30)
         assert gamma_job in done, "gamma waited behind beta"
-        assert not beta_job.done() and w.link("gamma").last_push_status == "ok"
+        assert not beta_job.done() and w.link("gamma").sync.last_push_status == "ok"
         w.mark("beta")
         w.mark("gamma")
         [again] = w.sender.round()  # beta has a job in flight: never a second one
@@ -293,7 +295,7 @@ def test_a_slow_link_does_not_delay_another(control: Control) -> None:
     finally:
         release.set()
     wait([beta_job], timeout=30)
-    assert w.link("beta").last_push_status == "ok"
+    assert w.link("beta").sync.last_push_status == "ok"
     w.sender.stop()
 
 
@@ -379,7 +381,7 @@ def test_a_failing_job_backs_its_link_off_and_keeps_the_worker(
     assert world.round() == []  # no spinning: backed off
     monkeypatch.undo()
     world.clock.advance(1)
-    assert len(world.round()) == 1 and world.link().last_push_status == "ok"
+    assert len(world.round()) == 1 and world.link().sync.last_push_status == "ok"
 
 
 def test_repeated_errors_are_logged_once_per_interval_with_a_count(

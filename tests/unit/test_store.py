@@ -1,13 +1,14 @@
-"""The store: pragmas, migrations, file mode, transactions that roll back."""
+"""The store: pragmas, migrations, file mode, transactions that roll back, the link row."""
 
 from __future__ import annotations
 
+import ipaddress
 import stat
 from pathlib import Path
 
 import pytest
 
-from picell.store import db
+from picell.store import db, links
 from picell.store.db import Store
 
 
@@ -42,3 +43,83 @@ def test_failed_transaction_rolls_back(tmp_path: Path) -> None:
         raise RuntimeError("apply failed")
     assert store.conn.execute("SELECT COUNT(*) FROM services").fetchone()[0] == 0
     store.close()
+
+
+def test_a_link_keeps_each_part_in_its_own_columns(tmp_path: Path) -> None:
+    """The parts of a `Link` are an in-memory shape: every value lands in the flat column the
+    SQL elsewhere (`mark_pending`, the exit claim, the sender's seq) reads, and comes back."""
+    ours, theirs = links.OwnerChoices, links.Mirror
+    link = links.Link(
+        "beta",
+        "K" * 43 + "=",
+        links.LinkIdentity(
+            "198.51.100.2:51820",
+            ipaddress.IPv4Network("10.62.0.0/24"),
+            ipaddress.IPv4Address("10.62.0.1"),
+            "beta.test",
+            mesh_port=3001,
+            api_url="http://10.62.0.1:3001",
+            versions=(1, 2),
+        ),
+        links.LinkState.LINKED,
+        choices=ours(inbound=("web",), exit_offered=True, exit_relay_active=False),
+        mirror=theirs(
+            outbound=({"name": "nas"},),
+            exit_offered=False,
+            exit_relay_active=True,
+            exit_relay_key="R" * 43 + "=",
+            exit_relay_port=51821,
+            exit_client_key="C" * 43 + "=",
+            exit_client_port=51822,
+            seq=7,
+            updated_at=20.0,
+        ),
+        sync=links.SyncMarks(
+            pending_push=3,
+            last_push_status="error",
+            last_push_at=30.0,
+            last_push_error="refused",
+            seq=9,
+            invite_proof="p" * 64,
+        ),
+        created_at=10.0,
+        linked_at=11.0,
+    )
+    store = Store(tmp_path / "s.db")
+    with store.transaction() as conn:
+        links.save(conn, link)
+        row = dict(conn.execute("SELECT * FROM links").fetchone())
+        assert links.get(conn, "beta") == link
+    store.close()
+    assert row == {
+        "name": "beta",
+        "public_key": "K" * 43 + "=",
+        "endpoint": "198.51.100.2:51820",
+        "vpn_subnet": "10.62.0.0/24",
+        "dns_ip": "10.62.0.1",
+        "domain": "beta.test",
+        "mesh_port": 3001,
+        "remote_api_url": "http://10.62.0.1:3001",
+        "remote_versions": "[1, 2]",
+        "state": "linked",
+        "inbound": '["web"]',
+        "exit_offered": 1,
+        "exit_relay_active": 0,
+        "outbound": '[{"name": "nas"}]',
+        "remote_exit_offered": 0,
+        "remote_exit_relay_active": 1,
+        "remote_exit_relay_key": "R" * 43 + "=",
+        "remote_exit_relay_port": 51821,
+        "remote_exit_client_key": "C" * 43 + "=",
+        "remote_exit_client_port": 51822,
+        "remote_seq": 7,
+        "last_remote_update_at": 20.0,
+        "pending_push": 3,
+        "last_push_status": "error",
+        "last_push_at": 30.0,
+        "last_push_error": "refused",
+        "local_seq": 9,
+        "invite_proof": "p" * 64,
+        "created_at": 10.0,
+        "linked_at": 11.0,
+    }
