@@ -212,8 +212,8 @@ def test_wireguard_takes_the_interface_config_with_exactly_one_peer_per_link(
     with cell.store.read() as conn:
         phone = peer_table.all_peers(conn)[0]
         links = link_table.all_links(conn)
-    want = {ln.public_key: str(ipaddress.IPv4Network(ln.dns_ip) if ln.state == "unlinking"
-                               else ln.vpn_subnet) for ln in links}  # fmt: skip
+    want = {ln.public_key: str(ipaddress.IPv4Network(ln.identity.dns_ip) if ln.state == "unlinking"
+                               else ln.identity.vpn_subnet) for ln in links}  # fmt: skip
     want[phone.public_key] = "10.61.0.2/32"
     assert {k: f[3] for k, f in peers.items()} == want
     for key, ident in cell.sent.items():  # the endpoint they sent last, read independently
@@ -238,11 +238,15 @@ def test_nft_takes_the_ruleset_with_exactly_the_linked_networks_and_grants(
 
     with cell.store.read() as conn:
         links = link_table.all_links(conn)
-    live = {ln.vpn_subnet for ln in links if ln.state != "unlinking"}
+    live = {ln.identity.vpn_subnet for ln in links if ln.state != "unlinking"}
     assert {net(e) for e in sets["linked_nets"]} == live
     grants = {(net(e["concat"][0]), e["concat"][1], e["concat"][2])
               for e in sets["grants_tcp"]}  # fmt: skip
-    shared = {ln.vpn_subnet for ln in links if "web" in ln.inbound and ln.state != "unlinking"}
+    shared = {
+        ln.identity.vpn_subnet
+        for ln in links
+        if "web" in ln.choices.inbound and ln.state != "unlinking"
+    }
     assert shared and grants == {(n, "10.61.0.254", 80) for n in shared}
     assert sets["grants_udp"] == []
     not_internet = [net(e) for e in sets["not_internet"]]
@@ -266,11 +270,13 @@ def test_unbound_takes_the_config_with_exactly_one_forward_zone_per_linked_domai
     with cell.store.read() as conn:
         links = link_table.all_links(conn)
     live = [ln for ln in links if ln.state != "unlinking"]
-    want = {(f"{ln.domain}.", str(ln.dns_ip)) for ln in live} | {(".", str(UPSTREAM))}
+    want = {(f"{ln.identity.domain}.", str(ln.identity.dns_ip)) for ln in live} | {
+        (".", str(UPSTREAM))
+    }
     assert forwards == want
     for ln in live:
         sent = cell.sent[ln.public_key]["domain"]
-        assert f"{ln.domain}." == sent.lower().removesuffix(".") + "."
+        assert f"{ln.identity.domain}." == sent.lower().removesuffix(".") + "."
         zones = checker.run([*control, "view_list_local_zones", f"link-{ln.name}"]).stdout
         # Unbound's default zones (RFC 6761 names, reverse ranges) join every view; of the
         # names a link could matter for, the view holds exactly ours and a refusal of the rest

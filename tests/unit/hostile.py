@@ -242,11 +242,8 @@ def messages(draw: st.DrawFn, kind: str) -> dict[str, Any]:
         return header("unlink", draw(NAMES), public, to, seq)
     if kind == "envelope":
         return {"body": header("unlink", "beta", public, to, seq), "mac": draw(MACS)}
-    if kind == "push_answer":
-        out = {"ok": draw(st.booleans())}
-        if draw(st.booleans()):
-            out["seq"] = draw(st.integers(0, wire.SEQ_MAX))
-        return out
+    if kind == "state_answer":
+        return {"ok": True, "seq": draw(st.integers(1, wire.SEQ_MAX))}
     raise AssertionError(kind)
 
 

@@ -29,13 +29,13 @@ import schemathesis
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, Phase, given, settings
-from picell.mesh.strictjson import MAX_DEPTH
 from schemathesis.checks import not_a_server_error
 from schemathesis.config import SchemathesisConfig
 from schemathesis.generation import GenerationMode
 from schemathesis.specs.openapi.checks import negative_data_rejection
 
 from picell.api import peer
+from picell.constants import JSON_MAX_DEPTH as MAX_DEPTH
 from picell.control import Control
 from picell.mesh import wire
 from picell.mesh.crypto import mac, pairing_key

@@ -35,7 +35,7 @@ from tests.unit.fakes import FakeKernel
 
 PREFIX = {"invite": "invite", "pairing_request": "body", "pairing_answer": "answer",
           "envelope": "message", "state": "body", "unlink": "body",
-          "push_answer": "answer"}  # fmt: skip
+          "state_answer": "answer"}  # fmt: skip
 IDENTITY_KINDS = ("invite", "pairing_request", "pairing_answer")
 QUIET = [HealthCheck.too_slow, HealthCheck.data_too_large]
 FAST = settings(max_examples=25, deadline=None, database=None, derandomize=True,
@@ -66,7 +66,7 @@ FULL: dict[str, dict[str, Any]] = {
               "invite_proof": "2" * 64},
     "unlink": {**_HEADER, "type": "unlink"},
     "envelope": {"body": {**_HEADER, "type": "unlink"}, "mac": "3" * 64},
-    "push_answer": {"ok": True, "seq": 7},
+    "state_answer": {"ok": True, "seq": 7},
 }  # fmt: skip
 
 
@@ -267,12 +267,12 @@ def _check_rendered(control: Control, kernel: FakeKernel, paths: Paths) -> None:
     peers = _peer_sections(paths.wg_conf.read_text()) if links else {}
     assert set(peers) == set(links)
     for key, link in links.items():
-        assert peers[key]["AllowedIPs"] == str(link.vpn_subnet)
-        assert peers[key]["Endpoint"] == link.endpoint
+        assert peers[key]["AllowedIPs"] == str(link.identity.vpn_subnet)
+        assert peers[key]["Endpoint"] == link.identity.endpoint
     kernel_peers = kernel.wg.get("pctest0", {}).get("peers", {})
     assert isinstance(kernel_peers, dict)
     assert {k: p["allowed"] for k, p in kernel_peers.items()} == {
-        k: str(ln.vpn_subnet) for k, ln in links.items()
+        k: str(ln.identity.vpn_subnet) for k, ln in links.items()
     }
 
 
@@ -331,10 +331,12 @@ def test_a_redemption_is_refused_or_links_exactly_what_it_said(
             link = link_table.by_key(conn, ident["public_key"])
         assert link is not None and ident["public_key"] not in taken
         taken.append(link.public_key)
-        assert str(link.vpn_subnet) == ident["vpn_subnet"]
-        assert link.domain == ident["domain"].lower().removesuffix(".")
+        assert str(link.identity.vpn_subnet) == ident["vpn_subnet"]
+        assert link.identity.domain == ident["domain"].lower().removesuffix(".")
         assert link.name == ident["cell_name"]
-        assert _independent_endpoint(link.endpoint) == _independent_endpoint(ident["endpoint"])
+        assert _independent_endpoint(link.identity.endpoint) == _independent_endpoint(
+            ident["endpoint"]
+        )
         assert answer["identity"]["cell_name"] == "alpha"
         _check_rendered(control, kernel, paths)
 
@@ -401,15 +403,15 @@ def test_a_state_document_is_refused_or_mirrored_exactly(
         with control.store.read() as conn:
             after = link_table.get(conn, "beta")
         shared = sorted(full.get("shared_services", []), key=lambda s: s["name"])
-        assert [s["name"] for s in after.outbound] == [s["name"] for s in shared]
-        assert [s["ports"] for s in after.outbound] == [s["ports"] for s in shared]
+        assert [s["name"] for s in after.mirror.outbound] == [s["name"] for s in shared]
+        assert [s["ports"] for s in after.mirror.outbound] == [s["ports"] for s in shared]
         moved = (full.get("identity") or {}).get("endpoint")
         if moved:
-            assert _independent_endpoint(after.endpoint) == _independent_endpoint(moved)
-        assert after.remote_seq == full["seq"]
-        if after.remote_seq >= wire.SEQ_MAX - 10**6:  # keep later documents fresh
+            assert _independent_endpoint(after.identity.endpoint) == _independent_endpoint(moved)
+        assert after.mirror.seq == full["seq"]
+        if after.mirror.seq >= wire.SEQ_MAX - 10**6:  # keep later documents fresh
             with control.store.transaction() as conn:
-                link_table.save(conn, replace(after, remote_seq=0))
+                link_table.save(conn, replace(after, mirror=replace(after.mirror, seq=0)))
         _check_rendered(control, kernel, paths)
 
     send()
