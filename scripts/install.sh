@@ -9,8 +9,8 @@ pkgs="python3 python3-venv ca-certificates iproute2 wireguard-tools wireguard-go
 if [ "${1:-}" = "--test" ]; then
     extras="[test]"
     # chromium: the web UI's browser tests; libatomic1: Playwright's bundled node driver needs it
-    # (a minimal Debian lacks it)
-    pkgs="$pkgs dnsutils iputils-ping procps chromium libatomic1"
+    # (a minimal Debian lacks it); git: the compatibility test checks out an older commit
+    pkgs="$pkgs dnsutils iputils-ping procps chromium libatomic1 git"
 fi
 missing=""
 for p in $pkgs; do
