@@ -98,7 +98,9 @@ def test_a_connection_flood_on_the_pairing_port_leaves_the_cell_serving() -> Non
             most_fds = max(most_fds, open_fds(pid))
             alpha.cli("peers", "add", f"phone{rounds}")
             assert alpha_ns.http_get("http://127.0.0.1:8080/login", timeout_s=30) is not None
-            for kind in ("nan", "deep"):
+            # malformed bodies in the first rounds only: the pairing port's rate limit (10 in
+            # 10 s per source) would rightly answer a fast loop 429
+            for kind in ("nan", "deep") if rounds <= 2 else ():
                 status, body = post_malformed(other, pairing, kind)
                 assert status == 422 and body["field"] == "body", (kind, status, body)
             status, body = post_malformed(alpha_ns, mesh, "infinity")

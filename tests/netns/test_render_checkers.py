@@ -161,7 +161,8 @@ def cell(tmp_path_factory: pytest.TempPathFactory) -> Cell:
         if isinstance(payload, dict) and isinstance(payload.get("identity"), dict):
             ident = _apart(payload["identity"], next(count))
             # their real key, so that their documents verify (a takeover attempt keeps its own)
-            if ident.get("public_key") not in c.sent:
+            key = ident.get("public_key")
+            if not isinstance(key, str) or key not in c.sent:
                 ident["public_key"] = keys.public_from_private(private)
             payload = {**payload, "identity": ident}
         c.redeem(private, payload)
