@@ -281,7 +281,7 @@ def test_unbound_takes_the_config_with_exactly_one_forward_zone_per_linked_domai
         zones = checker.run([*control, "view_list_local_zones", f"link-{ln.name}"]).stdout
         # Unbound's default zones (RFC 6761 names, reverse ranges) join every view; of the
         # names a link could matter for, the view holds exactly ours and a refusal of the rest
-        ours = {"."} | {f"{x.domain}." for x in links} | {"alpha.test."}
+        ours = {"."} | {f"{x.identity.domain}." for x in links} | {"alpha.test."}
         held = {
             tuple(z.split())
             for z in zones.splitlines()
