@@ -57,10 +57,19 @@ UPSTREAM = ipaddress.IPv4Address("192.0.2.53")
 
 @pytest.fixture(scope="module")
 def checker() -> Iterator[Netns]:
-    with Topology() as topo:
-        ns = topo.add_ns("chk")
-        ns.run(["ip", "link", "set", "lo", "up"])
-        yield ns
+    # `ip netns exec` binds /etc/netns/<ns>/hosts over /etc/hosts, which must exist: a minimal
+    # Debian (debootstrap minbase) has none
+    made_hosts = not Path("/etc/hosts").exists()
+    if made_hosts:
+        Path("/etc/hosts").write_text("127.0.0.1 localhost\n")
+    try:
+        with Topology() as topo:
+            ns = topo.add_ns("chk")
+            ns.run(["ip", "link", "set", "lo", "up"])
+            yield ns
+    finally:
+        if made_hosts:
+            Path("/etc/hosts").unlink(missing_ok=True)
 
 
 def _expected_endpoint(endpoint: str, names: dict[str, str]) -> str:
