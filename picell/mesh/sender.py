@@ -49,6 +49,7 @@ from picell.store import outbox
 from picell.store import services as service_table
 from picell.store.links import Link
 from picell.store.outbox import Message
+from picell.system.limits import RepeatLog
 
 log = logging.getLogger(__name__)
 
@@ -79,30 +80,6 @@ def backoff_s(attempts: int) -> float:
     return min(OUTBOX_MAX_BACKOFF_S, 2.0 ** max(0, attempts - 1))
 
 
-class RepeatedErrors:
-    """Logs an unexpected error at once, then at most once per interval, saying how many came
-    since: a link that fails on every round must not flood the log."""
-
-    def __init__(self, clock: Clock, interval_s: float = ERROR_LOG_INTERVAL_S) -> None:
-        self.clock, self.interval_s = clock, interval_s
-        self.total = 0
-        self._since = 0
-        self._last: float | None = None
-        self._lock = threading.Lock()
-
-    def note(self, where: str, exc: BaseException) -> None:
-        with self._lock:
-            self.total += 1
-            self._since += 1
-            now = self.clock.time()
-            if self._last is not None and now - self._last < self.interval_s:
-                return
-            count, self._since, self._last = self._since, 0, now
-        more = f" ({count - 1} more since the last report)" if count > 1 else ""
-        log.error("sender: %s: %s: %s%s", where, exc.__class__.__name__, exc, more,
-                  exc_info=exc)  # fmt: skip
-
-
 @dataclass
 class Retry:
     attempts: int = 0
@@ -123,7 +100,7 @@ class Sender:
         self.clock: Clock = clock or SystemClock()
         self.client = mesh_client or client.default
         self.pushes = 0  # documents sent (benchmarks read it)
-        self.errors = RepeatedErrors(self.clock)
+        self.errors = RepeatLog(log, ERROR_LOG_INTERVAL_S, clock=self.clock.time)
         self._lock = threading.Lock()  # guards the fields below, written by the workers
         self._retry: dict[str, Retry] = {}  # link key -> backoff after failed pushes or jobs
         # links told our state since this daemon started: at start every link is told at once,
@@ -160,7 +137,7 @@ class Sender:
                 wait_s = self._next_wait()
                 failures = 0
             except Exception as exc:  # a store failure, a bug: never end the thread
-                self.errors.note("round", exc)
+                self._error("round", exc)
                 failures += 1
                 wait_s = backoff_s(failures)
             woke = self.clock.wait(self._wake, wait_s)
@@ -229,8 +206,15 @@ class Sender:
         try:
             job(arg)
         except Exception as exc:  # a bug or a store failure: back this link off, keep going
-            self.errors.note(f"job for {key[:8]}…", exc)
+            self._error(f"job for {key[:8]}…", exc)
             self._note(key, "internal error")
+
+    def _error(self, where: str, exc: BaseException) -> None:
+        """An unexpected error (called in its `except`): logged at once, then once per interval
+        with a count, so a link that fails every round cannot flood the log."""
+        kind = type(exc).__name__
+        message = f"sender: {where}: {kind}: {exc}"
+        self.errors.note(f"sender {where} {kind}", logging.ERROR, message, exc_info=True)
 
     def _note(self, key: str, error: str | None) -> None:
         with self._lock:

@@ -22,7 +22,7 @@ from picell.control import Control
 from picell.mesh import sender as sender_module
 from picell.mesh.client import ANSWER_MAX_BYTES, MeshClient
 from picell.mesh.links import Links
-from picell.mesh.sender import RepeatedErrors, Sender
+from picell.mesh.sender import Sender
 from picell.store import links as link_table
 from picell.store import outbox
 from tests.unit.fakes import FakeClock
@@ -364,7 +364,7 @@ def test_the_loop_survives_any_exception_and_logs_it_once_per_interval(
             clock.advance(backoff)
         assert clock.sleeper(4) == COALESCE_S  # the fourth round pushed; the push's end woke it
     assert world.cells.pushes() == [1] and sender.alive()
-    assert sender.errors.total == 3
+    assert sum(sender.errors.totals.values()) == 3
     [record] = [r for r in caplog.records if r.name == "picell.mesh.sender"]
     assert "RecursionError" in record.getMessage()
 
@@ -377,24 +377,8 @@ def test_a_failing_job_backs_its_link_off_and_keeps_the_worker(
 
     monkeypatch.setattr(sender_module, "document", broken)
     assert len(world.round()) == 1
-    assert world.sender.errors.total == 1
+    assert sum(world.sender.errors.totals.values()) == 1
     assert world.round() == []  # no spinning: backed off
     monkeypatch.undo()
     world.clock.advance(1)
     assert len(world.round()) == 1 and world.link().sync.last_push_status == "ok"
-
-
-def test_repeated_errors_are_logged_once_per_interval_with_a_count(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    clock = FakeClock(0.0)
-    errors = RepeatedErrors(clock, interval_s=60)
-    with caplog.at_level(logging.ERROR, logger="picell.mesh.sender"):
-        for _ in range(5):
-            errors.note("round", OSError("disk full"))
-        clock.advance(60)
-        errors.note("round", OSError("disk full"))
-    messages = [r.getMessage() for r in caplog.records]
-    assert len(messages) == 2 and errors.total == 6
-    assert "more since" not in messages[0]
-    assert messages[1].endswith("(4 more since the last report)")
