@@ -25,9 +25,9 @@ from dataclasses import replace
 from typing import Any
 
 from picell import validate
-from picell.constants import INVITE_MAX_TTL_S, INVITE_MIN_TTL_S, LINK_ONLINE_S
+from picell.constants import INVITE_MAX_TTL_S, INVITE_MIN_TTL_S
 from picell.control import Control
-from picell.errors import BadInput, Conflict, Forbidden, NotFound, PicellError
+from picell.errors import BadInput, Forbidden, NotFound, PicellError
 from picell.mesh import client, policy, wire
 from picell.mesh.crypto import (
     link_key,
@@ -35,22 +35,19 @@ from picell.mesh.crypto import (
     mac_ok,
     new_token,
     pairing_key,
-    short_auth_string,
     token_hash,
 )
-from picell.mesh.document import shared_services
 from picell.mesh.invite import parse_invite
+from picell.mesh.overview import link_overview
 from picell.mesh.protocol import Envelope, check_envelope, envelope_from, parse_envelope
 from picell.mesh.wire import Identity, Invite, Pairing
 from picell.store import cell as cell_table
 from picell.store import invites as invite_table
 from picell.store import journal, outbox
 from picell.store import links as link_table
-from picell.store import services as service_table
 from picell.store.cell import Cell
 from picell.store.links import Link, LinkIdentity, LinkState
 from picell.wireguard import keys
-from picell.wireguard.apply import observe_wg
 
 REFUSED = "pairing refused"  # all a redeemer on our pairing port ever learns
 
@@ -67,64 +64,6 @@ def identity_of(cell: Cell) -> Identity:
         dns_ip=cell.ip,
         mesh_port=cell.mesh_port,
     )
-
-
-def _domains_clash(a: str, b: str) -> bool:
-    return a == b or a.endswith("." + b) or b.endswith("." + a)
-
-
-def check_conflicts(
-    cell: Cell, links: list[Link], other: Identity, prefix: str = "invite."
-) -> None:
-    """Refuse a link that would collide, naming the cell in conflict. The link with the same
-    public key (a re-pairing) is not a conflict with itself, but may not change its name."""
-    name = other.cell_name
-    if other.public_key == keys.public_from_private(cell.private_key):
-        raise Conflict(
-            f"{prefix}public_key: that is this cell's own invite", field=f"{prefix}public_key"
-        )
-    if other.vpn_subnet.overlaps(cell.network):
-        raise Conflict(
-            f"{prefix}vpn_subnet: cell {name}'s network {other.vpn_subnet} overlaps this cell's "
-            f"network {cell.network}",
-            field=f"{prefix}vpn_subnet",
-        )
-    if _domains_clash(other.domain, cell.domain):
-        raise Conflict(
-            f"{prefix}domain: cell {name}'s domain {other.domain} clashes with this cell's "
-            f"domain {cell.domain}",
-            field=f"{prefix}domain",
-        )
-    if name == cell.name:
-        raise Conflict(
-            f"{prefix}cell_name: {name} is this cell's own name", field=f"{prefix}cell_name"
-        )
-    for link in links:
-        if link.public_key == other.public_key:
-            if link.name != name:
-                raise Conflict(
-                    f"{prefix}cell_name: that key is linked as cell {link.name}; a pairing "
-                    "never renames a link",
-                    field=f"{prefix}cell_name",
-                )
-            continue
-        if link.name == name:
-            raise Conflict(
-                f"{prefix}cell_name: a cell named {name} is already linked with another key",
-                field=f"{prefix}cell_name",
-            )
-        if other.vpn_subnet.overlaps(link.identity.vpn_subnet):
-            raise Conflict(
-                f"{prefix}vpn_subnet: cell {name}'s network {other.vpn_subnet} overlaps the "
-                f"network {link.identity.vpn_subnet} of linked cell {link.name}",
-                field=f"{prefix}vpn_subnet",
-            )
-        if _domains_clash(other.domain, link.identity.domain):
-            raise Conflict(
-                f"{prefix}domain: cell {name}'s domain {other.domain} clashes with the domain of "
-                f"linked cell {link.name}",
-                field=f"{prefix}domain",
-            )
 
 
 def _link_from(other: Identity, existing: Link | None, state: LinkState) -> Link:
@@ -195,7 +134,7 @@ class Links:
             if host is None:
                 host = policy.observe_host(self.control.runner, cell.interface)
             policy.check_network(other.vpn_subnet, f"{prefix}vpn_subnet", other.cell_name, host)
-        check_conflicts(cell, link_table.all_links(conn), other, prefix)
+        policy.check_conflicts(cell, link_table.all_links(conn), other, prefix)
         wire.common_version(other.speaks(), other.cell_name, f"{prefix}versions")
 
     # -- invites -------------------------------------------------------------------------------
@@ -412,55 +351,7 @@ class Links:
         return next(c for c in self.overview() if c["name"] == name)
 
     def overview(self) -> list[dict[str, Any]]:
-        with self.store.read() as conn:
-            cell = cell_table.load(conn)
-            links = link_table.all_links(conn)
-            services = service_table.all_services(conn)
-            pending = {m.link_key: m for m in outbox.all_messages(conn)}
-        observed = observe_wg(self.control.runner, cell.interface) if links else None
-        our_public = keys.public_from_private(cell.private_key)
-        now = time.time()
-        out = []
-        for link in links:
-            seen = observed.peers.get(link.public_key) if observed else None
-            hs = seen.latest_handshake if seen else 0
-            age = round(now - hs) if hs else None
-            msg = pending.get(link.public_key)
-            out.append(
-                {
-                    "name": link.name,
-                    "state": link.state.value,
-                    "domain": link.identity.domain,
-                    "vpn_subnet": str(link.identity.vpn_subnet),
-                    "dns_ip": str(link.identity.dns_ip),
-                    "endpoint": link.identity.endpoint,
-                    "public_key": link.public_key,
-                    "auth_string": short_auth_string(our_public, link.public_key),
-                    "handshake_age_s": age,
-                    "online": age is not None and age < LINK_ONLINE_S,
-                    "rx_bytes": seen.rx_bytes if seen else 0,
-                    "tx_bytes": seen.tx_bytes if seen else 0,
-                    "inbound": shared_services(cell, services, link.choices.inbound),
-                    "outbound": list(link.mirror.outbound),
-                    "exit_offered": link.choices.exit_offered,
-                    "remote_exit_offered": link.mirror.exit_offered,
-                    # we use their exit (devices routed via them); they use ours
-                    "exit_relay_active": link.choices.exit_relay_active,
-                    "remote_exit_relay_active": link.mirror.exit_relay_active,
-                    "relaying": link.state == LinkState.LINKED
-                    and link.choices.exit_offered
-                    and link.mirror.exit_relay_active,
-                    "pending_push": link.sync.pending_push,
-                    "last_push_status": link.sync.last_push_status,
-                    "last_push_at": link.sync.last_push_at,
-                    "last_push_error": link.sync.last_push_error,
-                    "last_remote_update_at": link.mirror.updated_at,
-                    "linked_at": link.linked_at,
-                    "pending_message": msg.kind if msg else None,
-                    "pending_error": msg.last_error if msg else None,
-                }
-            )
-        return out
+        return link_overview(self.store, self.control.runner)
 
     def journal_entries(self, name: str | None) -> list[dict[str, Any]]:
         if name is not None:

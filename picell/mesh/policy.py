@@ -10,6 +10,10 @@ document), after the wire models accepted the syntax:
   no address of our host and no route but the default route and picell's own. Otherwise the link
   route would pull the host's own traffic (its LAN, often its DNS) into the tunnel.
 
+- **Conflicts** with this cell and its other links (`check_conflicts`): an overlapping network,
+  a clashing domain or name is refused naming the cell in conflict; the link with the same key
+  (a re-pairing) is no conflict with itself, but may not rename itself.
+
 Reads the host (`ip -j`) through the runner; decides nothing else and changes nothing.
 """
 
@@ -25,7 +29,11 @@ from publicsuffixlist import PublicSuffixList
 
 from picell.constants import ROUTE_PROTO
 from picell.errors import BadInput, Conflict
+from picell.mesh.wire import Identity
+from picell.store.cell import Cell
+from picell.store.links import Link
 from picell.system.run import Runner
+from picell.wireguard import keys
 
 # Suffixes set aside for private use: RFC 6761 (test), RFC 8375 (home.arpa), ICANN's 2024
 # `.internal`, picell's default `.cell`, and the never-delegated names home networks use.
@@ -158,3 +166,61 @@ def check_network(net: ipaddress.IPv4Network, field: str, cell: str, host: HostN
             "the host's own traffic into the tunnel",
             field=field,
         )
+
+
+def _domains_clash(a: str, b: str) -> bool:
+    return a == b or a.endswith("." + b) or b.endswith("." + a)
+
+
+def check_conflicts(
+    cell: Cell, links: list[Link], other: Identity, prefix: str = "invite."
+) -> None:
+    """Refuse a link that would collide, naming the cell in conflict. The link with the same
+    public key (a re-pairing) is not a conflict with itself, but may not change its name."""
+    name = other.cell_name
+    if other.public_key == keys.public_from_private(cell.private_key):
+        raise Conflict(
+            f"{prefix}public_key: that is this cell's own invite", field=f"{prefix}public_key"
+        )
+    if other.vpn_subnet.overlaps(cell.network):
+        raise Conflict(
+            f"{prefix}vpn_subnet: cell {name}'s network {other.vpn_subnet} overlaps this cell's "
+            f"network {cell.network}",
+            field=f"{prefix}vpn_subnet",
+        )
+    if _domains_clash(other.domain, cell.domain):
+        raise Conflict(
+            f"{prefix}domain: cell {name}'s domain {other.domain} clashes with this cell's "
+            f"domain {cell.domain}",
+            field=f"{prefix}domain",
+        )
+    if name == cell.name:
+        raise Conflict(
+            f"{prefix}cell_name: {name} is this cell's own name", field=f"{prefix}cell_name"
+        )
+    for link in links:
+        if link.public_key == other.public_key:
+            if link.name != name:
+                raise Conflict(
+                    f"{prefix}cell_name: that key is linked as cell {link.name}; a pairing "
+                    "never renames a link",
+                    field=f"{prefix}cell_name",
+                )
+            continue
+        if link.name == name:
+            raise Conflict(
+                f"{prefix}cell_name: a cell named {name} is already linked with another key",
+                field=f"{prefix}cell_name",
+            )
+        if other.vpn_subnet.overlaps(link.identity.vpn_subnet):
+            raise Conflict(
+                f"{prefix}vpn_subnet: cell {name}'s network {other.vpn_subnet} overlaps the "
+                f"network {link.identity.vpn_subnet} of linked cell {link.name}",
+                field=f"{prefix}vpn_subnet",
+            )
+        if _domains_clash(other.domain, link.identity.domain):
+            raise Conflict(
+                f"{prefix}domain: cell {name}'s domain {other.domain} clashes with the domain of "
+                f"linked cell {link.name}",
+                field=f"{prefix}domain",
+            )

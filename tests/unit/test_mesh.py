@@ -18,7 +18,8 @@ from picell.mesh import wire
 from picell.mesh.crypto import link_key, mac, pairing_key, short_auth_string
 from picell.mesh.document import document
 from picell.mesh.invite import parse_invite
-from picell.mesh.links import Links, check_conflicts
+from picell.mesh.links import Links
+from picell.mesh.policy import check_conflicts
 from picell.mesh.protocol import check_envelope, make_envelope, parse_envelope
 from picell.mesh.seed import import_links
 from picell.mesh.wire import Identity

@@ -1,0 +1,73 @@
+"""The links as the owner sees them (`picell cells`, the Cell Network page): the store's rows
+joined with what WireGuard reports (handshake age, rx/tx) and the outbox. Read-only: one read
+transaction and one `wg show dump`, whatever the number of links."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from picell.constants import LINK_ONLINE_S
+from picell.mesh.crypto import short_auth_string
+from picell.mesh.document import shared_services
+from picell.store import cell as cell_table
+from picell.store import links as link_table
+from picell.store import outbox
+from picell.store import services as service_table
+from picell.store.db import Store
+from picell.store.links import LinkState
+from picell.system.run import Runner
+from picell.wireguard import keys
+from picell.wireguard.apply import observe_wg
+
+
+def link_overview(store: Store, runner: Runner) -> list[dict[str, Any]]:
+    with store.read() as conn:
+        cell = cell_table.load(conn)
+        links = link_table.all_links(conn)
+        services = service_table.all_services(conn)
+        pending = {m.link_key: m for m in outbox.all_messages(conn)}
+    observed = observe_wg(runner, cell.interface) if links else None
+    our_public = keys.public_from_private(cell.private_key)
+    now = time.time()
+    out = []
+    for link in links:
+        seen = observed.peers.get(link.public_key) if observed else None
+        hs = seen.latest_handshake if seen else 0
+        age = round(now - hs) if hs else None
+        msg = pending.get(link.public_key)
+        out.append(
+            {
+                "name": link.name,
+                "state": link.state.value,
+                "domain": link.identity.domain,
+                "vpn_subnet": str(link.identity.vpn_subnet),
+                "dns_ip": str(link.identity.dns_ip),
+                "endpoint": link.identity.endpoint,
+                "public_key": link.public_key,
+                "auth_string": short_auth_string(our_public, link.public_key),
+                "handshake_age_s": age,
+                "online": age is not None and age < LINK_ONLINE_S,
+                "rx_bytes": seen.rx_bytes if seen else 0,
+                "tx_bytes": seen.tx_bytes if seen else 0,
+                "inbound": shared_services(cell, services, link.choices.inbound),
+                "outbound": list(link.mirror.outbound),
+                "exit_offered": link.choices.exit_offered,
+                "remote_exit_offered": link.mirror.exit_offered,
+                # we use their exit (devices routed via them); they use ours
+                "exit_relay_active": link.choices.exit_relay_active,
+                "remote_exit_relay_active": link.mirror.exit_relay_active,
+                "relaying": link.state == LinkState.LINKED
+                and link.choices.exit_offered
+                and link.mirror.exit_relay_active,
+                "pending_push": link.sync.pending_push,
+                "last_push_status": link.sync.last_push_status,
+                "last_push_at": link.sync.last_push_at,
+                "last_push_error": link.sync.last_push_error,
+                "last_remote_update_at": link.mirror.updated_at,
+                "linked_at": link.linked_at,
+                "pending_message": msg.kind if msg else None,
+                "pending_error": msg.last_error if msg else None,
+            }
+        )
+    return out
