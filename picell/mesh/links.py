@@ -165,7 +165,9 @@ class Links:
         other = Identity(**{k: getattr(inv, k) for k in Identity.model_fields})
         with self.store.read() as conn:
             cell = cell_table.load(conn)
-            self.admit(conn, cell, other, "invite.", trusted_domain=trust_domain)
+            # the host is read once: the check before pairing and the one at storing share it
+            nets = policy.observe_host(self.control.runner, cell.interface)
+            self.admit(conn, cell, other, "invite.", trusted_domain=trust_domain, host=nets)
         our_public = keys.public_from_private(cell.private_key)
         proof = invite_proof(inv.pairing.token, our_public, other.public_key)
         key = pairing_key(inv.pairing.token)
@@ -184,7 +186,7 @@ class Links:
                             field="invite") from None  # fmt: skip
         except client.Unreachable as exc:
             self._store(other, LinkState.WAITING, "connect", f"pairing port unreachable: {exc}",
-                        trust_domain, proof)  # fmt: skip
+                        (trust_domain, nets), proof)  # fmt: skip
             return self.describe(other.cell_name)
         if status != 200:
             raise Forbidden(
@@ -203,7 +205,7 @@ class Links:
             if getattr(confirmed, f) != getattr(other, f):
                 raise Forbidden(f"answer.{f}: differs from the invite's", field=f"answer.{f}")
         self._store(confirmed, LinkState.LINKED, "linked", "paired with their pairing listener",
-                    trust_domain, proof)  # fmt: skip
+                    (trust_domain, nets), proof)  # fmt: skip
         return self.describe(confirmed.cell_name)
 
     def _store(
@@ -212,12 +214,15 @@ class Links:
         state: LinkState,
         event: str,
         detail: str,
-        trust_domain: bool,
+        checked: tuple[bool, policy.HostNets],
         proof: str,
     ) -> None:
+        """Store our side of the link, admitting `other` again inside the write transaction
+        (a link made meanwhile may conflict) with the owner's word and the host as read."""
+        trust_domain, host = checked
         with self.control.change() as conn:
             cell = cell_table.load(conn)
-            self.admit(conn, cell, other, "invite.", trusted_domain=trust_domain)
+            self.admit(conn, cell, other, "invite.", trusted_domain=trust_domain, host=host)
             existing = link_table.by_key(conn, other.public_key)
             if existing is not None and existing.state == LinkState.LINKED:
                 state = LinkState.LINKED  # re-pairing an established link: keep it established
