@@ -363,13 +363,18 @@ def _serve(world: World, mode: str) -> None:
                f"alpha's push never reached the hostile server ({mode})")  # fmt: skip
 
 
+def _answer_ended(world: World, mode: str, timeout_s: float, what: str) -> None:
+    """The hostile server's answer ended: sent whole, or cut when alpha stopped reading."""
+    hostile = world.hostile
+    wait_until(lambda: hostile.served(mode, "done") or hostile.served(mode, "aborted"),
+               timeout_s, f"{what} neither ended nor was cut")  # fmt: skip
+
+
 def test_a_100_mb_answer_neither_bloats_alpha_nor_stops_its_pushes(world: World) -> None:
     peak = vm_hwm_kib(world.alpha_pid)
     try:
         _serve(world, "huge")
-        hostile = world.hostile
-        wait_until(lambda: hostile.served("huge", "done") or hostile.served("huge", "aborted"),
-                   60, "the 100 MB answer neither ended nor was cut")  # fmt: skip
+        _answer_ended(world, "huge", 60, "the 100 MB answer")
         _beta_still_hears_from_alpha(world, "100 MB")
         grown = vm_hwm_kib(world.alpha_pid) - peak
         world.notes.append(f"alpha's peak memory grew by {grown} KiB with a 100 MB answer")
@@ -393,9 +398,7 @@ def test_a_deeply_nested_answer_does_not_kill_the_sender(world: World) -> None:
         _serve(world, "nested")
         # 200 KB of brackets: alpha may stop reading at its 64 KiB cap (then the server's write
         # is cut) or refuse the whole by its declared length; either way the answer has ended
-        hostile = world.hostile
-        wait_until(lambda: hostile.served("nested", "done") or hostile.served("nested", "aborted"),
-                   90, "the nested answer neither ended nor was cut")  # fmt: skip
+        _answer_ended(world, "nested", 90, "the nested answer")
         _beta_still_hears_from_alpha(world, "100,000-deep JSON")
     finally:
         _restore_shares(world)
