@@ -247,8 +247,11 @@ def pending_generation(conn: sqlite3.Connection, name: str) -> int:
 
 
 def push_done(conn: sqlite3.Connection, name: str, generation: int, at: float) -> None:
+    """A document was accepted: its invite proof (if any) has been delivered, so the next
+    documents, heartbeats included, no longer carry it (nor make the other cell check it)."""
     conn.execute(
         "UPDATE links SET last_push_status = 'ok', last_push_at = ?, last_push_error = NULL,"
+        " invite_proof = NULL,"
         " pending_push = CASE WHEN pending_push = ? THEN 0 ELSE pending_push END WHERE name = ?",
         (at, generation, name),
     )
