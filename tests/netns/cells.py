@@ -154,7 +154,7 @@ class Cell:
 
 
 _POST = """
-import json, sys, urllib.error, urllib.request
+import http.client, json, sys, urllib.error, urllib.request
 req = urllib.request.Request(sys.argv[1], data=sys.argv[2].encode(),
                              headers={"Content-Type": "application/json"})
 try:
@@ -162,11 +162,14 @@ try:
         print(resp.status); print(resp.read().decode())
 except urllib.error.HTTPError as exc:
     print(exc.code); print(exc.read().decode())
+except (ConnectionResetError, http.client.RemoteDisconnected) as exc:
+    print(0); print(json.dumps(str(exc)))  # shed at accept: no HTTP answer
 """
 
 
 def post_json(ns: Netns, url: str, body: Any, timeout_s: float = 10) -> tuple[int, Any]:
-    """POST JSON from inside `ns` (as another cell or an attacker would); (status, body)."""
+    """POST JSON from inside `ns` (as another cell or an attacker would); (status, body).
+    Status 0: the listener closed the connection without an answer (shed at accept)."""
     proc = ns.python(_POST, url, json.dumps(body), str(timeout_s), timeout=timeout_s + 10)
     if proc.returncode != 0:
         raise AssertionError(f"POST {url} failed: {proc.stderr}")

@@ -268,7 +268,8 @@ def test_fifty_concurrent_redemptions_make_one_link(world: World) -> None:
                                  enumerate(bodies)))  # fmt: skip
     statuses = [s for s, _ in results]
     assert statuses.count(200) == 1, statuses
-    assert all(s in (200, 403, 429) for s in statuses), statuses
+    # 0: shed at accept (the pairing port takes 4 connections at once from one address)
+    assert all(s in (0, 200, 403, 429) for s in statuses), statuses
     racers = [n for n in beta.links() if n.startswith("racer")]
     assert len(racers) == 1
     beta.cli("disconnect", racers[0])
