@@ -88,13 +88,16 @@ def plan_cell(runner: Runner, req: InitRequest, old: Cell | None, conn: sqlite3.
         net = draw_network(observe_host_networks(runner))
         address = ipaddress.IPv4Interface(f"{net[1]}/{net.prefixlen}")
     listen_port = validate.port(req.listen_port, "listen_port") if req.listen_port else None
+    source = "owner"
+    endpoints: tuple[str, ...] = ()
     if req.endpoint:
         ep = validate.endpoint(req.endpoint)
         endpoint = str(ep)
         listen_port = listen_port or (old.listen_port if old else ep.port)
     elif old:
-        endpoint = old.endpoint
+        endpoint, endpoints, source = old.endpoint, old.endpoints, old.endpoint_source
     else:
+        source = "host"
         host = observe_host_address(runner)
         if host is None:
             raise BadInput(
@@ -111,6 +114,9 @@ def plan_cell(runner: Runner, req: InitRequest, old: Cell | None, conn: sqlite3.
         address=address,
         listen_port=listen_port,
         endpoint=endpoint,
+        endpoints=endpoints or (endpoint,),
+        endpoint_source=source,
+        mapped_endpoint=old.mapped_endpoint if old else None,
         private_key=old.private_key if old else keys.generate_private(),
         interface=validate.interface(req.interface)
         if req.interface

@@ -49,6 +49,7 @@ SHARED_SERVICES_MAX = 256  # services one state document may list
 PORTS_PER_SERVICE_MAX = 16
 ENDPOINTS_MAX = 4  # endpoints a cell may announce (reachability issue)
 PUBLISHED_DEVICES_MAX = 1000  # devices a state document may publish (overlap issue)
+WANTED_MAX = 64  # links a document may ask introductions or relaying for (NAT issue)
 SEQ_MAX = 2**53
 INVITE_PREFIX = "picell-invite:"  # JSON numbers stay exact below this
 NAME_MAX = validate.NAME_MAX
@@ -117,6 +118,7 @@ Port = Annotated[int, Field(ge=1, le=65535)]
 Version = Annotated[int, Field(ge=1, le=VERSION_MAX)]
 IPv4 = Annotated[ipaddress.IPv4Address, BeforeValidator(_checked(_ipv4))]
 Network = Annotated[ipaddress.IPv4Network, BeforeValidator(_checked(_network))]
+Endpoints = Annotated[list[Endpoint], Field(min_length=1, max_length=ENDPOINTS_MAX)]
 Mac = Annotated[str, Field(pattern=MAC_PATTERN)]
 Nonce = Annotated[str, Field(pattern=NONCE_PATTERN)]
 Seconds = Annotated[float, Field(ge=0), AfterValidator(_finite)]
@@ -139,12 +141,18 @@ class Identity(Wire):
     vpn_subnet: Network
     dns_ip: IPv4
     mesh_port: Port = 3000
+    # every endpoint, best first (`endpoint` repeats the first, for cells that read only it)
+    endpoints: Endpoints | None = None
 
     @model_validator(mode="after")
     def _address_in_network(self) -> Identity:
         if self.dns_ip not in self.vpn_subnet:
             raise ValueError(f"dns_ip: {self.dns_ip} lies outside vpn_subnet {self.vpn_subnet}")
         return self
+
+    def candidates(self) -> tuple[str, ...]:
+        """Every endpoint to try, best first: `endpoints`, or `endpoint` alone."""
+        return tuple(dict.fromkeys((self.endpoint, *(self.endpoints or ()))))[:ENDPOINTS_MAX]
 
     def speaks(self) -> tuple[int, ...]:
         return tuple(self.versions or (self.version,))
@@ -207,6 +215,22 @@ class DocIdentity(Wire):
     vpn_subnet: Network | None = None
     dns_ip: IPv4 | None = None
     domain: Domain | None = None
+    endpoints: Endpoints | None = None
+    listen_port: Port | None = None  # its WireGuard port (a relay forwards to it)
+
+
+class Introduction(Wire):
+    """A mutually linked cell's word on where it sees a cell we asked about (`wanted`)."""
+
+    public_key: WgKey
+    seen_at: Endpoint
+
+
+class RelayPort(Wire):
+    """The UDP port at the relaying cell that carries our link with `public_key`."""
+
+    public_key: WgKey
+    port: Port
 
 
 class Header(Wire):
@@ -235,6 +259,13 @@ class StateBody(Header):
     # proves the sender imported one of our invites (a MAC with the invite's pairing key over
     # both public keys), so that invite is spent when the link completes without pairing
     invite_proof: Mac | None = None
+    # reachability (NAT issue): where the sender sees us (as its WireGuard shows our address)
+    seen_at: Endpoint | None = None
+    relay_offered: bool = False  # the sender would relay between us and its other links
+    # the cells we link with through the sender or cannot reach: introduce them, relay them
+    wanted: list[WgKey] = Field(default=[], max_length=WANTED_MAX)
+    introductions: list[Introduction] = Field(default=[], max_length=WANTED_MAX)
+    relay_ports: list[RelayPort] = Field(default=[], max_length=WANTED_MAX)
 
     @model_validator(mode="after")
     def _unique_services(self) -> StateBody:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -24,6 +25,25 @@ class Cell:
     uplink: str | None
     mesh_range: ipaddress.IPv4Network
     upstreams: tuple[ipaddress.IPv4Address, ...]
+    # every endpoint the owner set (`endpoint` is the first), or the host's own addresses
+    endpoints: tuple[str, ...] = ()
+    endpoint_source: str = "owner"  # "owner": set by the owner; "host": the host's own address
+    mapped_endpoint: str | None = None  # the home router's mapping (picell.system.portmap)
+
+    @property
+    def announced(self) -> tuple[str, ...]:
+        """The endpoints other cells and our devices are told, best first (DESIGN §5: at most
+        4). Precedence: what the owner set, then the router-mapped address, then the host's
+        own addresses."""
+        own = self.endpoints or (self.endpoint,)
+        if self.endpoint_source == "owner":
+            return own[:4]
+        mapped = (self.mapped_endpoint,) if self.mapped_endpoint else ()
+        return tuple(dict.fromkeys((*mapped, *own)))[:4]
+
+    @property
+    def primary_endpoint(self) -> str:
+        return self.announced[0]
 
     @property
     def network(self) -> ipaddress.IPv4Network:
@@ -51,6 +71,9 @@ def load(conn: sqlite3.Connection) -> Cell:
         uplink=row["uplink"],
         mesh_range=ipaddress.IPv4Network(row["mesh_range"]),
         upstreams=tuple(ipaddress.IPv4Address(u) for u in row["upstreams"].split() if u),
+        endpoints=tuple(json.loads(row["endpoints"])),
+        endpoint_source=row["endpoint_source"],
+        mapped_endpoint=row["mapped_endpoint"],
     )
 
 
@@ -61,14 +84,16 @@ def exists(conn: sqlite3.Connection) -> bool:
 def save(conn: sqlite3.Connection, cell: Cell) -> None:
     conn.execute(
         """INSERT INTO cell (id, name, domain, address, listen_port, endpoint, private_key,
-               interface, pair_port, mesh_port, uplink, mesh_range, upstreams, created_at)
-           VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+               interface, pair_port, mesh_port, uplink, mesh_range, upstreams, created_at,
+               endpoints, endpoint_source)
+           VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
            ON CONFLICT (id) DO UPDATE SET name=excluded.name, domain=excluded.domain,
                address=excluded.address, listen_port=excluded.listen_port,
                endpoint=excluded.endpoint, interface=excluded.interface,
                pair_port=excluded.pair_port, mesh_port=excluded.mesh_port,
                uplink=excluded.uplink, mesh_range=excluded.mesh_range,
-               upstreams=excluded.upstreams""",
+               upstreams=excluded.upstreams, endpoints=excluded.endpoints,
+               endpoint_source=excluded.endpoint_source""",
         (
             cell.name,
             cell.domain,
@@ -83,5 +108,13 @@ def save(conn: sqlite3.Connection, cell: Cell) -> None:
             str(cell.mesh_range),
             " ".join(str(u) for u in cell.upstreams),
             time.time(),
+            json.dumps(list(cell.endpoints or (cell.endpoint,))),
+            cell.endpoint_source,
         ),
     )
+
+
+def set_mapped_endpoint(conn: sqlite3.Connection, endpoint: str | None) -> None:
+    """The router-mapped endpoint (or None when no mapping holds); kept apart from `save`, so
+    that the owner's settings and the port mapper never overwrite each other."""
+    conn.execute("UPDATE cell SET mapped_endpoint = ? WHERE id = 1", (endpoint,))

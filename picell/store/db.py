@@ -135,6 +135,21 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE links ADD COLUMN invite_proof TEXT;
     CREATE INDEX journal_by_link ON journal (link, id);
     """,
+    # 6: reachability (NAT issue): the endpoints a cell announces (ours: whether the owner set
+    # them, the router-mapped one), where the other cell sees us, relay offers and the relay a
+    # link travels through, the last introduction a mutually linked cell gave us
+    """
+    ALTER TABLE cell ADD COLUMN endpoints TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE cell ADD COLUMN endpoint_source TEXT NOT NULL DEFAULT 'owner';
+    ALTER TABLE cell ADD COLUMN mapped_endpoint TEXT;
+    ALTER TABLE links ADD COLUMN endpoints TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE links ADD COLUMN remote_seen_at TEXT;
+    ALTER TABLE links ADD COLUMN relay_offered INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE links ADD COLUMN remote_relay_offered INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE links ADD COLUMN via TEXT;
+    ALTER TABLE links ADD COLUMN via_port INTEGER;
+    ALTER TABLE links ADD COLUMN introduced TEXT;
+    """,
 )
 
 

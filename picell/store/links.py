@@ -66,6 +66,13 @@ class LinkIdentity:
     api_url: str = ""
     # the protocol versions the other cell speaks (DESIGN §5), from its invite or document
     versions: tuple[int, ...] = (1,)
+    # every endpoint it announced, best first (`endpoint` is the first); () for one
+    endpoints: tuple[str, ...] = ()
+
+    @property
+    def candidates(self) -> tuple[str, ...]:
+        """The endpoints to try while the link is stale, in turn."""
+        return self.endpoints or (self.endpoint,)
 
 
 @dataclass(frozen=True)
@@ -75,6 +82,8 @@ class OwnerChoices:
     inbound: tuple[str, ...] = ()  # our services they may use
     exit_offered: bool = False  # we offer them our internet exit
     exit_relay_active: bool = False  # some of our devices leave through their exit
+    relay_offered: bool = False  # we relay between them and our other links that we offer it to
+    via: str | None = None  # the linked cell this link travels through (connect --via)
 
 
 @dataclass(frozen=True)
@@ -90,6 +99,13 @@ class Mirror:
     exit_relay_port: int | None = None
     exit_client_key: str | None = None
     exit_client_port: int | None = None
+    relay_offered: bool = False  # they would relay for us
+    seen_at: str | None = None  # where they see us ("ip:port", as their WireGuard shows it)
+    # the port at their side that relays us to the link `via` them (set while they relay)
+    via_port: int | None = None
+    # the last introduction they gave us for the link that travels through them, or for the
+    # link they see a fresh handshake with: {"public_key", "endpoint", "at"} (JSON)
+    introduced: str | None = None
     seq: int = 0  # the last seq of theirs applied
     updated_at: float | None = None  # when their last document arrived
 
@@ -132,12 +148,15 @@ def _row(r: sqlite3.Row) -> Link:
             mesh_port=r["mesh_port"],
             api_url=r["remote_api_url"],
             versions=tuple(json.loads(r["remote_versions"])),
+            endpoints=tuple(json.loads(r["endpoints"])),
         ),
         state=LinkState(r["state"]),
         choices=OwnerChoices(
             inbound=tuple(json.loads(r["inbound"])),
             exit_offered=bool(r["exit_offered"]),
             exit_relay_active=bool(r["exit_relay_active"]),
+            relay_offered=bool(r["relay_offered"]),
+            via=r["via"],
         ),
         mirror=Mirror(
             outbound=tuple(json.loads(r["outbound"])),
@@ -147,6 +166,10 @@ def _row(r: sqlite3.Row) -> Link:
             exit_relay_port=r["remote_exit_relay_port"],
             exit_client_key=r["remote_exit_client_key"],
             exit_client_port=r["remote_exit_client_port"],
+            relay_offered=bool(r["remote_relay_offered"]),
+            seen_at=r["remote_seen_at"],
+            via_port=r["via_port"],
+            introduced=r["introduced"],
             seq=r["remote_seq"],
             updated_at=r["last_remote_update_at"],
         ),
@@ -194,9 +217,11 @@ def save(conn: sqlite3.Connection, link: Link) -> None:
                exit_relay_active, remote_exit_relay_active, pending_push, last_push_status,
                last_push_at, last_push_error, last_remote_update_at, local_seq, remote_seq,
                created_at, linked_at, remote_exit_relay_key, remote_exit_relay_port,
-               remote_exit_client_key, remote_exit_client_port, remote_versions, invite_proof)
+               remote_exit_client_key, remote_exit_client_port, remote_versions, invite_proof,
+               endpoints, remote_seen_at, relay_offered, remote_relay_offered, via, via_port,
+               introduced)
            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,
-                   ?, ?, ?, ?, ?, ?)""",
+                   ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
         (
             link.name,
             link.public_key,
@@ -228,6 +253,13 @@ def save(conn: sqlite3.Connection, link: Link) -> None:
             theirs.exit_client_port,
             json.dumps(list(ident.versions)),
             marks.invite_proof,
+            json.dumps(list(ident.endpoints)),
+            theirs.seen_at,
+            int(ours.relay_offered),
+            int(theirs.relay_offered),
+            ours.via,
+            theirs.via_port,
+            theirs.introduced,
         ),
     )
 

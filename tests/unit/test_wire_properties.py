@@ -46,7 +46,8 @@ _PRIV = [keys.derive_private("A" * 43 + "=", label) for label in ("beta", "alpha
 _PUB = [keys.public_from_private(p) for p in _PRIV]
 _IDENT = {"version": 1, "versions": [1, 2], "cell_name": "beta", "domain": "beta.test",
           "public_key": _PUB[0], "endpoint": "[2001:db8::7]:51820", "vpn_subnet": "10.62.0.0/24",
-          "dns_ip": "10.62.0.1", "mesh_port": 3000}  # fmt: skip
+          "dns_ip": "10.62.0.1", "mesh_port": 3000,
+          "endpoints": ["[2001:db8::7]:51820", "198.51.100.2:51820"]}  # fmt: skip
 _HEADER = hostile.header("state", "beta", _PUB[0], _PUB[1], 7)
 FULL: dict[str, dict[str, Any]] = {
     "invite": {**_IDENT, "pairing": {"port": 51821, "token": "t" * 32, "expires_at": 1.0}},
@@ -62,8 +63,13 @@ FULL: dict[str, dict[str, Any]] = {
               "exit_relay": {"public_key": _PUB[0], "port": 51830},
               "exit_client": {"public_key": _PUB[1], "port": 51831},
               "identity": {"endpoint": "beta.example:51820", "vpn_subnet": "10.62.0.0/24",
-                           "dns_ip": "10.62.0.1", "domain": "beta.test"},
-              "invite_proof": "2" * 64},
+                           "dns_ip": "10.62.0.1", "domain": "beta.test",
+                           "endpoints": ["beta.example:51820"], "listen_port": 51820},
+              "invite_proof": "2" * 64,
+              "seen_at": "203.0.113.7:40000", "relay_offered": True,
+              "wanted": [_PUB[1]],
+              "introductions": [{"public_key": _PUB[1], "seen_at": "192.0.2.9:51820"}],
+              "relay_ports": [{"public_key": _PUB[1], "port": 52001}]},
     "unlink": {**_HEADER, "type": "unlink"},
     "envelope": {"body": {**_HEADER, "type": "unlink"}, "mac": "3" * 64},
     "state_answer": {"ok": True, "seq": 7},
