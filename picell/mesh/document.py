@@ -53,7 +53,8 @@ def document(
         # spends the invite of theirs we imported, if our pairing with it never happened
         **({"invite_proof": link.sync.invite_proof} if link.sync.invite_proof else {}),
         "identity": {
-            "endpoint": cell.endpoint,
+            "endpoint": cell.primary_endpoint,
+            "endpoints": list(cell.announced),
             "vpn_subnet": str(cell.network),
             "dns_ip": str(cell.ip),
             "domain": cell.domain,
