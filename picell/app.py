@@ -44,6 +44,7 @@ from picell.control import Coalescer, Control
 from picell.errors import PicellError
 from picell.mesh.exits import Exits
 from picell.mesh.links import Links
+from picell.mesh.reach import init_warning
 from picell.mesh.sender import Sender
 from picell.mesh.sync import Sync
 from picell.paths import Paths
@@ -163,6 +164,9 @@ class Daemon:
                 cell.address,
                 cell.endpoint,
             )
+            warning = init_warning(cell)
+            if warning:
+                log.warning("init: %s", warning)
 
     def ensure_password(self) -> None:
         """Without an admin password, make one and show it once (only its hash is kept)."""

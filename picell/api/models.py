@@ -99,6 +99,12 @@ class ExitOffer(Request):
     offered: bool
 
 
+class EndpointSet(Request):
+    endpoints: list[Annotated[str, StringConstraints(max_length=300)]] = Field(
+        min_length=1, max_length=4, description="HOST:PORT, best first (IPv6 as [ADDR]:PORT)"
+    )
+
+
 class LinksImport(Request):
     content: str = Field(max_length=4_000_000)
 
@@ -148,6 +154,10 @@ class StatusOut(Answer):
     devices: int
     services: int
     dns_running: bool
+    endpoints: list[str] = []  # every endpoint we announce, best first
+    endpoint_source: str = "owner"
+    endpoint_warnings: list[str] = []
+    device_endpoint_note: str | None = None
     last_reconcile: ReportOut | None
     last_error: str | None
     conflicts: list[LinkConflict] = []
@@ -230,6 +240,8 @@ class CellOut(Answer):
     linked_at: float | None
     pending_message: str | None
     pending_error: str | None
+    endpoints: list[str] = []  # every endpoint it announced, best first
+    seen_at: str | None = None  # where it sees us (its WireGuard's view of our address)
 
 
 class JournalEntryOut(Answer):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import httpx
 import typer
@@ -55,6 +55,7 @@ def init(
     from picell.api.auth import check_password, hash_password
     from picell.cellinit import InitRequest
     from picell.control import Control
+    from picell.mesh.reach import init_warning
     from picell.store import admin as admin_table
     from picell.store.db import Store
     from picell.system.run import Runner
@@ -98,7 +99,7 @@ def init(
         fail(exc.message, as_json, {"code": exc.code, "message": exc.message, "field": exc.field})
     finally:
         store.close()
-    data = {
+    data: dict[str, Any] = {
         "name": cell.name,
         "domain": cell.domain,
         "address": str(cell.address),
@@ -107,7 +108,12 @@ def init(
         "web": f"http://127.0.0.1:{web.web_port}",
         "admin_password": "set" if web.password_hash else "generated at the next start",
     }
-    out(data, as_json, "\n".join(f"{k}: {v}" for k, v in data.items()))
+    warning = init_warning(cell)
+    text = "\n".join(f"{k}: {v}" for k, v in data.items())
+    if warning:
+        data["warnings"] = [warning]
+        text += f"\nwarning: {warning}"
+    out(data, as_json, text)
 
 
 @app.command()
@@ -131,6 +137,9 @@ def status(as_json: JsonOpt = False) -> None:
     data = read(call("GET", "/api/status", as_json), StatusOut, as_json)
     keys = ("name", "domain", "address", "endpoint", "interface", "public_key", "dns")
     lines = [f"{k}: {getattr(data, k)}" for k in keys]
+    if len(data.endpoints) > 1:
+        lines.append(f"endpoints: {', '.join(data.endpoints)}")
+    lines += _reach_lines(data)
     lines.append(f"devices: {data.devices}  services: {data.services}")
     lines.append(f"dns running: {'yes' if data.dns_running else 'NO'}")
     if data.last_error:
@@ -140,6 +149,28 @@ def status(as_json: JsonOpt = False) -> None:
     for warning in data.last_reconcile.warnings if data.last_reconcile else []:
         lines.append(f"warning: {warning}")
     out(data, as_json, "\n".join(lines))
+
+
+def _reach_lines(data: StatusOut) -> list[str]:
+    lines = [f"warning: {w}" for w in data.endpoint_warnings]
+    if data.device_endpoint_note:
+        lines.append(f"note: {data.device_endpoint_note}")
+    return lines
+
+
+@app.command()
+def endpoint(
+    endpoints: Annotated[
+        list[str], typer.Argument(help="HOST:PORT other cells and devices dial, best first (1-4)")
+    ],
+    as_json: JsonOpt = False,
+) -> None:
+    """Change our endpoint while the cell runs: every linked cell learns it at once, and device
+    configs exported from now on carry the first."""
+    data = read(call("PUT", "/api/cell/endpoint", as_json, json={"endpoints": endpoints}),
+                StatusOut, as_json)  # fmt: skip
+    lines = [f"endpoint: {', '.join(data.endpoints)} (pushed to every linked cell)"]
+    out(data, as_json, "\n".join(lines + _reach_lines(data)))
 
 
 @app.command()
