@@ -65,6 +65,7 @@ from picell.wireguard.apply import ObservedPeer, observe_wg
 
 log = logging.getLogger(__name__)
 
+WAITING_POLL_S = 5.0  # a waiting link: how often WireGuard is asked for a handshake with it
 WORKERS = 4  # pushes in flight at once; a bad link holds one for at most client.DEADLINE_S
 ERROR_LOG_INTERVAL_S = 60.0  # unexpected errors: one log line per interval, with a count
 
@@ -178,9 +179,12 @@ class Sender:
         with self.store.read() as conn:
             messages = outbox.all_messages(conn)
             links = self._pushable(conn)
+            waiting = link_table.count_waiting(conn) > 0
         with self._lock:
             busy = set(self._in_flight)  # their end wakes us
         times = [now + HEARTBEAT_S]
+        if waiting:  # look again soon for the handshake that proves the other side imported
+            times.append(now + WAITING_POLL_S)
         times += [self._message_due_at(m) for m in messages if m.link_key not in busy]
         times += [self._push_due_at(ln, now) for ln in links if ln.public_key not in busy]
         return max(0.0, min(times) - now)

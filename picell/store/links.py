@@ -289,6 +289,10 @@ def push_done(conn: sqlite3.Connection, name: str, generation: int, at: float) -
     )
 
 
+def count_waiting(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("SELECT COUNT(*) FROM links WHERE state = 'waiting'").fetchone()[0])
+
+
 def confirm(conn: sqlite3.Connection, name: str, at: float) -> bool:
     """A `waiting` link becomes `linked` (the other cell accepted our signed document, or sent
     us one); True when it changed."""
