@@ -380,10 +380,7 @@ class Control:
             "address": str(cell.address),
             "network": str(cell.network),
             "endpoint": cell.primary_endpoint,
-            "endpoints": list(cell.announced),
-            "endpoint_source": cell.endpoint_source,
-            "endpoint_warnings": endpoint_warnings(cell, links),
-            "device_endpoint_note": device_endpoint_note(cell),
+            **self.reachability(cell, links),
             "interface": cell.interface,
             "public_key": keys.public_from_private(cell.private_key),
             "listen_port": cell.listen_port,
@@ -394,6 +391,20 @@ class Control:
             "last_reconcile": last.as_dict() if last else None,
             "last_error": self.last_error,
             "conflicts": self.link_conflicts(cell, links),
+        }
+
+    def reachability(
+        self, cell: Cell | None = None, links: list[Link] | None = None
+    ) -> dict[str, Any]:
+        """Our endpoints and what the owner should know about them (`picell.mesh.reach`)."""
+        if cell is None or links is None:
+            with self.store.read() as conn:
+                cell, links = cell_table.load(conn), link_table.all_links(conn)
+        return {
+            "endpoints": list(cell.announced),
+            "endpoint_source": cell.endpoint_source,
+            "endpoint_warnings": endpoint_warnings(cell, links),
+            "device_endpoint_note": device_endpoint_note(cell),
         }
 
     def link_conflicts(self, cell: Cell, links: list[Link]) -> list[dict[str, str]]:
