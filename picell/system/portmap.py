@@ -650,6 +650,9 @@ class PortMapper:
         self.repeats = repeats or RepeatLog(log)
         self.failures = 0
         self.last_error: str | None = None
+        # the first round renews a kept mapping at once: the router may have rebooted while the
+        # daemon was down, and the same ports are best asked for again before anyone else does
+        self._started = False
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -699,9 +702,10 @@ class PortMapper:
         if want is None:
             self._publish(None)
             return IDLE_S
-        if held is not None and now < held.renew_at:
+        if held is not None and now < held.renew_at and self._started:
             self._publish(held)
             return held.renew_at - now
+        self._started = True
         gateway = self.gateway()
         if gateway is None:
             return self._failed(held, now, "no IPv4 default route: no gateway to ask")
