@@ -192,8 +192,8 @@ def test_a_cell_behind_miniupnpd_maps_its_ports_and_is_linked_to(
 
         os.environ["PICELL_PORTMAP"] = protocol  # the other one must not be what answers
         nat = home_cell(topo, nat_ns, "nat", 1)
-        assert nat.cli("status")["endpoint"] == "192.168.77.2:51820"
         nat.start()
+        assert nat.cli("status")["endpoint"] == "192.168.77.2:51820"
         pub = Cell(topo, pub_ns, "pub", "pub.test", "10.62.0.1/24", "198.51.100.2:51820")
         pub.init()
         pub.start()
@@ -211,7 +211,7 @@ def test_a_cell_behind_miniupnpd_maps_its_ports_and_is_linked_to(
 
         # the invite carries the mapped address: the public cell pairs and links through it
         invite = nat.invite()
-        assert invite["invite"]["identity"]["endpoint"] == f"{WAN_ADDR}:51820"
+        assert invite["invite"]["endpoint"] == f"{WAN_ADDR}:51820"
         pub.cli("connect", invite["string"])
         wait_until(lambda: nat.links().get("pub", {}).get("state") == "linked", 30,
                    "nat did not link")  # fmt: skip
@@ -260,5 +260,5 @@ def test_cgnat_is_warned_about(tmp_path: Path) -> None:
         assert "carrier-grade NAT" in pm["warning"]
         assert "warning: " in cell.run("status").stdout
         # what it found is no endpoint to announce: the invite keeps the host's own address
-        assert cell.invite()["invite"]["identity"]["endpoint"] == "192.168.78.2:51820"
+        assert cell.invite()["invite"]["endpoint"] == "192.168.78.2:51820"
         assert "map 1 51820 51820 7200" in responder.log_text()
