@@ -32,6 +32,7 @@ import socket
 import struct
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -462,14 +463,19 @@ class UpnpClient:
         self.clock = clock
         self.factory = factory
 
-    def _open(self) -> Any:
+    def _open(self, gateway: ipaddress.IPv4Address) -> Any:
         igd = self.factory()
         igd.discoverdelay = UPNP_DISCOVER_MS
         try:
             igd.discover()
-            igd.selectigd()
+            url = str(igd.selectigd())  # the IGD's control URL
         except Exception as exc:  # noqa: BLE001 - miniupnpc raises the bare Exception
             raise NoAnswer(f"UPnP: {exc}") from exc
+        # any host of the LAN may answer SSDP: only the gateway itself is believed about the
+        # address the Internet sees us at
+        host = urllib.parse.urlsplit(url).hostname
+        if host != str(gateway):
+            raise Malformed(f"UPnP: the IGD at {host} is not the gateway {gateway}")
         return igd
 
     @staticmethod
@@ -498,7 +504,7 @@ class UpnpClient:
         raise PortMapError(f"UPnP refused {proto} {external}")
 
     def map(self, gateway: ipaddress.IPv4Address, want: Want, held: Mapping | None) -> Mapping:
-        igd = self._open()
+        igd = self._open(gateway)
         try:
             client = ipaddress.IPv4Address(igd.lanaddr)
             external = check_external(ipaddress.IPv4Address(igd.externalipaddress()))
@@ -523,7 +529,7 @@ class UpnpClient:
         return _mapping(self.name, gateway, client, want, udp, _optional(tcp), self.clock())
 
     def release(self, m: Mapping) -> None:
-        igd = self._open()
+        igd = self._open(m.gateway)
         ports = [("UDP", m.external_port)]
         if m.pair_external_port:
             ports.append(("TCP", m.pair_external_port))

@@ -507,8 +507,11 @@ def test_a_new_listen_port_releases_the_old_mapping(control: Control) -> None:
 class FakeIgd:
     """The part of miniupnpc.UPnP we use, with an IGD's error strings."""
 
-    def __init__(self, speaks: bool = True, permanent_only: bool = False) -> None:
+    def __init__(
+        self, speaks: bool = True, permanent_only: bool = False, at: str = "192.168.1.1"
+    ) -> None:
         self.speaks = speaks
+        self.at = at
         self.permanent_only = permanent_only
         self.discoverdelay = 0
         self.lanaddr = str(LAN)
@@ -520,7 +523,7 @@ class FakeIgd:
     def selectigd(self) -> str:
         if not self.speaks:
             raise Exception("No UPnP device discovered")  # noqa: TRY002 - as miniupnpc does
-        return "http://192.168.1.1:5000/rootDesc.xml"
+        return f"http://{self.at}:5000/ctl/IPConn"
 
     def externalipaddress(self) -> str:
         return str(EXT)
@@ -583,3 +586,14 @@ def test_everything_silent_reports_why(control: Control) -> None:
     assert "nat-pmp" not in m.last_error  # PCP's silence on 5351 spoke for NAT-PMP too
     with control.store.read() as conn:
         assert portmap_table.load(conn) is None
+
+
+def test_an_igd_that_is_not_the_gateway_is_not_believed(control: Control) -> None:
+    store, clock = control.store, Clock()
+    igd = FakeIgd(at="192.168.1.66")  # another host of the LAN answering SSDP
+    make_home(store)
+    m = mapper(store, FakeGateway(speaks="nobody"), clock, protocols=("upnp",),
+               upnp=UpnpClient(clock, factory=lambda: igd))  # fmt: skip
+    assert m.step() == FAIL_BACKOFF_S[0]
+    assert igd.rules == {} and cell_of(store).mapped_endpoint is None
+    assert "not the gateway" in (m.last_error or "")
