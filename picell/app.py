@@ -54,6 +54,7 @@ from picell.store import cell as cell_table
 from picell.store.db import Store
 from picell.system.children import Child
 from picell.system.limits import RepeatLog, install_repeat_filter, raise_nofile, run_forever
+from picell.system.portmap import PortMapper
 from picell.system.run import Runner
 
 log = logging.getLogger("picell")
@@ -143,6 +144,15 @@ class Daemon:
         self._failures = 0
         self._crashes, self._last_crash = 0, 0.0
         self._repeats = RepeatLog(log)
+        # the home router's port mapping: a new mapped endpoint is pushed to every link
+        self.portmap = PortMapper.from_env(
+            self.store, self.runner, on_change=self._endpoint_changed, repeats=self._repeats
+        )
+        self.control.port_mapping_error = lambda: self.portmap.last_error
+
+    def _endpoint_changed(self) -> None:
+        self.sender.wake()
+        self.control.converge_soon()
 
     def _make_child(self, name: str, argv: list[str]) -> Child:
         return Child(name, argv, self.paths.run_dir / f"{name}.log", on_exit=self._child_exited)
@@ -273,6 +283,7 @@ class Daemon:
         loop = threading.Thread(target=self._loop, name="reconcile", daemon=True)
         loop.start()
         self.sender.start()
+        self.portmap.start()
 
         async def main() -> None:
             def stop(*_: object) -> None:
@@ -292,6 +303,7 @@ class Daemon:
             self._stop.set()
             self._wake.set()
             loop.join(timeout=5)
+            self.portmap.stop()
             self.sender.stop()
             self.coalescer.stop()
             self.reconciler.stop()

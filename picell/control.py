@@ -37,12 +37,14 @@ from picell.store import exits as exit_table
 from picell.store import journal
 from picell.store import links as link_table
 from picell.store import peers as peer_table
+from picell.store import portmap as portmap_table
 from picell.store import services as service_table
 from picell.store.cell import Cell
 from picell.store.db import Store
 from picell.store.links import Link
 from picell.store.peers import Peer
 from picell.store.services import Service
+from picell.system.portmap import status_of
 from picell.system.run import Runner
 from picell.wireguard import keys
 from picell.wireguard.apply import observe_wg
@@ -100,6 +102,8 @@ class Control:
         # set by the daemon: a removed service stops being shared, and linked cells hear of it
         self.on_service_removed: Callable[[sqlite3.Connection, str], None] | None = None
         self.after_change: Callable[[], None] | None = None
+        # set by the daemon: why the last port-mapping round failed (None when it did not)
+        self.port_mapping_error: Callable[[], str | None] = lambda: None
 
     # -- state ---------------------------------------------------------------------------------
     def build(self, conn: sqlite3.Connection) -> State:
@@ -373,6 +377,7 @@ class Control:
             n_peers = len(peer_table.all_peers(conn))
             n_services = len(service_table.all_services(conn))
             links = link_table.all_links(conn)
+            mapping = portmap_table.load(conn)
         last = self.reconciler.last if self.reconciler else None
         return {
             "name": cell.name,
@@ -391,6 +396,8 @@ class Control:
             "last_reconcile": last.as_dict() if last else None,
             "last_error": self.last_error,
             "conflicts": self.link_conflicts(cell, links),
+            "port_mapping": status_of(mapping, time.time()),
+            "port_mapping_error": self.port_mapping_error(),
         }
 
     def reachability(

@@ -141,6 +141,15 @@ class LinkConflict(Answer):
     overlaps: str  # in words: "this host's route to 172.17.0.0/16 on docker0"
 
 
+class PortMappingOut(Answer):
+    protocol: Literal["pcp", "nat-pmp", "upnp"]
+    external_address: str
+    external_port: int
+    pair_external_port: int | None
+    expires_at: float
+    warning: str | None = None  # CGNAT or double NAT: the mapping does not reach outside
+
+
 class StatusOut(Answer):
     name: str
     domain: str
@@ -164,6 +173,8 @@ class StatusOut(Answer):
     rejected_messages: dict[str, int] = {}
     applied: dict[str, int] = {}
     pushes_sent: int = 0
+    port_mapping: PortMappingOut | None = None
+    port_mapping_error: str | None = None
 
 
 class PeerOut(Answer):

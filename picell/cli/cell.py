@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -131,6 +132,17 @@ def serve(
     Daemon(CTX.data_dir).serve()
 
 
+def _port_mapping(data: StatusOut) -> str:
+    m = data.port_mapping
+    if m is None:
+        why = f" ({data.port_mapping_error})" if data.port_mapping_error else ""
+        return f"port mapping: none{why}"
+    pair = f", pairing TCP {m.pair_external_port}" if m.pair_external_port else ""
+    left = max(0, round(m.expires_at - time.time()))
+    line = f"port mapping: {m.protocol} {m.external_address}:{m.external_port}{pair}, {left} s left"
+    return line + (f"\nwarning: {m.warning}" if m.warning else "")
+
+
 @app.command()
 def status(as_json: JsonOpt = False) -> None:
     """The cell's identity and health."""
@@ -146,6 +158,7 @@ def status(as_json: JsonOpt = False) -> None:
         lines.append(f"last error: {data.last_error}")
     for c in data.conflicts:
         lines.append(f"CONFLICT: link {c.cell} ({c.network}) overlaps {c.overlaps}")
+    lines.append(_port_mapping(data))
     for warning in data.last_reconcile.warnings if data.last_reconcile else []:
         lines.append(f"warning: {warning}")
     out(data, as_json, "\n".join(lines))
