@@ -23,7 +23,14 @@ from fastapi import FastAPI
 from picell import __version__
 from picell.api import admin, cells, errors, web
 from picell.api.auth import Auth, password_router
-from picell.api.listen import Limits, Listener, listen_tcp, listen_unix, loop_exception_handler
+from picell.api.listen import (
+    Limits,
+    Listener,
+    listen_tcp,
+    listen_tcp_any,
+    listen_unix,
+    loop_exception_handler,
+)
 from picell.api.peer import build_mesh_api, build_pairing_api
 from picell.api.strict_json import StrictJsonBodies
 from picell.cellinit import InitRequest
@@ -261,7 +268,8 @@ class Daemon:
                     _config(build_pairing_api(self.links)),
                     Limits("pairing", *PAIRING_CONNECTIONS, PAIRING_REQUEST_S),
                 ),
-                [listen_tcp("0.0.0.0", cell.pair_port)],
+                # dual-stack: a cell whose only public address is IPv6 is paired with too
+                listen_tcp_any(cell.pair_port),
             ),
         ]
         # the web UI: loopback only; from elsewhere through an SSH tunnel. A port in use (a

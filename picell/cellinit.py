@@ -2,8 +2,9 @@
 
 `plan_cell` turns an `InitRequest` (and the cell as stored, if any) into the `Cell` to store:
 defaults are the host name, `<name>.cell`, a random /24 in 10.0.0.0/8 avoiding the host's routes,
-and the host's first global address. A change must still hold every device and service and must
-not collide with a linked cell. Reads the host only through the runner; stores nothing itself.
+and the host's first global address (IPv4, else IPv6). A change must still hold every device and
+service and must not collide with a linked cell. Reads the host only through the runner; stores
+nothing itself.
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ from picell.constants import (
     MESH_RANGE,
 )
 from picell.errors import BadInput, Conflict
-from picell.routing.host import observe_host_address, observe_host_networks
+from picell.routing.host import observe_host_addresses, observe_host_networks
 from picell.store import peers as peer_table
 from picell.store import services as service_table
 from picell.store.cell import Cell
 from picell.store.links import Link
 from picell.system.run import Runner
+from picell.validate import HostPort
 from picell.wireguard import keys
 
 
@@ -98,13 +100,16 @@ def plan_cell(runner: Runner, req: InitRequest, old: Cell | None, conn: sqlite3.
         endpoint, endpoints, source = old.endpoint, old.endpoints, old.endpoint_source
     else:
         source = "host"
-        host = observe_host_address(runner)
-        if host is None:
+        port = listen_port or DEFAULT_LISTEN_PORT
+        # its global IPv4 address first, else (an IPv6-only home) its global IPv6 address;
+        # the other family, when the host has both, is announced as a second endpoint
+        endpoints = tuple(str(HostPort(a, port)) for a in observe_host_addresses(runner))
+        if not endpoints:
             raise BadInput(
                 "endpoint: this host has no global address; give --endpoint HOST:PORT",
                 field="endpoint",
             )
-        endpoint = f"{host}:{listen_port or DEFAULT_LISTEN_PORT}"
+        endpoint = endpoints[0]
     listen_port = listen_port or (old.listen_port if old else DEFAULT_LISTEN_PORT)
     if old:
         _check_renumber(conn, address)

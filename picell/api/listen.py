@@ -6,8 +6,8 @@ pairing port used to exhaust the daemon's file descriptors. A `Listener` is a uv
 that accepts its sockets itself:
 
 - `ConnectionGate`: at most `total` connections open at once, at most `per_source` from one
-  address. A connection over either cap is closed at accept time (a reset: no HTTP answer, no
-  task, no parser), so a flood costs an accept and a close.
+  address (IPv4) or one /64 (IPv6). A connection over either cap is closed at accept time (a
+  reset: no HTTP answer, no task, no parser), so a flood costs an accept and a close.
 - `BoundedH11Protocol`: uvicorn's h11 protocol with a request deadline: a connection must deliver
   a whole request (headers and body) within `request_s` of connecting or of the previous answer,
   else it is closed. Time spent in the handler does not count.
@@ -18,8 +18,9 @@ that accepts its sockets itself:
   (`RepeatLog`), never once per event.
 
 `listen_tcp` and `listen_unix` make the listening sockets (the admin socket 0600 before it
-listens). This module must not know routes or policy: `picell/app.py` chooses each listener's
-`Limits`.
+listens); `listen_tcp_any` the dual-stack pair of the pairing port (IPv4 and IPv6, one socket
+each, so sources are never v4-mapped). This module must not know routes or policy:
+`picell/app.py` chooses each listener's `Limits`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import ipaddress
 import logging
 import os
 import socket
@@ -156,6 +158,25 @@ class BoundedH11Protocol(H11Protocol):
         self.transport.close()
 
 
+def _source(address: Any) -> str:
+    """The source a gate counts: an IPv4 address; for IPv6 the source's /64, since one host
+    holds a whole /64 and could otherwise open `per_source` connections from each of its
+    addresses (a v4-mapped address, from a dual-stack socket, counts as the IPv4 address it
+    maps); `LOCAL` for a unix socket."""
+    if not (isinstance(address, tuple) and address):
+        return LOCAL
+    host = str(address[0]).split("%", 1)[0]  # a link-local source's scope id
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
 def _reset(conn: socket.socket) -> None:
     """Close with a reset (SO_LINGER 0): the shed connection leaves no TIME_WAIT behind."""
     with contextlib.suppress(OSError):
@@ -224,7 +245,7 @@ class Listener(uvicorn.Server):
             await self.admit(conn, address)
 
     async def admit(self, conn: socket.socket, address: Any) -> None:
-        source = address[0] if isinstance(address, tuple) and address else LOCAL
+        source = _source(address)
         refused = self.gate.admit(source)
         if refused is not None:
             _reset(conn)
@@ -257,15 +278,38 @@ class Listener(uvicorn.Server):
 
 
 def listen_tcp(address: str, port: int, backlog: int = 128) -> socket.socket:
-    """A listening TCP socket; IP_FREEBIND lets it bind the WireGuard address before (or while)
-    the interface carries it, so start order does not matter."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
-    sock.bind((address, port))
-    sock.listen(backlog)
+    """A listening TCP socket on an IPv4 or IPv6 address. For IPv4, IP_FREEBIND lets it bind the
+    WireGuard address before (or while) the interface carries it, so start order does not
+    matter. An IPv6
+    socket is IPv6 only (IPV6_V6ONLY): IPv4 has its own socket, so that no source ever shows as
+    a v4-mapped address."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        else:
+            sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
+        sock.bind((address, port))
+        sock.listen(backlog)
+    except OSError:
+        sock.close()
+        raise
     sock.set_inheritable(True)
     return sock
+
+
+def listen_tcp_any(port: int, backlog: int = 128) -> list[socket.socket]:
+    """Dual-stack listening sockets on every address: `0.0.0.0` and `::` (for a cell whose only
+    public address is IPv6). A host without IPv6 (disabled, or no module) keeps the IPv4 socket
+    alone, and says so once."""
+    socks = [listen_tcp("0.0.0.0", port, backlog)]
+    try:
+        socks.append(listen_tcp("::", port, backlog))
+    except OSError as exc:
+        log.warning("cannot listen on [::]:%d (%s): IPv4 only", port, exc.strerror or exc)
+    return socks
 
 
 def listen_unix(path: Path, mode: int = 0o600, backlog: int = 128) -> socket.socket:

@@ -42,7 +42,6 @@ def document(
     (`exit_slot`: the slot our devices leave through them) our client end. `seen_at` is where
     our WireGuard sees them (their NAT's address, for them to compare with what they announce).
     """
-    announced = cell.announced
     wg = keys.public_from_private
     relay = {"public_key": wg(exit_private_key(cell, None)),
              "port": exit_port(cell.listen_port, 0)}  # fmt: skip
@@ -60,8 +59,8 @@ def document(
         **({"invite_proof": link.sync.invite_proof} if link.sync.invite_proof else {}),
         **({"seen_at": seen_at} if seen_at else {}),
         "identity": {
-            "endpoint": announced[0],
-            "endpoints": list(announced),
+            "endpoint": cell.primary_endpoint,
+            "endpoints": list(cell.announced),
             "vpn_subnet": str(cell.network),
             "dns_ip": str(cell.ip),
             "domain": cell.domain,

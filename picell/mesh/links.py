@@ -20,7 +20,7 @@ import secrets
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -59,17 +59,29 @@ def identity_of(cell: Cell) -> Identity:
         cell_name=cell.name,
         domain=cell.domain,
         public_key=keys.public_from_private(cell.private_key),
-        endpoint=cell.endpoint,
+        # every endpoint we announce (IPv4 and IPv6, the owner's, the router's, the host's),
+        # best first; `endpoint` repeats the first for cells that read only it
+        endpoint=cell.primary_endpoint,
+        endpoints=list(cell.announced),
         vpn_subnet=cell.network,
         dns_ip=cell.ip,
         mesh_port=cell.mesh_port,
     )
 
 
+def announced_endpoints(endpoint: str, endpoints: Sequence[str] | None) -> tuple[str, ...]:
+    """The endpoints a cell announced, as a link stores them (LinkIdentity.endpoints): `endpoint`
+    first, at most `ENDPOINTS_MAX`, () when it announced only `endpoint` (LinkIdentity.candidates
+    falls back to it)."""
+    found = tuple(dict.fromkeys((endpoint, *(endpoints or ()))))[: wire.ENDPOINTS_MAX]
+    return found if len(found) > 1 else ()
+
+
 def _link_from(other: Identity, existing: Link | None, state: LinkState) -> Link:
     """The link row for `other`: a new one, or `existing` updated in place (a re-pairing)."""
     identity = LinkIdentity(
         endpoint=other.endpoint,
+        endpoints=announced_endpoints(other.endpoint, other.endpoints),
         vpn_subnet=other.vpn_subnet,
         dns_ip=other.dns_ip,
         domain=other.domain,
@@ -106,6 +118,22 @@ def invite_proof(token: str, our_public: str, their_public: str) -> str:
 def _key_proof(our_private: str, their_public: str, signed: dict[str, Any]) -> str:
     """A MAC with the link key: only the holder of the identity's private key can make it."""
     return mac(link_key(our_private, their_public), signed)
+
+
+def _pair_any(other: Identity, port: int, request: dict[str, Any]) -> tuple[int, Any]:
+    """The pairing call to the first of the other cell's endpoint hosts that answers (an IPv4
+    home behind NAT may announce an IPv6 address that is reachable, or the reverse). Only "no
+    answer" moves on to the next host: any answer, even an unusable one, ends the attempt."""
+    hosts = dict.fromkeys(validate.endpoint(e).host for e in other.candidates())
+    failures = []
+    for host in hosts:
+        try:
+            return client.pair(host, port, request)
+        except client.BadAnswer:
+            raise
+        except client.Unreachable as exc:
+            failures.append(str(exc))
+    raise client.Unreachable("; ".join(failures))
 
 
 class Links:
@@ -177,10 +205,9 @@ class Links:
             "mac": mac(key, signed),
             "key_proof": _key_proof(cell.private_key, other.public_key, signed),
         }
-        host = validate.endpoint(other.endpoint).host
         name = other.cell_name
         try:
-            status, data = client.pair(host, inv.pairing.port, request)
+            status, data = _pair_any(other, inv.pairing.port, request)
         except client.BadAnswer as exc:  # it answered, with something unusable: no link
             raise Forbidden(f"cell {name}'s pairing answer is unusable: {exc}",
                             field="invite") from None  # fmt: skip

@@ -17,7 +17,7 @@ from typing import Any
 from picell import validate
 from picell.errors import BadInput, Conflict, NotFound
 from picell.mesh import wire
-from picell.mesh.links import Links
+from picell.mesh.links import Links, announced_endpoints
 from picell.mesh.protocol import parse_envelope
 from picell.store import journal
 from picell.store import links as link_table
@@ -200,13 +200,17 @@ class Sync:
                 "body.identity.dns_ip: outside the cell's network", field="body.identity.dns_ip"
             )
         endpoint = ident.endpoint or link.identity.endpoint
-        endpoints = tuple(ident.endpoints) if ident.endpoints else link.identity.endpoints
-        if ident.endpoint and not ident.endpoints:
-            endpoints = ()  # an older cell: one endpoint
-        before = (link.identity.endpoint, link.identity.endpoints, link.identity.dns_ip)
-        if (endpoint, endpoints, dns_ip) == before:
+        # a document that names no endpoints keeps those we know, unless its endpoint moved
+        if ident.endpoints is not None:
+            endpoints = announced_endpoints(endpoint, ident.endpoints)
+        elif endpoint == link.identity.endpoint:
+            endpoints = link.identity.endpoints
+        else:
+            endpoints = ()
+        old = (link.identity.endpoint, link.identity.endpoints, link.identity.dns_ip)
+        if (endpoint, endpoints, dns_ip) == old:
             return updated
-        shown = ", ".join(endpoints) if endpoints else endpoint
+        shown = ", ".join(endpoints or (endpoint,))
         events.append(f"identity changed: endpoint {shown}, dns {dns_ip}")
         url = f"http://{dns_ip}:{link.identity.mesh_port}"
         moved = replace(

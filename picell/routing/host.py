@@ -1,4 +1,5 @@
-"""Read the host's own routes and addresses: for defaults at init (`ip -j`), the on-link
+"""Read the host's own routes and addresses: for defaults at init (`ip -j`: the global IPv4
+and IPv6 addresses that make the default endpoints), the on-link
 networks an exit must not lend (`/proc/net/route`, no process), and the uplink an exit lends
 (the default route's interface, from the reconciler's one route read). Never raises on output
 of an unexpected shape: it reads as nothing."""
@@ -20,16 +21,37 @@ def observe_host_networks(runner: Runner) -> list[ipaddress.IPv4Network]:
     return [r.dst for r in parse_routes(out).routes if r.dst != ANY]
 
 
-def observe_host_address(runner: Runner) -> str | None:
-    """The first global IPv4 address in `ip`'s order (by interface index): the default
-    endpoint at init."""
-    out = runner.run(["ip", "-j", "-4", "addr", "show", "scope", "global"]).stdout
+def _global_addresses(out: str, family: str) -> list[str]:
+    """The addresses of `family` in `ip -j addr` output, in its order (by interface index),
+    leaving out those no other host can use for long: tentative (DAD not done), deprecated and
+    temporary (privacy) IPv6 addresses."""
+    found = []
     for link in json_list(out, "ip addr", []):
         info = link.get("addr_info")
         for a in info if isinstance(info, list) else []:
-            if isinstance(a, dict) and a.get("family") == "inet" and a.get("local"):
-                return str(a["local"])
-    return None
+            if not isinstance(a, dict) or a.get("family") != family or not a.get("local"):
+                continue
+            if any(a.get(flag) for flag in ("tentative", "deprecated", "temporary")):
+                continue
+            found.append(str(a["local"]))
+    return found
+
+
+def observe_host_addresses(runner: Runner) -> tuple[str, ...]:
+    """The host's own endpoints' addresses, best first: its first global IPv4 address, then its
+    first global IPv6 address (either may be missing). A host without global IPv4 (an IPv6-only
+    home, DS-Lite) is thus reached over IPv6."""
+    found: list[str] = []
+    for flag, family in (("-4", "inet"), ("-6", "inet6")):
+        out = runner.run(["ip", "-j", flag, "addr", "show", "scope", "global"]).stdout
+        found += _global_addresses(out, family)[:1]
+    return tuple(found)
+
+
+def observe_host_address(runner: Runner) -> str | None:
+    """The first of `observe_host_addresses`: the default endpoint at init."""
+    found = observe_host_addresses(runner)
+    return found[0] if found else None
 
 
 def default_uplinks(routes: ObservedRoutes, ours: Collection[str]) -> tuple[str, ...]:

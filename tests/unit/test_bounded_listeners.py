@@ -19,7 +19,15 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 
-from picell.api.listen import ConnectionGate, Limits, Listener, listen_tcp, listen_unix
+from picell.api.listen import (
+    ConnectionGate,
+    Limits,
+    Listener,
+    _source,
+    listen_tcp,
+    listen_tcp_any,
+    listen_unix,
+)
 from picell.api.peer import refusal_reason
 from tests.netns.harness import wait_until
 
@@ -42,12 +50,12 @@ def _app() -> FastAPI:
 
 
 class Running:
-    def __init__(self, limits: Limits, sock: socket.socket) -> None:
+    def __init__(self, limits: Limits, sock: socket.socket, *more: socket.socket) -> None:
         config = uvicorn.Config(_app(), log_level="warning", log_config=None, access_log=False)
         self.server = Listener(config, limits)
         self.sock = sock
         self.thread = threading.Thread(
-            target=lambda: asyncio.run(self.server.serve(sockets=[sock])), daemon=True
+            target=lambda: asyncio.run(self.server.serve(sockets=[sock, *more])), daemon=True
         )
 
     def __enter__(self) -> Running:
@@ -68,7 +76,8 @@ def tcp() -> Iterator[tuple[socket.socket, int]]:
 
 
 def connect(port: int, source: str = "127.0.0.1") -> socket.socket:
-    conn = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+    host = "::1" if ":" in source else "127.0.0.1"
+    conn = socket.create_connection((host, port), timeout=10, source_address=(source, 0))
     return conn
 
 
@@ -124,6 +133,41 @@ def test_excess_connections_are_shed_and_others_still_served(
         assert len(shed_lines) == 1, [r.getMessage() for r in shed_lines]  # counted, not 50
         for conn in held:
             conn.close()
+
+
+def test_gate_sources_ipv6_by_prefix_and_mapped_ipv4_as_ipv4() -> None:
+    assert _source(("192.0.2.7", 5000)) == "192.0.2.7"
+    assert _source(("::ffff:192.0.2.7", 5000, 0, 0)) == "192.0.2.7"
+    # one host holds a whole /64: its addresses share one count
+    assert _source(("2001:db8:1:2::5", 5000, 0, 0)) == "2001:db8:1:2::/64"
+    assert _source(("2001:db8:1:2:aaaa::9", 5000, 0, 0)) == "2001:db8:1:2::/64"
+    assert _source(("2001:db8:1:3::5", 5000, 0, 0)) == "2001:db8:1:3::/64"
+    assert _source(("fe80::1%eth0", 5000, 0, 2)) == "fe80::/64"
+    assert _source("") == "local"
+
+
+def test_the_dual_stack_listener_serves_and_counts_ipv6_sources() -> None:
+    probe = listen_tcp("127.0.0.1", 0)
+    port = probe.getsockname()[1]
+    probe.close()
+    socks = listen_tcp_any(port)
+    assert sorted(s.family for s in socks) == [socket.AF_INET, socket.AF_INET6]
+    v6 = next(s for s in socks if s.family == socket.AF_INET6)
+    assert v6.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1  # no v4-mapped sources
+    try:
+        limits = Limits("pairing", total=10, per_source=2, request_s=30)
+        with Running(limits, *socks) as running:
+            held = [connect(port, "::1") for _ in range(2)]
+            wait_until(lambda: running.server.gate.total == 2, 10, "IPv6 connections not counted")
+            assert set(running.server.gate.open) == {"::/64"}
+            assert shed(port, "::1")  # over the per-source cap, over IPv6 too
+            assert answers(connect(port, "127.0.0.1"))  # IPv4 on the same port, counted apart
+            assert answers(held[0])
+            for conn in held:
+                conn.close()
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 def test_total_cap_holds_across_sources(tcp: tuple[socket.socket, int]) -> None:
