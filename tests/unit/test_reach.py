@@ -96,3 +96,27 @@ def test_bad_endpoints_are_refused_naming_the_field(
     assert got.status_code in (400, 422), got.text
     assert field in got.text
     assert client.get("/api/status").json()["endpoints"] == ["198.51.100.1:51820"]
+
+
+def test_an_invite_announcing_the_router_mapping_carries_its_pairing_port(
+    control: Control,
+) -> None:
+    from picell.mesh.links import Links
+    from picell.store import cell as cell_table
+    from picell.store import portmap as portmap_table
+
+    mapping = portmap_table.Mapping(
+        "nat-pmp", ipaddress.IPv4Address("192.168.1.1"), ipaddress.IPv4Address("192.168.1.5"),
+        ipaddress.IPv4Address("203.0.113.7"), 51820, 41000, 51821, 41001, 7200, 0.0,
+    )  # fmt: skip
+    with control.store.transaction() as conn:
+        portmap_table.save(conn, mapping)
+        conn.execute("UPDATE cell SET endpoint_source = 'host'")
+        cell_table.set_mapped_endpoint(conn, mapping.endpoint)
+    invite = Links(control).invite(3600)
+    assert invite.endpoint == "203.0.113.7:41000"
+    assert invite.pairing is not None and invite.pairing.port == 41001
+    control.set_endpoints(["home.example.test:51820"])  # the owner's word wins: our own port
+    invite = Links(control).invite(3600)
+    assert invite.endpoint == "home.example.test:51820"
+    assert invite.pairing is not None and invite.pairing.port == 51821
