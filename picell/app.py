@@ -51,6 +51,7 @@ from picell.control import Coalescer, Control
 from picell.errors import PicellError
 from picell.mesh.exits import Exits
 from picell.mesh.links import Links
+from picell.mesh.reach import init_warning
 from picell.mesh.sender import Sender
 from picell.mesh.sync import Sync
 from picell.paths import Paths
@@ -60,6 +61,7 @@ from picell.store import cell as cell_table
 from picell.store.db import Store
 from picell.system.children import Child
 from picell.system.limits import RepeatLog, install_repeat_filter, raise_nofile, run_forever
+from picell.system.portmap import PortMapper
 from picell.system.run import Runner
 
 log = logging.getLogger("picell")
@@ -149,6 +151,15 @@ class Daemon:
         self._failures = 0
         self._crashes, self._last_crash = 0, 0.0
         self._repeats = RepeatLog(log)
+        # the home router's port mapping: a new mapped endpoint is pushed to every link
+        self.portmap = PortMapper.from_env(
+            self.store, self.runner, on_change=self._endpoint_changed, repeats=self._repeats
+        )
+        self.control.port_mapping_error = lambda: self.portmap.last_error
+
+    def _endpoint_changed(self) -> None:
+        self.sender.wake()
+        self.control.converge_soon()
 
     def _make_child(self, name: str, argv: list[str]) -> Child:
         return Child(name, argv, self.paths.run_dir / f"{name}.log", on_exit=self._child_exited)
@@ -170,6 +181,9 @@ class Daemon:
                 cell.address,
                 cell.endpoint,
             )
+            warning = init_warning(cell)
+            if warning:
+                log.warning("init: %s", warning)
 
     def ensure_password(self) -> None:
         """Without an admin password, make one and show it once (only its hash is kept)."""
@@ -277,6 +291,7 @@ class Daemon:
         loop = threading.Thread(target=self._loop, name="reconcile", daemon=True)
         loop.start()
         self.sender.start()
+        self.portmap.start()
 
         async def main() -> None:
             def stop(*_: object) -> None:
@@ -296,6 +311,7 @@ class Daemon:
             self._stop.set()
             self._wake.set()
             loop.join(timeout=5)
+            self.portmap.stop()
             self.sender.stop()
             self.coalescer.stop()
             self.reconciler.stop()

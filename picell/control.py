@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 from picell import validate
@@ -27,6 +28,7 @@ from picell.cellinit import InitRequest, check_links, plan_cell
 from picell.dns.unbound import read_upstreams
 from picell.errors import ApplyFailed, BadInput, Conflict
 from picell.mesh.policy import host_overlap, observe_host
+from picell.mesh.reach import device_endpoint_note, endpoint_warnings
 from picell.reconcile import Reconciler, Report
 from picell.routing.host import observe_onlink
 from picell.state import State, build_state
@@ -35,12 +37,14 @@ from picell.store import exits as exit_table
 from picell.store import journal
 from picell.store import links as link_table
 from picell.store import peers as peer_table
+from picell.store import portmap as portmap_table
 from picell.store import services as service_table
 from picell.store.cell import Cell
 from picell.store.db import Store
 from picell.store.links import Link
 from picell.store.peers import Peer
 from picell.store.services import Service
+from picell.system.portmap import status_of
 from picell.system.run import Runner
 from picell.wireguard import keys
 from picell.wireguard.apply import observe_wg
@@ -98,6 +102,8 @@ class Control:
         # set by the daemon: a removed service stops being shared, and linked cells hear of it
         self.on_service_removed: Callable[[sqlite3.Connection, str], None] | None = None
         self.after_change: Callable[[], None] | None = None
+        # set by the daemon: why the last port-mapping round failed (None when it did not)
+        self.port_mapping_error: Callable[[], str | None] = lambda: None
 
     # -- state ---------------------------------------------------------------------------------
     def build(self, conn: sqlite3.Connection) -> State:
@@ -283,7 +289,7 @@ class Control:
             dns=cell.ip,
             domain=cell.domain,
             cell_public_key=keys.public_from_private(cell.private_key),
-            endpoint=cell.endpoint,
+            endpoint=cell.primary_endpoint,
             allowed_ips=device_allowed_ips(cell.network, cell.mesh_range, full),
         )
 
@@ -338,6 +344,32 @@ class Control:
             cell = cell_table.load(conn)
             return [self.service_public(cell, s) for s in service_table.all_services(conn)]
 
+    # -- our endpoints -------------------------------------------------------------------------
+    def set_endpoints(self, endpoints: list[str]) -> Cell:
+        """The owner's endpoints, best first (at most 4), set while the cell runs: they win
+        over a router mapping and the host's own address. Every link is marked for a push
+        (the caller wakes the sender): linked cells learn them in our signed document, and
+        device configs exported afterwards carry the first."""
+        if not 1 <= len(endpoints) <= 4:
+            raise BadInput("endpoints: give 1 to 4 endpoints HOST:PORT", field="endpoints")
+        checked = tuple(
+            dict.fromkeys(
+                str(validate.endpoint(e, f"endpoints[{i}]")) for i, e in enumerate(endpoints)
+            )
+        )
+        with self.change() as conn:
+            cell = cell_table.load(conn)
+            new = replace(cell, endpoint=checked[0], endpoints=checked, endpoint_source="owner")
+            if new != cell:
+                cell_table.save(conn, new)
+                for link in link_table.all_links(conn):
+                    link_table.mark_pending(conn, link.name)
+                    journal.append(conn, link.name, "endpoint changed", "local owner",
+                                   ", ".join(checked))  # fmt: skip
+        if new != cell and self.after_change is not None:
+            self.after_change()  # the sender pushes at once
+        return new
+
     # -- status --------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         cell = self.cell()
@@ -345,13 +377,15 @@ class Control:
             n_peers = len(peer_table.all_peers(conn))
             n_services = len(service_table.all_services(conn))
             links = link_table.all_links(conn)
+            mapping = portmap_table.load(conn)
         last = self.reconciler.last if self.reconciler else None
         return {
             "name": cell.name,
             "domain": cell.domain,
             "address": str(cell.address),
             "network": str(cell.network),
-            "endpoint": cell.endpoint,
+            "endpoint": cell.primary_endpoint,
+            **self.reachability(cell, links),
             "interface": cell.interface,
             "public_key": keys.public_from_private(cell.private_key),
             "listen_port": cell.listen_port,
@@ -362,6 +396,22 @@ class Control:
             "last_reconcile": last.as_dict() if last else None,
             "last_error": self.last_error,
             "conflicts": self.link_conflicts(cell, links),
+            "port_mapping": status_of(mapping, time.time()),
+            "port_mapping_error": self.port_mapping_error(),
+        }
+
+    def reachability(
+        self, cell: Cell | None = None, links: list[Link] | None = None
+    ) -> dict[str, Any]:
+        """Our endpoints and what the owner should know about them (`picell.mesh.reach`)."""
+        if cell is None or links is None:
+            with self.store.read() as conn:
+                cell, links = cell_table.load(conn), link_table.all_links(conn)
+        return {
+            "endpoints": list(cell.announced),
+            "endpoint_source": cell.endpoint_source,
+            "endpoint_warnings": endpoint_warnings(cell, links),
+            "device_endpoint_note": device_endpoint_note(cell),
         }
 
     def link_conflicts(self, cell: Cell, links: list[Link]) -> list[dict[str, str]]:

@@ -30,6 +30,9 @@ class PeerState:
     allowed_ips: tuple[ipaddress.IPv4Network, ...]
     endpoint: str | None = None
     keepalive_s: int = 0
+    # a linked cell's endpoints to try in turn while its link is stale (the reconciler keeps
+    # the endpoint WireGuard learned while it is fresh); () for a fixed endpoint
+    candidates: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, order=True)
@@ -148,6 +151,7 @@ class LinkState:
     dns_ip: ipaddress.IPv4Address
     mesh_port: int
     unlinking: bool  # only the other cell's address stays reachable, to deliver `unlink`
+    candidates: tuple[str, ...] = ()  # endpoints to try while stale, `endpoint` first
 
     @property
     def routed(self) -> ipaddress.IPv4Network:
@@ -202,7 +206,8 @@ def build_state(
             LinkState(
                 name=link.name,
                 public_key=link.public_key,
-                endpoint=link.identity.endpoint,
+                endpoint=link.identity.candidates[0],
+                candidates=link.identity.candidates,
                 network=link.identity.vpn_subnet,
                 dns_ip=link.identity.dns_ip,
                 mesh_port=link.identity.mesh_port,
@@ -227,6 +232,7 @@ def build_state(
             allowed_ips=(link.routed,),
             endpoint=link.endpoint,
             keepalive_s=LINK_KEEPALIVE_S,
+            candidates=link.candidates,
         )
         for link in link_states
     )

@@ -10,7 +10,9 @@ if [ "${1:-}" = "--test" ]; then
     extras="[test]"
     # chromium: the web UI's browser tests; libatomic1: Playwright's bundled node driver needs it
     # (a minimal Debian lacks it); git: the compatibility test checks out an older commit
-    pkgs="$pkgs dnsutils iputils-ping procps chromium libatomic1 git"
+    # miniupnpd-nftables, miniupnpc: a home router answering UPnP-IGD, PCP and NAT-PMP in the
+    # port-mapping test, and `upnpc` to list its mappings (the cell itself uses PyPI miniupnpc)
+    pkgs="$pkgs dnsutils iputils-ping procps chromium libatomic1 git miniupnpd-nftables miniupnpc"
 fi
 missing=""
 for p in $pkgs; do
@@ -22,10 +24,13 @@ if [ -n "$missing" ]; then
     # shellcheck disable=SC2086
     apt-get install -y -q --no-install-recommends $missing
 fi
-# Debian's unbound package may start a system resolver; picell runs its own per cell.
-if command -v systemctl >/dev/null 2>&1 && systemctl is-enabled unbound >/dev/null 2>&1; then
-    systemctl disable --now unbound >/dev/null 2>&1 || true
-fi
+# Debian's unbound package may start a system resolver; picell runs its own per cell. The same
+# for miniupnpd (--test only): the test runs its own in a router namespace.
+for svc in unbound miniupnpd; do
+    if command -v systemctl >/dev/null 2>&1 && systemctl is-enabled "$svc" >/dev/null 2>&1; then
+        systemctl disable --now "$svc" >/dev/null 2>&1 || true
+    fi
+done
 [ -x .venv/bin/python ] || /usr/bin/python3 -m venv .venv
 # pip reinstalls an editable package on every run, fetching its build backend from the index, so a
 # cell restarted without Internet (or in a namespace without an uplink) could not start. Skip pip

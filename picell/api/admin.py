@@ -13,6 +13,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from picell.api.models import (
     NAME_MAX,
     NAME_PATTERN,
+    EndpointSet,
     PeerCreate,
     PeerCreated,
     PeerLive,
@@ -47,6 +48,14 @@ def status(ctl: Ctl, request: Request) -> dict[str, Any]:
     sender = getattr(request.app.state, "sender", None)
     data["pushes_sent"] = sender.pushes if sender is not None else 0
     return data
+
+
+@router.put("/cell/endpoint", response_model=StatusOut)
+def set_endpoint(body: EndpointSet, ctl: Ctl, request: Request) -> dict[str, Any]:
+    """Our endpoints (HOST:PORT, best first), set while the cell runs: pushed to every link at
+    once; device configs exported afterwards carry the first."""
+    ctl.set_endpoints(body.endpoints)
+    return status(ctl, request)
 
 
 @router.post("/reconcile", response_model=ReportOut)

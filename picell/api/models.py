@@ -99,6 +99,12 @@ class ExitOffer(Request):
     offered: bool
 
 
+class EndpointSet(Request):
+    endpoints: list[Annotated[str, StringConstraints(max_length=300)]] = Field(
+        min_length=1, max_length=4, description="HOST:PORT, best first (IPv6 as [ADDR]:PORT)"
+    )
+
+
 class LinksImport(Request):
     content: str = Field(max_length=4_000_000)
 
@@ -135,6 +141,15 @@ class LinkConflict(Answer):
     overlaps: str  # in words: "this host's route to 172.17.0.0/16 on docker0"
 
 
+class PortMappingOut(Answer):
+    protocol: Literal["pcp", "nat-pmp", "upnp"]
+    external_address: str
+    external_port: int
+    pair_external_port: int | None
+    expires_at: float
+    warning: str | None = None  # CGNAT or double NAT: the mapping does not reach outside
+
+
 class StatusOut(Answer):
     name: str
     domain: str
@@ -148,12 +163,18 @@ class StatusOut(Answer):
     devices: int
     services: int
     dns_running: bool
+    endpoints: list[str] = []  # every endpoint we announce, best first
+    endpoint_source: str = "owner"
+    endpoint_warnings: list[str] = []
+    device_endpoint_note: str | None = None
     last_reconcile: ReportOut | None
     last_error: str | None
     conflicts: list[LinkConflict] = []
     rejected_messages: dict[str, int] = {}
     applied: dict[str, int] = {}
     pushes_sent: int = 0
+    port_mapping: PortMappingOut | None = None
+    port_mapping_error: str | None = None
 
 
 class PeerOut(Answer):
@@ -230,6 +251,8 @@ class CellOut(Answer):
     linked_at: float | None
     pending_message: str | None
     pending_error: str | None
+    endpoints: list[str] = []  # every endpoint it announced, best first
+    seen_at: str | None = None  # where it sees us (its WireGuard's view of our address)
 
 
 class JournalEntryOut(Answer):

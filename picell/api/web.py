@@ -104,6 +104,7 @@ def _cells_context(links: Links) -> dict[str, Any]:
     overview = links.overview()
     return {
         "links": overview,
+        "reach": links.control.reachability(),
         "invites": [i for i in list_invites(links.control.store) if i.state == "open"],
         "services": links.control.list_services(),
         "journals": {c["name"]: links.journal_entries(c["name"])[-30:] for c in overview},
@@ -188,6 +189,19 @@ async def set_exit_offer(request: Request) -> Response:
     return back("/cells")
 
 
+async def set_endpoint(request: Request) -> Response:
+    form = await read_form(request)
+    ctl: Control = state(request, "control")
+    wanted = str(form.get("endpoints", "")).replace(",", " ").split()
+    try:
+        await run_in_threadpool(ctl.set_endpoints, wanted)
+    except PicellError as exc:
+        err = FormError("endpoint", exc, ("endpoints",))
+        return await cells_page(request, err.status, error=err, form=form)
+    flash(request, f"Our endpoint is now {', '.join(wanted)}: every linked cell is told")
+    return back("/cells")
+
+
 async def disconnect(request: Request) -> Response:
     name = request.path_params["name"]
     links: Links = state(request, "links")
@@ -202,7 +216,11 @@ async def disconnect(request: Request) -> Response:
 
 # -- Devices -----------------------------------------------------------------------------------
 def _devices_context(links: Links) -> dict[str, Any]:
-    return {"peers": links.control.list_peers(), "links": links.overview()}
+    return {
+        "peers": links.control.list_peers(),
+        "links": links.overview(),
+        "reach": links.control.reachability(),
+    }
 
 
 async def devices_page(request: Request, status_code: int = 200, **context: Any) -> HTMLResponse:
@@ -327,6 +345,7 @@ def install(app: FastAPI, auth_: auth.Auth) -> None:
         ("/cells/invite", make_invite, post),
         ("/cells/invites/{invite_id}/revoke", revoke_invite, post),
         ("/cells/connect", connect, post),
+        ("/cells/endpoint", set_endpoint, post),
         ("/cells/{name}/sharing", set_sharing, post),
         ("/cells/{name}/exit-offer", set_exit_offer, post),
         ("/cells/{name}/disconnect", disconnect, post),

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import httpx
 import typer
@@ -55,6 +56,7 @@ def init(
     from picell.api.auth import check_password, hash_password
     from picell.cellinit import InitRequest
     from picell.control import Control
+    from picell.mesh.reach import init_warning
     from picell.store import admin as admin_table
     from picell.store.db import Store
     from picell.system.run import Runner
@@ -98,7 +100,7 @@ def init(
         fail(exc.message, as_json, {"code": exc.code, "message": exc.message, "field": exc.field})
     finally:
         store.close()
-    data = {
+    data: dict[str, Any] = {
         "name": cell.name,
         "domain": cell.domain,
         "address": str(cell.address),
@@ -107,7 +109,12 @@ def init(
         "web": f"http://127.0.0.1:{web.web_port}",
         "admin_password": "set" if web.password_hash else "generated at the next start",
     }
-    out(data, as_json, "\n".join(f"{k}: {v}" for k, v in data.items()))
+    warning = init_warning(cell)
+    text = "\n".join(f"{k}: {v}" for k, v in data.items())
+    if warning:
+        data["warnings"] = [warning]
+        text += f"\nwarning: {warning}"
+    out(data, as_json, text)
 
 
 @app.command()
@@ -125,21 +132,58 @@ def serve(
     Daemon(CTX.data_dir).serve()
 
 
+def _port_mapping(data: StatusOut) -> str:
+    m = data.port_mapping
+    if m is None:
+        why = f" ({data.port_mapping_error})" if data.port_mapping_error else ""
+        return f"port mapping: none{why}"
+    pair = f", pairing TCP {m.pair_external_port}" if m.pair_external_port else ""
+    left = max(0, round(m.expires_at - time.time()))
+    line = f"port mapping: {m.protocol} {m.external_address}:{m.external_port}{pair}, {left} s left"
+    return line + (f"\nwarning: {m.warning}" if m.warning else "")
+
+
 @app.command()
 def status(as_json: JsonOpt = False) -> None:
     """The cell's identity and health."""
     data = read(call("GET", "/api/status", as_json), StatusOut, as_json)
     keys = ("name", "domain", "address", "endpoint", "interface", "public_key", "dns")
     lines = [f"{k}: {getattr(data, k)}" for k in keys]
+    if len(data.endpoints) > 1:
+        lines.append(f"endpoints: {', '.join(data.endpoints)}")
+    lines += _reach_lines(data)
     lines.append(f"devices: {data.devices}  services: {data.services}")
     lines.append(f"dns running: {'yes' if data.dns_running else 'NO'}")
     if data.last_error:
         lines.append(f"last error: {data.last_error}")
     for c in data.conflicts:
         lines.append(f"CONFLICT: link {c.cell} ({c.network}) overlaps {c.overlaps}")
+    lines.append(_port_mapping(data))
     for warning in data.last_reconcile.warnings if data.last_reconcile else []:
         lines.append(f"warning: {warning}")
     out(data, as_json, "\n".join(lines))
+
+
+def _reach_lines(data: StatusOut) -> list[str]:
+    lines = [f"warning: {w}" for w in data.endpoint_warnings]
+    if data.device_endpoint_note:
+        lines.append(f"note: {data.device_endpoint_note}")
+    return lines
+
+
+@app.command()
+def endpoint(
+    endpoints: Annotated[
+        list[str], typer.Argument(help="HOST:PORT other cells and devices dial, best first (1-4)")
+    ],
+    as_json: JsonOpt = False,
+) -> None:
+    """Change our endpoint while the cell runs: every linked cell learns it at once, and device
+    configs exported from now on carry the first."""
+    data = read(call("PUT", "/api/cell/endpoint", as_json, json={"endpoints": endpoints}),
+                StatusOut, as_json)  # fmt: skip
+    lines = [f"endpoint: {', '.join(data.endpoints)} (pushed to every linked cell)"]
+    out(data, as_json, "\n".join(lines + _reach_lines(data)))
 
 
 @app.command()

@@ -98,9 +98,11 @@ def _show_link(c: CellOut) -> str:
     state = c.state
     if state == "linked":
         state = "linked, online" if c.online else "linked, offline"
+    at = ", ".join(c.endpoints or [c.endpoint])
     lines = [
-        f"{c.name}  [{state}]  {c.domain}  {c.vpn_subnet}  via {c.endpoint}",
-        f"  handshake {hs}  rx {c.rx_bytes} tx {c.tx_bytes}",
+        f"{c.name}  [{state}]  {c.domain}  {c.vpn_subnet}  at {at}",
+        f"  handshake {hs}  rx {c.rx_bytes} tx {c.tx_bytes}"
+        + (f"  they see us at {c.seen_at}" if c.seen_at else ""),
         f"  authentication string: {c.auth_string} (compare it with {c.name}'s owner)",
         f"  we share: {_services(c.inbound)}",
     ]

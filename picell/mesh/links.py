@@ -45,6 +45,7 @@ from picell.store import cell as cell_table
 from picell.store import invites as invite_table
 from picell.store import journal, outbox
 from picell.store import links as link_table
+from picell.store import portmap as portmap_table
 from picell.store.cell import Cell
 from picell.store.links import Link, LinkIdentity, LinkState
 from picell.wireguard import keys
@@ -172,10 +173,19 @@ class Links:
         expires_at = round(time.time() + ttl)
         with self.store.transaction() as conn:
             cell = cell_table.load(conn)
+            mapping = portmap_table.load(conn)
             invite_table.add(conn, token_hash(token), pairing_key(token), expires_at)
+        port = cell.pair_port
+        if (
+            mapping is not None
+            and mapping.pair_external_port
+            and cell.mapped_endpoint
+            and cell.primary_endpoint == cell.mapped_endpoint
+        ):
+            port = mapping.pair_external_port  # the router's port for our pairing listener
         return Invite(
             **identity_of(cell).model_dump(),
-            pairing=Pairing(port=cell.pair_port, token=token, expires_at=expires_at),
+            pairing=Pairing(port=port, token=token, expires_at=expires_at),
         )
 
     # -- connect (this cell imports the other's invite) ----------------------------------------

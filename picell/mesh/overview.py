@@ -44,6 +44,8 @@ def link_overview(store: Store, runner: Runner) -> list[dict[str, Any]]:
                 "vpn_subnet": str(link.identity.vpn_subnet),
                 "dns_ip": str(link.identity.dns_ip),
                 "endpoint": link.identity.endpoint,
+                "endpoints": list(link.identity.candidates),
+                "seen_at": link.mirror.seen_at,
                 "public_key": link.public_key,
                 "auth_string": short_auth_string(our_public, link.public_key),
                 "handshake_age_s": age,

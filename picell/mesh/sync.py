@@ -44,6 +44,7 @@ def _mirror(body: wire.StateBody, link: Link) -> Mirror:
         exit_relay_port=relay.port if relay else None,
         exit_client_key=client.public_key if client else None,
         exit_client_port=client.port if client else None,
+        seen_at=body.seen_at,
         seq=body.seq,
         updated_at=time.time(),
     )

@@ -150,6 +150,24 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE links ADD COLUMN via_port INTEGER;
     ALTER TABLE links ADD COLUMN introduced TEXT;
     """,
+    # 7: the home router's port mapping (picell/system/portmap.py), kept so that a restarted
+    # daemon renews the same external ports, and releases them when they are no longer wanted
+    """
+    CREATE TABLE port_mapping (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        protocol TEXT NOT NULL,
+        gateway TEXT NOT NULL,
+        internal_address TEXT NOT NULL,
+        external_address TEXT NOT NULL,
+        listen_port INTEGER NOT NULL,
+        external_port INTEGER NOT NULL,
+        pair_port INTEGER NOT NULL,
+        pair_external_port INTEGER,
+        nonce TEXT NOT NULL DEFAULT '',
+        lifetime_s INTEGER NOT NULL,
+        obtained_at REAL NOT NULL
+    );
+    """,
 )
 
 

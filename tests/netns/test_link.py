@@ -41,6 +41,10 @@ class World:
     laptop: Netns
 
 
+BLOCK_PAIRING = ("table inet testblock {\n chain input {\n  type filter hook input priority -10;\n"
+                 "  tcp dport 51821 reject with tcp reset\n }\n}\n")  # fmt: skip
+
+
 def linked(cell: Cell, other: str) -> bool:
     link = cell.links().get(other)
     return link is not None and link["state"] == "linked"
@@ -280,10 +284,7 @@ def test_either_order_when_the_pairing_port_is_blocked(world: World) -> None:
     alpha.cli("disconnect", "beta")
     wait_until(lambda: "alpha" not in beta.links() and "beta" not in alpha.links(), 40,
                "the old link did not go")  # fmt: skip
-    block = ["nft", "-f", "-"]
-    rules = ("table inet testblock {\n chain input {\n  type filter hook input priority -10;\n"
-             "  tcp dport 51821 reject with tcp reset\n }\n}\n")  # fmt: skip
-    beta.ns.run(block, input=rules)
+    beta.ns.run(["nft", "-f", "-"], input=BLOCK_PAIRING)
     try:
         out = alpha.cli("connect", beta.invite()["string"])
         assert out["state"] == "waiting"
@@ -295,6 +296,63 @@ def test_either_order_when_the_pairing_port_is_blocked(world: World) -> None:
     assert out["state"] == "linked"
     wait_until(lambda: linked(alpha, "beta"), 10, "alpha did not complete the link")
     wait_until(lambda: world.phone.ping("10.62.0.1"), 20, "no tunnel after the late pairing")
+
+
+def test_a_link_completes_over_udp_alone_when_both_owners_import(world: World) -> None:
+    """Neither pairing port answers (owners forward UDP 51820 and nothing else): each owner
+    imports the other's invite, the tunnel comes up (WireGuard proves both imported), and the
+    signed state document confirms the link on both sides.
+
+        phone -- alpha 198.51.100.1 ==== UDP only ==== beta 198.51.100.2 -- laptop
+    """
+    alpha, beta = world.alpha, world.beta
+    alpha.cli("disconnect", "beta")
+    wait_until(lambda: "alpha" not in beta.links() and "beta" not in alpha.links(), 40,
+               "the old link did not go")  # fmt: skip
+    for cell in (alpha, beta):
+        cell.ns.run(["nft", "-f", "-"], input=BLOCK_PAIRING)
+    try:
+        assert alpha.cli("connect", beta.invite()["string"])["state"] == "waiting"
+        assert beta.cli("connect", alpha.invite()["string"])["state"] == "waiting"
+        wait_until(lambda: linked(alpha, "beta") and linked(beta, "alpha"), 40,
+                   "the link did not complete through the tunnel")  # fmt: skip
+        for cell, other in ((alpha, "beta"), (beta, "alpha")):
+            events = [(e["event"], e["actor"]) for e in cell.journal(other)]
+            assert ("linked", f"cell {other}") in events, events
+        wait_until(lambda: world.phone.dig("beta.beta.test") == ["10.62.0.1"], 20,
+                   "alpha's phone does not resolve beta's name")  # fmt: skip
+        wait_until(lambda: world.phone.ping("10.62.0.1"), 20, "no tunnel")
+        # each side says where it sees the other: here, no NAT, their own addresses
+        wait_until(lambda: alpha.links()["beta"]["seen_at"] == "198.51.100.1:51820", 60,
+                   "beta never told alpha where it sees it")  # fmt: skip
+        assert alpha.cli("status")["endpoint_warnings"] == []
+    finally:
+        for cell in (alpha, beta):
+            cell.ns.run(["nft", "delete", "table", "inet", "testblock"])
+
+
+def test_picell_endpoint_reaches_linked_cells_and_new_device_configs(world: World) -> None:
+    alpha, beta = world.alpha, world.beta
+    wait_until(lambda: linked(alpha, "beta"), 10, "not linked")
+    uplink = _uplink(beta.ns)
+    beta.ns.run(["ip", "addr", "add", "198.51.100.24/24", "dev", uplink])
+    try:
+        out = beta.cli("endpoint", "198.51.100.24:51820", "[2001:db8::2]:51820")
+        assert out["endpoints"] == ["198.51.100.24:51820", "[2001:db8::2]:51820"]
+        wait_until(lambda: alpha.links()["beta"]["endpoints"] == out["endpoints"], 20,
+                   "alpha never learned beta's endpoints")  # fmt: skip
+        config = beta.run("peers", "config", "laptop").stdout
+        assert "Endpoint = 198.51.100.24:51820" in config
+        assert "re-import" in beta.run("status").stdout or "import its config again" in (
+            beta.run("status").stdout
+        )  # a literal address: devices must re-import if it moves
+        bad = beta.run("endpoint", "[fe80::1%eth0]:51820", check=False)
+        assert bad.returncode == 1 and "endpoints[0]" in bad.stdout + bad.stderr
+    finally:
+        beta.cli("endpoint", "198.51.100.2:51820")
+        beta.ns.run(["ip", "addr", "del", "198.51.100.24/24", "dev", uplink])
+    wait_until(lambda: alpha.links()["beta"]["endpoints"] == ["198.51.100.2:51820"], 20,
+               "alpha never learned beta's endpoint back")  # fmt: skip
 
 
 def test_repairing_after_beta_moves_its_endpoint_heals_the_link(world: World) -> None:

@@ -163,3 +163,70 @@ def test_a_grant_change_is_one_set_delta_and_a_revoke_cuts_flows(
     cut = "conntrack -D -p tcp -s 10.62.0.0 --mask-src 255.255.255.0 -d 10.61.3.254 --dport 80"
     assert kernel.flows_cut == [tuple(cut.split())]
     assert not reconciler.set(_with_link(("s1",))).changed
+
+
+# -- endpoints follow reality (NAT issue) ---------------------------------------------------------
+LINK_KEY = KEYS[250]
+
+
+def state_with_link(n_peers: int, *endpoints: str) -> State:
+    """A cell with `n_peers` devices and one linked cell announcing `endpoints`."""
+    from picell.store.links import Link, LinkIdentity, LinkState
+
+    ident = LinkIdentity(endpoints[0], ipaddress.IPv4Network("10.62.0.0/24"),
+                         ipaddress.IPv4Address("10.62.0.1"), "beta.test",
+                         endpoints=endpoints)  # fmt: skip
+    link = Link("beta", LINK_KEY, ident, LinkState.LINKED)
+    peers = [Peer(f"d{i}", KEYS[i], None, i + 2, None, time.time()) for i in range(n_peers)]
+    return build_state(CELL, peers, [], (), [link])
+
+
+def link_peer(kernel: FakeKernel) -> dict[str, object]:
+    peers = kernel.wg["pctest0"]["peers"]
+    assert isinstance(peers, dict)
+    peer: dict[str, object] = peers[LINK_KEY]
+    return peer
+
+
+def test_a_fresh_link_keeps_the_endpoint_wireguard_learned_through_a_syncconf(
+    reconciler: Reconciler, kernel: FakeKernel
+) -> None:
+    now = 1_800_000_000.0
+    reconciler.clock = lambda: now
+    reconciler.set(state_with_link(1, "192.168.1.20:51820"))
+    assert link_peer(kernel)["endpoint"] == "192.168.1.20:51820"  # declared, while never seen
+    # the other cell's packets came from its NAT: WireGuard roamed there, and a session is fresh
+    link_peer(kernel).update(endpoint="203.0.113.50:40001", handshake=int(now) - 10)
+    report = reconciler.set(state_with_link(2, "192.168.1.20:51820"))  # a device added
+    assert any(c.kind == "add" for c in report.changes)  # a syncconf ran ...
+    assert "Endpoint = 192.168.1.20" not in reconciler.paths.wg_conf.read_text()
+    assert link_peer(kernel)["endpoint"] == "203.0.113.50:40001"  # ... and kept the roamed one
+
+
+def test_a_stale_link_tries_its_endpoints_in_turn_and_resolves_a_name_again(
+    reconciler: Reconciler, kernel: FakeKernel
+) -> None:
+    from picell.constants import ENDPOINT_RETRY_S, LINK_STALE_S
+
+    now = [1_800_000_000.0]
+    reconciler.clock = lambda: now[0]
+    state = state_with_link(1, "home.beta.test:51820", "[2001:db8::2]:51820")
+    reconciler.set(state)
+    link_peer(kernel).update(endpoint="203.0.113.50:40001", handshake=int(now[0]))
+    now[0] += LINK_STALE_S + 1  # no handshake since: stale
+    reconciler.set(state)
+    assert link_peer(kernel)["endpoint"] == "[2001:db8::2]:51820"  # the next one
+    reconciler.set(state)  # too soon for another try: nothing changes
+    assert link_peer(kernel)["endpoint"] == "[2001:db8::2]:51820"
+    now[0] += ENDPOINT_RETRY_S
+    reconciler.set(state)
+    assert link_peer(kernel)["endpoint"] == "home.beta.test:51820"  # back to the first
+    # one name alone: each try sets it again by hand, so wg resolves it anew (a new address)
+    alone = state_with_link(1, "home.beta.test:51820")
+    for _ in range(2):
+        now[0] += ENDPOINT_RETRY_S
+        link_peer(kernel)["endpoint"] = "198.51.100.77:51820"  # what the name resolved to
+        report = reconciler.set(alone)
+        sets = [c for c in report.commands if c[:2] == ("wg", "set")]
+        assert sets == [("wg", "set", "pctest0", "peer", LINK_KEY, "endpoint",
+                         "home.beta.test:51820")]  # fmt: skip

@@ -382,3 +382,39 @@ def test_a_failing_job_backs_its_link_off_and_keeps_the_worker(
     monkeypatch.undo()
     world.clock.advance(1)
     assert len(world.round()) == 1 and world.link().sync.last_push_status == "ok"
+
+
+# -- a link completes over UDP alone (NAT issue) -------------------------------------------------
+def test_a_waiting_link_is_pushed_once_wireguard_has_a_handshake_and_then_is_linked(
+    world: World, kernel: Any
+) -> None:
+    with world.control.store.transaction() as conn:  # our pairing call never got an answer
+        conn.execute("UPDATE links SET state = 'waiting', linked_at = NULL WHERE name = 'beta'")
+    bodies: list[dict[str, Any]] = []
+
+    def record(request: httpx.Request, seq: int) -> httpx.Response:
+        bodies.append(json.loads(request.content)["body"])
+        return accept(request, seq)
+
+    world.cells.policy[BETA] = record
+    world.mark()
+    assert world.round() == []  # no handshake: the other owner has not imported our invite
+    assert world.link().state == "waiting" and bodies == []
+    peer = kernel.wg["pctest0"]["peers"][world.link().public_key]
+    peer.update(handshake=int(world.clock.now) - 5, endpoint="203.0.113.50:40001")
+    assert len(world.round()) == 1
+    assert world.link().state == "linked" and world.link().linked_at == world.clock.now
+    assert bodies[0]["seen_at"] == "203.0.113.50:40001"  # where we see them
+    assert bodies[0]["identity"]["endpoints"] == ["198.51.100.1:51820"]
+    assert ("linked", "it accepted our signed state through the tunnel") in world.journal()
+
+
+def test_a_waiting_link_with_a_stale_handshake_is_not_pushed(world: World, kernel: Any) -> None:
+    from picell.constants import LINK_STALE_S
+
+    with world.control.store.transaction() as conn:
+        conn.execute("UPDATE links SET state = 'waiting' WHERE name = 'beta'")
+    peer = kernel.wg["pctest0"]["peers"][world.link().public_key]
+    peer.update(handshake=int(world.clock.now - LINK_STALE_S - 1))
+    world.mark()
+    assert world.round() == [] and world.cells.pushes() == []

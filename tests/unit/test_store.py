@@ -63,8 +63,13 @@ def test_a_link_keeps_each_part_in_its_own_columns(tmp_path: Path) -> None:
             endpoints=("198.51.100.2:51820", "[2001:db8::2]:51820"),
         ),
         links.LinkState.LINKED,
-        choices=ours(inbound=("web",), exit_offered=True, exit_relay_active=False,
-                     relay_offered=True, via="gamma"),  # fmt: skip
+        choices=ours(
+            inbound=("web",),
+            exit_offered=True,
+            exit_relay_active=False,
+            relay_offered=True,
+            via="gamma",
+        ),  # fmt: skip
         mirror=theirs(
             outbound=({"name": "nas"},),
             exit_offered=False,

@@ -242,3 +242,20 @@ def test_exit_choice_marks_offers_and_warns_when_one_is_withdrawn(
     sync.receive_state(_state_from_beta(control, beta_private, 2, exit_offered=False),
                        "10.62.0.1")  # fmt: skip
     assert 'id="exit-warning-phone"' in client.get("/devices").text
+
+
+def test_the_endpoint_is_shown_changed_and_refused_on_the_cell_network_page(
+    client: TestClient, control: Control
+) -> None:
+    page = client.get("/cells").text
+    assert 'id="our-endpoints">198.51.100.1:51820<' in page
+    assert "every device must import its config again" in client.get("/devices").text
+    resp = post(client, "/cells/endpoint", endpoints="198.51.100.1:51820 192.168.1.9:x")
+    assert resp.status_code == 422  # type: ignore[attr-defined]
+    assert field_error(resp.text, "endpoints"), resp.text  # type: ignore[attr-defined]
+    assert control.cell().endpoints == ("198.51.100.1:51820",)  # nothing half-applied
+    resp = post(client, "/cells/endpoint", endpoints="home.example.test:51820 192.168.1.9:51820")
+    html = resp.text  # type: ignore[attr-defined]
+    assert 'id="our-endpoints">home.example.test:51820, 192.168.1.9:51820<' in html
+    assert "192.168.1.9:51820 is a private address" in html
+    assert "device-endpoint-note" not in client.get("/devices").text  # a name: no re-import
