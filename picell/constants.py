@@ -19,6 +19,8 @@ DNS_PORT = 53  # the cell's Unbound on its WireGuard address
 
 LINK_KEEPALIVE_S = 25  # keeps a site-to-site tunnel's NAT mappings open in both directions
 LINK_ONLINE_S = 180  # a link is online when its last handshake is younger than this
+LINK_STALE_S = 135  # no handshake this long: WireGuard gave the session up (REJECT_AFTER_TIME
+# 180 s minus a keepalive margin); the link tries another endpoint, asks for an introduction
 DEVICE_KEEPALIVE_S = 25  # keeps NAT mappings of phones alive; WireGuard's usual value
 ROUTE_PROTO = 77  # routing protocol id marking picell's routes (ip route … proto 77)
 TABLE_NAME = "picell"  # the one nftables table picell owns (family inet)
@@ -135,6 +137,12 @@ LOGIN_DELAY_BASE_S = 0.5  # the wait after the first failure
 LOGIN_DELAY_MAX_S = 10.0  # ... doubling up to this: ~8,600 guesses a day at most
 LOGIN_FAILURE_HALF_LIFE_S = 600.0  # recent failures count half after this long of quiet
 PASSWORD_MIN_LEN = 10  # the admin password; a generated one has 96 bits
+
+# The relay through a mutually linked cell (issue 12): the UDP ports at the relaying cell's VPN
+# address that carry one pair of its linked cells to each other, derived from their keys. Above
+# the usual service and exit ports, below WireGuard's customary 51820.
+RELAY_PORT_BASE = 40000
+RELAY_PORT_SPAN = 8192
 
 RECONCILE_PERIOD_S = 30.0  # drift is fixed at most this long after it happens
 COMMAND_TIMEOUT_S = 20.0  # no system command may hang the reconciler longer

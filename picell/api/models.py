@@ -89,6 +89,10 @@ class CellConnect(Request):
         default=False,
         description="accept a domain outside the private-use suffixes (the owner's own word)",
     )
+    via: Name | None = Field(
+        default=None,
+        description="a linked cell offering us its relay: the link travels through it",
+    )
 
 
 class Permissions(Request):
@@ -96,6 +100,10 @@ class Permissions(Request):
 
 
 class ExitOffer(Request):
+    offered: bool
+
+
+class RelayOffer(Request):
     offered: bool
 
 
@@ -230,6 +238,12 @@ class CellOut(Answer):
     linked_at: float | None
     pending_message: str | None
     pending_error: str | None
+    # introductions and the relay (issue 12)
+    relay_offered: bool = False  # we relay between it and our other cells we offer it to
+    remote_relay_offered: bool = False  # it would relay for us
+    via: str | None = None  # the linked cell this link travels through (connect --via)
+    path: str = "direct"  # "direct", "introduced by B", "via B"
+    relay_note: str | None = None  # why a relayed link waits
 
 
 class JournalEntryOut(Answer):

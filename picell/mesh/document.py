@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from picell.addressing import vip_address
@@ -30,12 +31,17 @@ def shared_services(
 
 
 def document(
-    cell: Cell, link: Link, services: list[Service], exit_slot: int | None = None
+    cell: Cell,
+    link: Link,
+    services: list[Service],
+    exit_slot: int | None = None,
+    relay: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """What we tell `link` about our side (the envelope adds v, type, keys, seq, sent_at).
 
     With an exit offer goes our relay end of the exit tunnel; with a request to use theirs
-    (`exit_slot`: the slot our devices leave through them) our client end.
+    (`exit_slot`: the slot our devices leave through them) our client end. `relay` is the
+    introductions' and relay's part (`mesh.relay.relay_fields`).
     """
     wg = keys.public_from_private
     relay = {"public_key": wg(exit_private_key(cell, None)),
@@ -52,6 +58,7 @@ def document(
         "exit_client": client,
         # spends the invite of theirs we imported, if our pairing with it never happened
         **({"invite_proof": link.sync.invite_proof} if link.sync.invite_proof else {}),
+        **(relay or {}),
         "identity": {
             "endpoint": cell.endpoint,
             "vpn_subnet": str(cell.network),

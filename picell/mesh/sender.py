@@ -41,7 +41,9 @@ from picell.mesh.client import MeshClient, model_error, printable
 from picell.mesh.document import document
 from picell.mesh.links import Links
 from picell.mesh.protocol import envelope_from
+from picell.mesh.relay import Seen, relay_fields, seen_from
 from picell.mesh.wire import StateAnswer
+from picell.state import relay_reserved
 from picell.store import cell as cell_table
 from picell.store import exits as exit_table
 from picell.store import links as link_table
@@ -50,6 +52,7 @@ from picell.store import services as service_table
 from picell.store.links import Link
 from picell.store.outbox import Message
 from picell.system.limits import RepeatLog
+from picell.wireguard.apply import observe_wg
 
 log = logging.getLogger(__name__)
 
@@ -228,6 +231,7 @@ class Sender:
     # -- link state ----------------------------------------------------------------------------
     def push(self, name: str) -> bool:
         """Send `name` our whole state now; True when it was accepted."""
+        seen = self._seen()  # read before the write transaction: it spawns `wg show`
         with self.store.transaction() as conn:
             link = link_table.find(conn, name)
             if link is None or link.state != "linked":
@@ -236,7 +240,11 @@ class Sender:
             seq = link.sync.seq + 1
             generation = link_table.pending_generation(conn, name)
             slot = exit_table.slots(conn).get(name)
-            extra = document(cell, link, service_table.all_services(conn), slot)
+            everyone = link_table.all_links(conn)
+            wants = self.links.wanted.snapshot()
+            fields = relay_fields(link, everyone, wants, seen, self.clock.time(),
+                                  relay_reserved(cell))  # fmt: skip
+            extra = document(cell, link, service_table.all_services(conn), slot, fields)
             envelope = envelope_from(cell, link, "state", seq, extra)
             conn.execute("UPDATE links SET local_seq = ? WHERE name = ?", (seq, name))
         with self._lock:
@@ -252,6 +260,18 @@ class Sender:
             with self._lock:
                 self._told.add(link.public_key)
         return error is None
+
+    def _seen(self) -> Seen:
+        """Our WireGuard's view of our links (handshakes, endpoints), for introductions and
+        for what we ask introductions of; nothing to read with fewer than two links."""
+        with self.store.read() as conn:
+            if len(link_table.all_links(conn)) < 2:
+                return {}
+            ifname = cell_table.load(conn).interface
+        cached = getattr(self.links.control.reconciler, "observed", None)
+        if isinstance(cached, dict) and ifname in cached:  # the reconciler's last observation
+            return seen_from(cached[ifname])
+        return seen_from(observe_wg(self.links.control.runner, ifname))
 
     def _push_error(
         self, our_ip: IPv4Address, link: Link, envelope: dict[str, Any], seq: int
