@@ -1,6 +1,7 @@
 """Admin routes for links to other cells (DESIGN §9): list, invites, connect, disconnect,
 sharing, exit and relay offers, journal, import of the seed system's link file. Handlers only
-call `Links`, `Sync` and the invites table; bodies and answers are the typed models of `picell.api.models`.
+call `Links`, `Sync` and the invites table; bodies and answers are the typed models of
+`picell.api.models`.
 
 No GET changes anything: an invite (a stored single-use token) is made only by
 `POST /api/cells/invites`, whose one answer carries the JSON, the copy-paste string and the QR

@@ -1,6 +1,6 @@
 """`picell invite | invites | connect | disconnect | share | unshare | exit-offer | relay-offer |
-cells | import-links | route-via`: links to other cells. Answers are read with the admin API's own models
-(`picell.api.models`), and `--json` prints them."""
+cells | import-links | route-via`: links to other cells. Answers are read with the admin API's
+own models (`picell.api.models`), and `--json` prints them."""
 
 from __future__ import annotations
 
