@@ -19,8 +19,10 @@ DNS_PORT = 53  # the cell's Unbound on its WireGuard address
 
 LINK_KEEPALIVE_S = 25  # keeps a site-to-site tunnel's NAT mappings open in both directions
 LINK_ONLINE_S = 180  # a link is online when its last handshake is younger than this
-LINK_STALE_S = 135  # no handshake this long: WireGuard gave the session up (REJECT_AFTER_TIME
-# 180 s minus a keepalive margin); the link tries another endpoint, asks for an introduction
+# a link is stale with no handshake for this long: WireGuard renews a session every 120 s
+# while packets flow (keepalive), so an older one means the endpoint no longer answers
+LINK_STALE_S = 135
+ENDPOINT_RETRY_S = 25.0  # a stale link tries its next endpoint (a name resolved anew) this often
 DEVICE_KEEPALIVE_S = 25  # keeps NAT mappings of phones alive; WireGuard's usual value
 ROUTE_PROTO = 77  # routing protocol id marking picell's routes (ip route … proto 77)
 TABLE_NAME = "picell"  # the one nftables table picell owns (family inet)

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from picell.constants import EXIT_MAX_SLOTS
+from picell.constants import ENDPOINT_RETRY_S, EXIT_MAX_SLOTS, LINK_STALE_S
 from picell.dns.render import render_exit_resolver, render_unbound
 from picell.dns.unbound import Unbound
 from picell.errors import ApplyFailed, CommandFailed
@@ -53,10 +54,11 @@ from picell.routing.exits import (
     plan_exit_routing,
 )
 from picell.routing.host import default_uplinks
-from picell.state import ExitTunnel, Grant, State, WgDevice
+from picell.state import ExitTunnel, Grant, PeerState, State, WgDevice
 from picell.system.children import Child, write_sysctl
 from picell.system.run import Runner
 from picell.wireguard.apply import (
+    ObservedWg,
     apply_wg,
     interface_exists,
     kernel_wireguard,
@@ -130,6 +132,10 @@ class Reconciler:
         self.exit_resolvers: dict[int, Unbound] = {}  # resolvers of routed devices, by slot
         # peer endpoints as we last applied them, by interface
         self._endpoints: dict[str, dict[str, str]] = {}
+        # stale links: which candidate endpoint we tried last, and when (by peer key)
+        self._tries: dict[str, tuple[int, float]] = {}
+        self.observed: dict[str, ObservedWg] = {}  # the last `wg show` of each interface
+        self.clock: Callable[[], float] = time.time
         self._grants: set[Grant] = set()  # grants as we last applied them
         self._relay_rules: set[RelayRule] = set()  # relayed flows as we last applied them
         self._nft_seen: tuple[str, str] | None = None  # (digest, kernel fingerprint) we applied
@@ -257,14 +263,63 @@ class Reconciler:
         observed = observe_wg(self.runner, dev.interface)
         if observed is not None:
             report.anomalies += [f"{dev.interface}: {a}" for a in observed.anomalies]
-        applied = self._endpoints.get(dev.interface, {})
+            self.observed[dev.interface] = observed
+        else:
+            self.observed.pop(dev.interface, None)
+        applied = self._endpoints.setdefault(dev.interface, {})
+        dev, retry = self._follow_endpoints(dev, observed, applied)
         changes = wg_needs_sync(dev, observed, applied)
         if changes:
             apply_wg(self.runner, dev.interface, render_interface(dev), conf_path)
             self.applied["wg syncconf"] += 1
-            self._endpoints[dev.interface] = {p.public_key: p.endpoint for p in dev.peers
-                                              if p.endpoint}  # fmt: skip
+            applied.update({p.public_key: p.endpoint for p in dev.peers if p.endpoint})
+            for gone in set(applied) - {p.public_key for p in dev.peers}:
+                del applied[gone]
             report.changes += [Change("wireguard", k, t) for k, t in changes]
+        for peer in retry:  # stale, tried already: the next candidate, a name resolved anew
+            assert peer.endpoint is not None
+            self.runner.run(["wg", "set", dev.interface, "peer", peer.public_key, "endpoint",
+                             peer.endpoint], ok_codes=(0, 1))  # fmt: skip
+            applied[peer.public_key] = peer.endpoint
+            report.changes.append(Change("wireguard", "endpoint", f"{peer.name} {peer.endpoint}"))
+
+    def _follow_endpoints(
+        self, dev: WgDevice, observed: ObservedWg | None, applied: dict[str, str]
+    ) -> tuple[WgDevice, list[PeerState]]:
+        """Endpoints follow reality (DESIGN §5). A linked cell's peer with a fresh handshake
+        keeps the endpoint WireGuard learned (roaming, a NAT's address): its config line is
+        left out, so `wg syncconf` keeps it. A stale one gets its declared endpoints in turn,
+        one every `ENDPOINT_RETRY_S`, each applied again so a host name is resolved anew.
+        Returns the device to sync and the stale peers whose next try is due now (`wg set`)."""
+        now = self.clock()
+        have = observed.peers if observed else {}
+        peers, retry = [], []
+        for peer in dev.peers:
+            if not peer.candidates:
+                peers.append(peer)
+                continue
+            got = have.get(peer.public_key)
+            if (
+                got is not None
+                and got.latest_handshake
+                and now - got.latest_handshake < LINK_STALE_S
+            ):
+                self._tries.pop(peer.public_key, None)
+                peers.append(replace(peer, endpoint=None))
+                continue
+            index, at = self._tries.get(peer.public_key, (-1, 0.0))
+            due = got is None or index < 0 or now - at >= ENDPOINT_RETRY_S
+            if due:
+                index = (index + 1) % len(peer.candidates)
+                self._tries[peer.public_key] = (index, now)
+            chosen = replace(peer, endpoint=peer.candidates[index % len(peer.candidates)])
+            peers.append(chosen)
+            if due and got is not None and applied.get(peer.public_key) == chosen.endpoint:
+                retry.append(chosen)  # syncconf sees no change: set it again by hand
+        live = {p.public_key for p in dev.peers}
+        for key in set(self._tries) - live:
+            del self._tries[key]
+        return replace(dev, peers=tuple(peers)), retry
 
     def _log_notes(self, report: Report) -> None:
         """Count anomalies; log warnings and anomalies when they change, not every period."""

@@ -31,6 +31,9 @@ class PeerState:
     allowed_ips: tuple[ipaddress.IPv4Network, ...]
     endpoint: str | None = None
     keepalive_s: int = 0
+    # a linked cell's endpoints to try in turn while its link is stale (the reconciler keeps
+    # the endpoint WireGuard learned while it is fresh); () for a fixed endpoint
+    candidates: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, order=True)
@@ -149,6 +152,7 @@ class LinkState:
     dns_ip: ipaddress.IPv4Address
     mesh_port: int
     unlinking: bool  # only the other cell's address stays reachable, to deliver `unlink`
+    candidates: tuple[str, ...] = ()  # endpoints to try while stale, `endpoint` first
 
     @property
     def routed(self) -> ipaddress.IPv4Network:
@@ -204,8 +208,9 @@ def build_state(
             LinkState(
                 name=link.name,
                 public_key=link.public_key,
-                # the relay (a link via a cell), an introduction, or the declared endpoint
-                endpoint=relaying.peer_endpoint(link, links),
+                # the relay (a link via a cell), introductions, then the declared endpoints
+                endpoint=next(iter(relaying.peer_candidates(link, links)), None),
+                candidates=relaying.peer_candidates(link, links),
                 network=link.identity.vpn_subnet,
                 dns_ip=link.identity.dns_ip,
                 mesh_port=link.identity.mesh_port,
@@ -230,6 +235,7 @@ def build_state(
             allowed_ips=(link.routed,),
             endpoint=link.endpoint,
             keepalive_s=LINK_KEEPALIVE_S,
+            candidates=link.candidates,
         )
         for link in link_states
     )

@@ -10,7 +10,7 @@ Cells A, B, C; B is linked with both, A and C want a link with each other.
   C about A in the same round (both cells asked for by either side), so both set the other's
   address at once and keep it open with keepalives: a hole punch introduced by a friend. A
   keeps the introductions in `Mirror.introduced` of its link with B (a JSON list of
-  `{public_key, endpoint, at}`), and `peer_endpoint` tries them before the declared endpoint.
+  `{public_key, endpoint, at}`), and `peer_candidates` tries them before the declared endpoints.
 - **The relay.** B's owner offers its relay per linked cell (`OwnerChoices.relay_offered`); a
   pair (A, C) is relayed while B offers it to both. Each pair gets one UDP port at B's VPN
   address (`relay_port_map`: derived from both keys, stable). B answers a `wanted` key with
@@ -75,11 +75,9 @@ class RelayState:
     sources: tuple[ipaddress.IPv4Address, ...] = ()
 
 
-def seen_from(observed: Any) -> dict[str, tuple[int, str | None]]:
-    """`Seen` from a `wireguard.apply.ObservedWg` (or None)."""
-    if observed is None:
-        return {}
-    return {k: (p.latest_handshake, p.endpoint) for k, p in observed.peers.items()}
+def seen_from_peers(peers: Mapping[str, Any]) -> dict[str, tuple[int, str | None]]:
+    """`Seen` from `wireguard.apply.ObservedWg.peers`."""
+    return {k: (p.latest_handshake, p.endpoint) for k, p in peers.items()}
 
 
 def fresh(key: str, seen: Seen, now: float) -> bool:
@@ -337,14 +335,16 @@ def relay_endpoint(link: Link, links: Sequence[Link]) -> str | None:
     return f"{via.identity.dns_ip}:{link.mirror.via_port}"
 
 
-def peer_endpoint(link: Link, links: Sequence[Link]) -> str | None:
-    """The endpoint our WireGuard peer for `link` starts from: the relay for a link `via` a
-    cell (None while it does not relay: the link waits), else the newest introduction, else
-    the endpoint the cell declared."""
+def peer_candidates(link: Link, links: Sequence[Link]) -> tuple[str, ...]:
+    """The endpoints our WireGuard peer for `link` tries while the link is stale, in turn (the
+    reconciler rotates them): for a link `via` a cell, its relay alone (none while it does not
+    relay: the link waits); else the introductions, newest first, then the endpoints the cell
+    declared."""
     if link.choices.via is not None:
-        return relay_endpoint(link, links)
-    intro = introduced(link, links)
-    return intro[0][0] if intro else link.identity.endpoint
+        relayed = relay_endpoint(link, links)
+        return (relayed,) if relayed else ()
+    intro = tuple(ep for ep, _ in introduced(link, links))
+    return tuple(dict.fromkeys((*intro, *link.identity.candidates)))
 
 
 def path_of(link: Link, links: Sequence[Link], observed_endpoint: str | None) -> dict[str, Any]:

@@ -6,6 +6,11 @@
   `OUTBOX_MAX_BACKOFF_S`. A cell that was offline therefore converges within one heartbeat.
   A push counts as accepted only when the answer is a 2xx whose body is a `StateAnswer` for the
   sequence number we sent.
+- A `waiting` link (its owner imported the other cell's invite; no pairing answer came back) is
+  pushed as soon as WireGuard holds a fresh handshake with it: the other cell, which dropped our
+  handshakes until its owner imported our invite, has proven consent, and its acceptance of our
+  signed document confirms the link on both sides. The pairing port is only a convenience.
+- Each document says where we see the other cell (`seen_at`, the endpoint WireGuard shows).
 - The outbox: queued one-off messages (`unlink`). One that reached the other cell (or that it no
   longer needs: 404) completes our side's removal; an `unlink` undelivered for
   `UNLINK_GIVE_UP_S` is dropped with our side.
@@ -35,24 +40,30 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
-from picell.constants import COALESCE_S, HEARTBEAT_S, OUTBOX_MAX_BACKOFF_S, UNLINK_GIVE_UP_S
+from picell.constants import (
+    COALESCE_S,
+    HEARTBEAT_S,
+    LINK_STALE_S,
+    OUTBOX_MAX_BACKOFF_S,
+    UNLINK_GIVE_UP_S,
+)
 from picell.mesh import client
 from picell.mesh.client import MeshClient, model_error, printable
 from picell.mesh.document import document
 from picell.mesh.links import Links
 from picell.mesh.protocol import envelope_from
-from picell.mesh.relay import Seen, relay_fields, seen_from
+from picell.mesh.relay import relay_fields, seen_from_peers
 from picell.mesh.wire import StateAnswer
 from picell.state import relay_reserved
 from picell.store import cell as cell_table
 from picell.store import exits as exit_table
+from picell.store import journal, outbox
 from picell.store import links as link_table
-from picell.store import outbox
 from picell.store import services as service_table
-from picell.store.links import Link
+from picell.store.links import Link, LinkState
 from picell.store.outbox import Message
 from picell.system.limits import RepeatLog
-from picell.wireguard.apply import observe_wg
+from picell.wireguard.apply import ObservedPeer, observe_wg
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +165,7 @@ class Sender:
         now = self.clock.time()
         with self.store.read() as conn:
             messages = outbox.all_messages(conn)
-            links = [ln for ln in link_table.all_links(conn) if ln.state == "linked"]
+            links = self._pushable(conn)
         started: list[Future[None]] = []
         for message in messages:
             if self._message_due_at(message) <= now:
@@ -168,13 +179,33 @@ class Sender:
         now = self.clock.time()
         with self.store.read() as conn:
             messages = outbox.all_messages(conn)
-            links = [ln for ln in link_table.all_links(conn) if ln.state == "linked"]
+            links = self._pushable(conn)
         with self._lock:
             busy = set(self._in_flight)  # their end wakes us
         times = [now + HEARTBEAT_S]
         times += [self._message_due_at(m) for m in messages if m.link_key not in busy]
         times += [self._push_due_at(ln, now) for ln in links if ln.public_key not in busy]
         return max(0.0, min(times) - now)
+
+    def _pushable(self, conn: Any) -> list[Link]:
+        """Linked links, and waiting ones that WireGuard shows a fresh handshake with."""
+        links = link_table.all_links(conn)
+        waiting = [ln for ln in links if ln.state == LinkState.WAITING]
+        seen = self._peers(cell_table.load(conn).interface) if waiting else {}
+        return [
+            ln
+            for ln in links
+            if ln.state == LinkState.LINKED
+            or (ln.state == LinkState.WAITING and self._fresh(seen.get(ln.public_key)))
+        ]
+
+    def _peers(self, interface: str) -> dict[str, ObservedPeer]:
+        observed = observe_wg(self.links.control.runner, interface)
+        return observed.peers if observed else {}
+
+    def _fresh(self, peer: ObservedPeer | None) -> bool:
+        return bool(peer and peer.latest_handshake
+                    and self.clock.time() - peer.latest_handshake < LINK_STALE_S)  # fmt: skip
 
     def _push_due_at(self, link: Link, now: float) -> float:
         with self._lock:
@@ -231,47 +262,47 @@ class Sender:
     # -- link state ----------------------------------------------------------------------------
     def push(self, name: str) -> bool:
         """Send `name` our whole state now; True when it was accepted."""
-        seen = self._seen()  # read before the write transaction: it spawns `wg show`
+        with self.store.read() as conn:
+            cell = cell_table.load(conn)
+        peers = self._peers(cell.interface)  # outside the store lock: a process
         with self.store.transaction() as conn:
             link = link_table.find(conn, name)
-            if link is None or link.state != "linked":
+            if link is None or link.state == LinkState.UNLINKING:
                 return False
+            if link.state == LinkState.WAITING and not self._fresh(peers.get(link.public_key)):
+                return False  # no tunnel yet: the other owner has not imported our invite
             cell = cell_table.load(conn)
             seq = link.sync.seq + 1
             generation = link_table.pending_generation(conn, name)
             slot = exit_table.slots(conn).get(name)
-            everyone = link_table.all_links(conn)
-            wants = self.links.wanted.snapshot()
-            fields = relay_fields(link, everyone, wants, seen, self.clock.time(),
+            seen = peers.get(link.public_key)
+            fields = relay_fields(link, link_table.all_links(conn), self.links.wanted.snapshot(),
+                                  seen_from_peers(peers), self.clock.time(),
                                   relay_reserved(cell))  # fmt: skip
-            extra = document(cell, link, service_table.all_services(conn), slot, fields)
+            extra = document(cell, link, service_table.all_services(conn), slot,
+                             seen_at=seen.endpoint if seen else None, relay=fields)  # fmt: skip
             envelope = envelope_from(cell, link, "state", seq, extra)
             conn.execute("UPDATE links SET local_seq = ? WHERE name = ?", (seq, name))
         with self._lock:
             self.pushes += 1
         error = self._push_error(cell.ip, link, envelope, seq)
+        confirmed = False
         with self.store.transaction() as conn:
             if error is None:
                 link_table.push_done(conn, name, generation, self.clock.time())
+                confirmed = link_table.confirm(conn, name, self.clock.time())
+                if confirmed:
+                    journal.append(conn, name, "linked", f"cell {name}",
+                                   "it accepted our signed state through the tunnel")  # fmt: skip
             else:
                 link_table.push_failed(conn, name, error)
+        if confirmed:
+            self.links.control.converge_soon()
         self._note(link.public_key, error)
         if error is None:
             with self._lock:
                 self._told.add(link.public_key)
         return error is None
-
-    def _seen(self) -> Seen:
-        """Our WireGuard's view of our links (handshakes, endpoints), for introductions and
-        for what we ask introductions of; nothing to read with fewer than two links."""
-        with self.store.read() as conn:
-            if len(link_table.all_links(conn)) < 2:
-                return {}
-            ifname = cell_table.load(conn).interface
-        cached = getattr(self.links.control.reconciler, "observed", None)
-        if isinstance(cached, dict) and ifname in cached:  # the reconciler's last observation
-            return seen_from(cached[ifname])
-        return seen_from(observe_wg(self.links.control.runner, ifname))
 
     def _push_error(
         self, our_ip: IPv4Address, link: Link, envelope: dict[str, Any], seq: int

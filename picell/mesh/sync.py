@@ -56,6 +56,7 @@ def _mirror(body: wire.StateBody, link: Link, known: Collection[str] = ()) -> Mi
         exit_relay_port=relay.port if relay else None,
         exit_client_key=client.public_key if client else None,
         exit_client_port=client.port if client else None,
+        seen_at=body.seen_at,
         **_relay_mirror(body, link, known),
         seq=body.seq,
         updated_at=time.time(),
@@ -278,9 +279,16 @@ class Sync:
                 "body.identity.dns_ip: outside the cell's network", field="body.identity.dns_ip"
             )
         endpoint = ident.endpoint or link.identity.endpoint
-        if (endpoint, dns_ip) == (link.identity.endpoint, link.identity.dns_ip):
+        endpoints = tuple(ident.endpoints) if ident.endpoints else link.identity.endpoints
+        if ident.endpoint and not ident.endpoints:
+            endpoints = ()  # an older cell: one endpoint
+        before = (link.identity.endpoint, link.identity.endpoints, link.identity.dns_ip)
+        if (endpoint, endpoints, dns_ip) == before:
             return updated
-        events.append(f"identity changed: endpoint {endpoint}, dns {dns_ip}")
+        shown = ", ".join(endpoints) if endpoints else endpoint
+        events.append(f"identity changed: endpoint {shown}, dns {dns_ip}")
         url = f"http://{dns_ip}:{link.identity.mesh_port}"
-        moved = replace(updated.identity, endpoint=endpoint, dns_ip=dns_ip, api_url=url)
+        moved = replace(
+            updated.identity, endpoint=endpoint, endpoints=endpoints, dns_ip=dns_ip, api_url=url
+        )
         return replace(updated, identity=moved)

@@ -71,8 +71,8 @@ class LinkIdentity:
 
     @property
     def candidates(self) -> tuple[str, ...]:
-        """The endpoints to try while the link is stale, in turn."""
-        return self.endpoints or (self.endpoint,)
+        """The endpoints to try while the link is stale, in turn: `endpoint` first."""
+        return tuple(dict.fromkeys((self.endpoint, *self.endpoints)))[:4]
 
 
 @dataclass(frozen=True)
@@ -287,6 +287,16 @@ def push_done(conn: sqlite3.Connection, name: str, generation: int, at: float) -
         " pending_push = CASE WHEN pending_push = ? THEN 0 ELSE pending_push END WHERE name = ?",
         (at, generation, name),
     )
+
+
+def confirm(conn: sqlite3.Connection, name: str, at: float) -> bool:
+    """A `waiting` link becomes `linked` (the other cell accepted our signed document, or sent
+    us one); True when it changed."""
+    cur = conn.execute(
+        "UPDATE links SET state = 'linked', linked_at = ? WHERE name = ? AND state = 'waiting'",
+        (at, name),
+    )
+    return cur.rowcount > 0
 
 
 def push_failed(conn: sqlite3.Connection, name: str, error: str) -> None:

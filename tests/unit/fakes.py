@@ -95,12 +95,16 @@ class FakeKernel(Runner):
             peers: dict[str, dict[str, object]] = dev["peers"]  # type: ignore[assignment]
             for key, p in peers.items():
                 lines.append(
-                    f"{key}\t(none)\t(none)\t{p['allowed'] or '(none)'}\t{p['handshake']}\t0\t0\t"
+                    f"{key}\t(none)\t{p.get('endpoint') or '(none)'}\t{p['allowed'] or '(none)'}\t"
+                    f"{p['handshake']}\t0\t0\t"
                     f"{p['keepalive'] or 'off'}"
                 )
             return "\n".join(lines) + "\n"
         if a[:2] == ("wg", "syncconf"):
             self._syncconf(a[2], Path(a[3]).read_text())
+            return ""
+        if a[:2] == ("wg", "set") and a[3] == "peer" and a[5:6] == ("endpoint",):
+            self.wg[a[2]]["peers"][a[4]]["endpoint"] = a[6]  # type: ignore[index]
             return ""
         if a[:3] == ("ip", "-j", "addr") or a[:4] == ("ip", "-j", "-4", "addr"):
             links = []
@@ -227,12 +231,16 @@ class FakeKernel(Runner):
                 current["allowed"] = ",".join(s.strip() for s in v.split(","))
             elif k == "PersistentKeepalive" and current is not None:
                 current["keepalive"] = int(v)
+            elif k == "Endpoint" and current is not None:
+                current["endpoint"] = v
         old = self.wg.get(ifname, {}).get("peers", {})
         assert isinstance(old, dict)
         for pk, p in peers.items():
             prev = old.get(pk)
             # like wg syncconf: an unchanged peer keeps its session (and handshake time)
             p["handshake"] = prev["handshake"] if prev else 0
+            if "endpoint" not in p and prev and prev.get("endpoint"):
+                p["endpoint"] = prev["endpoint"]  # no Endpoint line: the learned one stays
         self.wg[ifname] = {"key": key, "port": port, "peers": peers}
 
     def create_interface(self, ifname: str) -> None:
