@@ -36,14 +36,14 @@ def document(
     services: list[Service],
     exit_slot: int | None = None,
     seen_at: str | None = None,
-    relay: Mapping[str, Any] | None = None,
+    reach: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """What we tell `link` about our side (the envelope adds v, type, keys, seq, sent_at).
 
     With an exit offer goes our relay end of the exit tunnel; with a request to use theirs
     (`exit_slot`: the slot our devices leave through them) our client end. `seen_at` is where
     our WireGuard sees them (their NAT's address, for them to compare with what they announce).
-    `relay` is the introductions' and relay's part (`mesh.relay.relay_fields`).
+    `reach` is the introductions' and relay's part (`mesh.relay.relay_fields`).
     """
     announced = cell.announced
     wg = keys.public_from_private
@@ -62,7 +62,7 @@ def document(
         # spends the invite of theirs we imported, if our pairing with it never happened
         **({"invite_proof": link.sync.invite_proof} if link.sync.invite_proof else {}),
         **({"seen_at": seen_at} if seen_at else {}),
-        **(relay or {}),
+        **(reach or {}),
         "identity": {
             "endpoint": announced[0],
             "endpoints": list(announced),

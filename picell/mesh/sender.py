@@ -280,7 +280,7 @@ class Sender:
                                   seen_from_peers(peers), self.clock.time(),
                                   relay_reserved(cell))  # fmt: skip
             extra = document(cell, link, service_table.all_services(conn), slot,
-                             seen_at=seen.endpoint if seen else None, relay=fields)  # fmt: skip
+                             seen_at=seen.endpoint if seen else None, reach=fields)  # fmt: skip
             envelope = envelope_from(cell, link, "state", seq, extra)
             conn.execute("UPDATE links SET local_seq = ? WHERE name = ?", (seq, name))
         with self._lock:
