@@ -306,11 +306,11 @@ def check_via(links: Sequence[Link], via: str, invite_key: str) -> Link:
     invite's own cell; else 409 naming it (field `via`)."""
     link = next((ln for ln in links if ln.name == via), None)
     if link is None or link.state != LinkState.LINKED:
-        raise Conflict(f"via: {via} is not a linked cell", field="via")
+        raise Conflict(f"via: no linked cell named {via}", field="via")
     if link.public_key == invite_key:
-        raise Conflict(f"via: {via} is the invite's own cell", field="via")
+        raise Conflict(f"via: cell {via} is the one this invite links us with", field="via")
     if not link.mirror.relay_offered:
-        raise Conflict(f"via: {via} does not offer us its relay", field="via")
+        raise Conflict(f"via: cell {via} does not offer us its relay", field="via")
     return link
 
 
