@@ -140,6 +140,12 @@ LOGIN_DELAY_MAX_S = 10.0  # ... doubling up to this: ~8,600 guesses a day at mos
 LOGIN_FAILURE_HALF_LIFE_S = 600.0  # recent failures count half after this long of quiet
 PASSWORD_MIN_LEN = 10  # the admin password; a generated one has 96 bits
 
+# The relay through a mutually linked cell (issue 12): the UDP ports at the relaying cell's VPN
+# address that carry one pair of its linked cells to each other, derived from their keys. Above
+# the usual service and exit ports, below WireGuard's customary 51820.
+RELAY_PORT_BASE = 40000
+RELAY_PORT_SPAN = 8192
+
 RECONCILE_PERIOD_S = 30.0  # drift is fixed at most this long after it happens
 COMMAND_TIMEOUT_S = 20.0  # no system command may hang the reconciler longer
 CHILD_RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)  # supervised children: restart delays

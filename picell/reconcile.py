@@ -25,8 +25,15 @@ from picell.constants import ENDPOINT_RETRY_S, EXIT_MAX_SLOTS, LINK_STALE_S
 from picell.dns.render import render_exit_resolver, render_unbound
 from picell.dns.unbound import Unbound
 from picell.errors import ApplyFailed, CommandFailed
-from picell.firewall.apply import apply_grant_delta, apply_ruleset, cut_flows, observe_table
+from picell.firewall.apply import (
+    apply_grant_delta,
+    apply_ruleset,
+    cut_flows,
+    cut_relay_flows,
+    observe_table,
+)
 from picell.firewall.render import grant_elements, render_grant_delta, render_ruleset
+from picell.mesh.relay import RelayRule
 from picell.paths import Paths
 from picell.routing.apply import (
     apply_link,
@@ -130,6 +137,7 @@ class Reconciler:
         self.observed: dict[str, ObservedWg] = {}  # the last `wg show` of each interface
         self.clock: Callable[[], float] = time.time
         self._grants: set[Grant] = set()  # grants as we last applied them
+        self._relay_rules: set[RelayRule] = set()  # relayed flows as we last applied them
         self._nft_seen: tuple[str, str] | None = None  # (digest, kernel fingerprint) we applied
         self._lock = threading.Lock()
         self.last: Report | None = None
@@ -238,6 +246,10 @@ class Reconciler:
             cut_flows(self.runner, grant)  # a revoked grant: its established flows stop too
             report.changes.append(Change("conntrack", "remove", grant.element))
         self._grants = set(state.grants)
+        for rule in sorted(self._relay_rules - set(state.relay.rules)):
+            cut_relay_flows(self.runner, rule)  # a withdrawn relay: its path ends at once
+            report.changes.append(Change("conntrack", "remove", f"relay {rule.label}"))
+        self._relay_rules = set(state.relay.rules)
 
         conf = render_unbound(state.dns, self.paths.unbound_dir, self.paths.unbound_control)
         dns_changes = self.unbound.needs(conf)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from picell.addressing import peer_address, vip_address
 from picell.constants import DNS_PORT, EXIT_MTU, LINK_KEEPALIVE_S, NOT_INTERNET
+from picell.mesh import relay as relaying
 from picell.routing.exits import exit_ifname, exit_mark, exit_port, exit_table
 from picell.store.cell import Cell
 from picell.store.links import Link
@@ -146,7 +147,7 @@ class LinkState:
 
     name: str
     public_key: str
-    endpoint: str
+    endpoint: str | None  # None: a link via a relay that does not relay it (yet)
     network: ipaddress.IPv4Network
     dns_ip: ipaddress.IPv4Address
     mesh_port: int
@@ -173,6 +174,7 @@ class State:
     exits: tuple[ExitTunnel, ...] = ()
     not_internet: tuple[ipaddress.IPv4Network, ...] = NOT_INTERNET
     uplink: str | None = None
+    relay: relaying.RelayState = relaying.RelayState()  # pairs we relay, cells relaying for us
 
     @property
     def wg(self) -> WgDevice:
@@ -206,8 +208,9 @@ def build_state(
             LinkState(
                 name=link.name,
                 public_key=link.public_key,
-                endpoint=link.identity.candidates[0],
-                candidates=link.identity.candidates,
+                # the relay (a link via a cell), introductions, then the declared endpoints
+                endpoint=next(iter(relaying.peer_candidates(link, links)), None),
+                candidates=relaying.peer_candidates(link, links),
                 network=link.identity.vpn_subnet,
                 dns_ip=link.identity.dns_ip,
                 mesh_port=link.identity.mesh_port,
@@ -316,7 +319,13 @@ def build_state(
         exits=exits,
         not_internet=_not_internet(cell, links, exits, onlink),
         uplink=cell.uplink,
+        relay=relaying.relay_state(links, relay_reserved(cell)),
     )
+
+
+def relay_reserved(cell: Cell) -> set[int]:
+    """Our own ports, which no relay port may shadow."""
+    return relaying.reserved_ports(cell.listen_port, cell.mesh_port, cell.pair_port)
 
 
 def _exits(

@@ -1,6 +1,7 @@
 """Admin routes for links to other cells (DESIGN §9): list, invites, connect, disconnect,
-sharing, exit offer, journal, import of the seed system's link file. Handlers only call `Links`,
-`Sync` and the invites table; bodies and answers are the typed models of `picell.api.models`.
+sharing, exit and relay offers, journal, import of the seed system's link file. Handlers only
+call `Links`, `Sync` and the invites table; bodies and answers are the typed models of
+`picell.api.models`.
 
 No GET changes anything: an invite (a stored single-use token) is made only by
 `POST /api/cells/invites`, whose one answer carries the JSON, the copy-paste string and the QR
@@ -30,6 +31,7 @@ from picell.api.models import (
     JournalEntryOut,
     LinksImport,
     Permissions,
+    RelayOffer,
 )
 from picell.mesh.crypto import token_hash
 from picell.mesh.links import Links
@@ -136,7 +138,7 @@ def journal(
 @router.post("", status_code=201, response_model=CellOut)
 def connect(body: CellConnect, links: LinksDep) -> dict[str, Any]:
     """Import another cell's invite (its string, its JSON or `picell invite --json` output)."""
-    return links.connect(body.invite, trust_domain=body.trust_domain)
+    return links.connect(body.invite, trust_domain=body.trust_domain, via=body.via)
 
 
 @router.post("/import", status_code=201, response_model=ImportOut)
@@ -154,6 +156,13 @@ def set_permissions(name: CellName, body: Permissions, sync: SyncDep) -> dict[st
 def exit_offer(name: CellName, body: ExitOffer, sync: SyncDep) -> dict[str, Any]:
     """Offer our internet exit to cell `name` (DESIGN §8); it sees `remote_exit_offered`."""
     return sync.set_exit_offer(name, body.offered)
+
+
+@router.put("/{name}/relay-offer", response_model=CellOut)
+def relay_offer(name: CellName, body: RelayOffer, sync: SyncDep) -> dict[str, Any]:
+    """Offer our relay to cell `name` (issue 12): we relay between it and each other linked
+    cell we offer it to; withdrawing ends those relayed paths at once."""
+    return sync.set_relay_offer(name, body.offered)
 
 
 @router.post("/{name}/shares/{service}", response_model=CellOut)

@@ -89,6 +89,10 @@ class CellConnect(Request):
         default=False,
         description="accept a domain outside the private-use suffixes (the owner's own word)",
     )
+    via: Name | None = Field(
+        default=None,
+        description="a linked cell offering us its relay: the link travels through it",
+    )
 
 
 class Permissions(Request):
@@ -103,6 +107,10 @@ class EndpointSet(Request):
     endpoints: list[Annotated[str, StringConstraints(max_length=300)]] = Field(
         min_length=1, max_length=4, description="HOST:PORT, best first (IPv6 as [ADDR]:PORT)"
     )
+
+
+class RelayOffer(Request):
+    offered: bool
 
 
 class LinksImport(Request):
@@ -253,6 +261,12 @@ class CellOut(Answer):
     pending_error: str | None
     endpoints: list[str] = []  # every endpoint it announced, best first
     seen_at: str | None = None  # where it sees us (its WireGuard's view of our address)
+    # introductions and the relay (issue 12)
+    relay_offered: bool = False  # we relay between it and our other cells we offer it to
+    remote_relay_offered: bool = False  # it would relay for us
+    via: str | None = None  # the linked cell this link travels through (connect --via)
+    path: str = "direct"  # "direct", "introduced by B", "via B"
+    relay_note: str | None = None  # why a relayed link waits
 
 
 class JournalEntryOut(Answer):

@@ -150,9 +150,12 @@ async def connect(request: Request) -> Response:
         if not text:
             raise BadInput("invite: paste the other cell's invite here", field="invite")
         trusted = form.get("trust_domain") == "on"  # the owner's word for a public domain
-        link = await run_in_threadpool(partial(links.connect, text, trust_domain=trusted))
+        via = str(form.get("via", "")).strip() or None  # a linked cell relaying for us
+        link = await run_in_threadpool(
+            partial(links.connect, text, trust_domain=trusted, via=via)
+        )
     except PicellError as exc:
-        err = FormError("connect", exc, ("invite",))
+        err = FormError("connect", exc, ("invite", "via"))
         return await cells_page(request, err.status, error=err, form=form)
     if link["state"] == "waiting":
         flash(request, f"Saved {link['name']}: waiting for the other cell to import our invite")
@@ -199,6 +202,20 @@ async def set_endpoint(request: Request) -> Response:
         err = FormError("endpoint", exc, ("endpoints",))
         return await cells_page(request, err.status, error=err, form=form)
     flash(request, f"Our endpoint is now {', '.join(wanted)}: every linked cell is told")
+    return back("/cells")
+
+
+async def set_relay_offer(request: Request) -> Response:
+    name = request.path_params["name"]
+    form = await read_form(request)
+    sync: Sync = state(request, "sync")
+    offered = form.get("offered") == "1"
+    try:
+        await run_in_threadpool(sync.set_relay_offer, name, offered)
+    except PicellError as exc:
+        err = FormError(f"relay-{name}", exc, ("offered",))
+        return await cells_page(request, err.status, error=err)
+    flash(request, f"{'Offering' if offered else 'Not offering'} to relay for {name}")
     return back("/cells")
 
 
@@ -348,6 +365,7 @@ def install(app: FastAPI, auth_: auth.Auth) -> None:
         ("/cells/endpoint", set_endpoint, post),
         ("/cells/{name}/sharing", set_sharing, post),
         ("/cells/{name}/exit-offer", set_exit_offer, post),
+        ("/cells/{name}/relay-offer", set_relay_offer, post),
         ("/cells/{name}/disconnect", disconnect, post),
         ("/devices", devices_page, get),
         ("/devices", add_device, post),

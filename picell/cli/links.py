@@ -1,6 +1,6 @@
-"""`picell invite | invites | connect | disconnect | share | unshare | exit-offer | cells |
-import-links | route-via`: links to other cells. Answers are read with the admin API's own models
-(`picell.api.models`), and `--json` prints them."""
+"""`picell invite | invites | connect | disconnect | share | unshare | exit-offer | relay-offer |
+cells | import-links | route-via`: links to other cells. Answers are read with the admin API's
+own models (`picell.api.models`), and `--json` prints them."""
 
 from __future__ import annotations
 
@@ -106,7 +106,10 @@ def _show_link(c: CellOut) -> str:
         f"  authentication string: {c.auth_string} (compare it with {c.name}'s owner)",
         f"  we share: {_services(c.inbound)}",
     ]
+    lines.append(f"  path: {c.path}" + (f" ({c.relay_note})" if c.relay_note else ""))
     exits = [
+        "we offer them our relay" if c.relay_offered else "",
+        "they offer us their relay" if c.remote_relay_offered else "",
         "we offer them our exit" if c.exit_offered else "",
         "they offer us their exit" if c.remote_exit_offered else "",
         "some of our devices use their exit" if c.exit_relay_active else "",
@@ -159,10 +162,18 @@ def connect(
             help="Accept the other cell's domain although it is not under a private-use suffix",
         ),
     ] = False,
+    via: Annotated[
+        str | None,
+        typer.Option(
+            "--via",
+            metavar="CELL",
+            help="Link through a linked cell that offers us its relay (both homes behind CGNAT)",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Link with another cell by importing its invite."""
-    body = {"invite": _invite_text(invite), "trust_domain": trust_domain}
+    body = {"invite": _invite_text(invite), "trust_domain": trust_domain, "via": via}
     _link(call("POST", "/api/cells", as_json, json=body), as_json)
 
 
@@ -197,6 +208,20 @@ def exit_offer(
         raise typer.BadParameter(f"{state!r}: use on or off")
     body = {"offered": state == "on"}
     _link(call("PUT", f"/api/cells/{cell}/exit-offer", as_json, json=body), as_json)
+
+
+@app.command("relay-offer")
+def relay_offer(
+    cell: Annotated[str, typer.Argument(help="The linked cell")],
+    state: Annotated[str, typer.Argument(help="on or off")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Offer (on) or withdraw (off) this cell's relay to a linked cell: two linked cells that
+    both have the offer may link with each other through this cell (`connect --via`)."""
+    if state not in ("on", "off"):
+        raise typer.BadParameter(f"{state!r}: use on or off")
+    body = {"offered": state == "on"}
+    _link(call("PUT", f"/api/cells/{cell}/relay-offer", as_json, json=body), as_json)
 
 
 @app.command()

@@ -13,6 +13,7 @@ from typing import Any
 from picell.constants import TABLE_NAME
 from picell.errors import CommandFailed
 from picell.firewall.render import GRANT_SETS
+from picell.mesh.relay import RelayRule
 from picell.state import Grant
 from picell.system.run import Runner
 
@@ -140,3 +141,12 @@ def cut_flows(runner: Runner, grant: Grant) -> None:
         ],
         ok_codes=(0, 1),
     )  # fmt: skip
+
+
+def cut_relay_flows(runner: Runner, rule: RelayRule) -> None:
+    """Delete the conntrack entries of a relayed flow that ended (original tuple: the source
+    cell to our relay port), so that the relayed path stops at once. Status 1: there were none."""
+    runner.run(
+        ["conntrack", "-D", "-p", "udp", "-s", str(rule.source), "--dport", str(rule.port)],
+        ok_codes=(0, 1),
+    )

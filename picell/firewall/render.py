@@ -40,6 +40,7 @@ def render_table_body(
     ]
     linked = ", ".join(str(n) for n in state.linked_networks)
     ex = _exit_rules(state, uplink)
+    rl = _relay_rules(state)
     grant_sets: list[str] = []
     for name, elements in grant_elements(state).items():
         grant_sets += [
@@ -86,6 +87,7 @@ def render_table_body(
         "\tchain prerouting {",
         "\t\ttype nat hook prerouting priority dstnat; policy accept;",
         *ex["dns"],
+        *rl["dnat"],
         *dnat,
         "\t}",
         "\tchain postrouting {",
@@ -98,6 +100,7 @@ def render_table_body(
             f'\t\tiifname "{wg}" ip saddr {net} {uplink} ip daddr != @not_internet masquerade',
         ),
         *ex["masquerade"],
+        *rl["snat"],
         "\t}",
         "\tchain input {",
         "\t\ttype filter hook input priority filter; policy accept;",
@@ -118,6 +121,7 @@ def render_table_body(
         f"\t\tip daddr {me} tcp dport {state.mesh_port} accept",
         f"\t\tip daddr {me} icmp type echo-request accept",
         *ex["link_input"],
+        *rl["link_input"],
         "\t\t# granted services with a backend on the cell host (link_gate let only those by)",
         "\t\tct status dnat accept",
         "\t\tcounter drop",
@@ -147,6 +151,7 @@ def render_table_body(
         f"\t\tip saddr {net} ct status dnat accept",
         "\t\tip saddr @linked_nets ct status dnat accept",
         *ex["vpn_forward"],
+        *rl["vpn_forward"],
         *_lend(
             uplink,
             "\t\t# every other device may use the cell as its home exit: the internet only",
@@ -262,6 +267,37 @@ def _exit_rules(state: State, uplink: str | None) -> dict[str, list[str]]:
             *_lend(uplink, f"\t\t{uplink} ip daddr != @not_internet accept"),
             "\t\tcounter drop",
             "\t}",
+        ]
+    return out
+
+
+def _relay_rules(state: State) -> dict[str, list[str]]:
+    """The lines the relay through a linked cell adds (issue 12; `picell.mesh.relay`), by
+    where they go.
+
+    As the relay: UDP from one linked cell to our address's port for its pair is DNATed to the
+    other cell's WireGuard port and SNATed to our address, so that replies come back through
+    us; only exactly that flow is forwarded. Nothing else opens, and what we carry is the two
+    cells' WireGuard, ciphertext to us. As a relayed cell: WireGuard arrives over our tunnel
+    from a linked cell that offers us its relay, to our own listen port only.
+    """
+    wg, me = state.interface, state.address.ip
+    out: dict[str, list[str]] = {k: [] for k in ("dnat", "snat", "link_input", "vpn_forward")}
+    for r in state.relay.rules:
+        out["dnat"].append(
+            f'\t\tiifname "{wg}" ip saddr {r.source} ip daddr {me} udp dport {r.port} '
+            f'dnat ip to {r.target}:{r.target_port} comment "relay {r.label}"'
+        )
+        match = f"ip saddr {r.source} ip daddr {r.target} udp dport {r.target_port} ct status dnat"
+        out["snat"].append(f'\t\tiifname "{wg}" oifname "{wg}" {match} snat ip to {me}')
+        out["vpn_forward"].append(f'\t\toifname "{wg}" {match} accept')
+    if state.relay.rules:
+        out["vpn_forward"].insert(0, "\t\t# the relay: one linked cell's WireGuard to another's")
+    if state.relay.sources:
+        sources = _set([str(s) for s in state.relay.sources])
+        out["link_input"] = [
+            "\t\t# WireGuard relayed by a linked cell that offers us its relay",
+            f"\t\tip saddr {sources} ip daddr {me} udp dport {state.listen_port} accept",
         ]
     return out
 

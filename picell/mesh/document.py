@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from picell.addressing import vip_address
@@ -35,12 +36,14 @@ def document(
     services: list[Service],
     exit_slot: int | None = None,
     seen_at: str | None = None,
+    reach: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """What we tell `link` about our side (the envelope adds v, type, keys, seq, sent_at).
 
     With an exit offer goes our relay end of the exit tunnel; with a request to use theirs
     (`exit_slot`: the slot our devices leave through them) our client end. `seen_at` is where
     our WireGuard sees them (their NAT's address, for them to compare with what they announce).
+    `reach` is the introductions' and relay's part (`mesh.relay.relay_fields`).
     """
     wg = keys.public_from_private
     relay = {"public_key": wg(exit_private_key(cell, None)),
@@ -58,6 +61,7 @@ def document(
         # spends the invite of theirs we imported, if our pairing with it never happened
         **({"invite_proof": link.sync.invite_proof} if link.sync.invite_proof else {}),
         **({"seen_at": seen_at} if seen_at else {}),
+        **(reach or {}),
         "identity": {
             "endpoint": cell.primary_endpoint,
             "endpoints": list(cell.announced),

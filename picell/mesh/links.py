@@ -28,7 +28,7 @@ from picell import validate
 from picell.constants import INVITE_MAX_TTL_S, INVITE_MIN_TTL_S
 from picell.control import Control
 from picell.errors import BadInput, Forbidden, NotFound, PicellError
-from picell.mesh import client, policy, wire
+from picell.mesh import client, policy, relay, wire
 from picell.mesh.crypto import (
     link_key,
     mac,
@@ -143,6 +143,7 @@ class Links:
         self.store = control.store
         self.wake_sender = wake_sender
         self.rejected: Counter[str] = Counter()  # refused cross-cell messages, by route and status
+        self.wanted = relay.Wanted()  # what linked cells asked us to introduce or relay
 
     # -- the identity policy, at every door ----------------------------------------------------
     def admit(
@@ -189,7 +190,15 @@ class Links:
         )
 
     # -- connect (this cell imports the other's invite) ----------------------------------------
-    def connect(self, text: str, *, trust_domain: bool = False) -> dict[str, Any]:
+    def connect(
+        self, text: str, *, trust_domain: bool = False, via: str | None = None
+    ) -> dict[str, Any]:
+        """Import another cell's invite. With `via` (a linked cell offering us its relay) the
+        link travels through that cell's relay (`mesh.relay`): no pairing call (its port is
+        unreachable behind CGNAT); the link completes over UDP alone once the other owner
+        imported our invite too."""
+        if via is not None:
+            validate.name(via, "via")
         inv = parse_invite(text)
         if inv.pairing is None:
             raise BadInput(
@@ -206,8 +215,14 @@ class Links:
             # the host is read once: the check before pairing and the one at storing share it
             nets = policy.observe_host(self.control.runner, cell.interface)
             self.admit(conn, cell, other, "invite.", trusted_domain=trust_domain, host=nets)
+            if via is not None:
+                relay.check_via(link_table.all_links(conn), via, other.public_key)
         our_public = keys.public_from_private(cell.private_key)
         proof = invite_proof(inv.pairing.token, our_public, other.public_key)
+        if via is not None:
+            self._store(other, LinkState.WAITING, "connect", f"linking through {via}'s relay",
+                        (trust_domain, nets), proof, via)  # fmt: skip
+            return self.describe(other.cell_name)
         key = pairing_key(inv.pairing.token)
         signed = {"identity": identity_of(cell).as_dict(), "nonce": secrets.token_hex(16)}
         request = {
@@ -253,6 +268,7 @@ class Links:
         detail: str,
         checked: tuple[bool, policy.HostNets],
         proof: str,
+        via: str | None = None,
     ) -> None:
         """Store our side of the link, admitting `other` again inside the write transaction
         (a link made meanwhile may conflict) with the owner's word and the host as read."""
@@ -264,6 +280,10 @@ class Links:
             if existing is not None and existing.state == LinkState.LINKED:
                 state = LinkState.LINKED  # re-pairing an established link: keep it established
             link = _link_from(other, existing, state)
+            if via is not None:  # checked again: the relay's offer may have gone meanwhile
+                relay.check_via(link_table.all_links(conn), via, other.public_key)
+                link = replace(link, choices=replace(link.choices, via=via))
+                link_table.mark_pending(conn, via)  # it hears at once what we ask of it
             marks = replace(link.sync, invite_proof=proof)
             if state == LinkState.WAITING:
                 marks = replace(marks, last_push_error=f"waiting for the other cell: {detail}")

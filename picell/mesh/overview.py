@@ -10,6 +10,7 @@ from typing import Any
 from picell.constants import LINK_ONLINE_S
 from picell.mesh.crypto import short_auth_string
 from picell.mesh.document import shared_services
+from picell.mesh.relay import path_of
 from picell.store import cell as cell_table
 from picell.store import links as link_table
 from picell.store import outbox
@@ -70,6 +71,10 @@ def link_overview(store: Store, runner: Runner) -> list[dict[str, Any]]:
                 "linked_at": link.linked_at,
                 "pending_message": msg.kind if msg else None,
                 "pending_error": msg.last_error if msg else None,
+                # introductions and the relay (mesh.relay): via, path, relay_note
+                "relay_offered": link.choices.relay_offered,
+                "remote_relay_offered": link.mirror.relay_offered,
+                **path_of(link, links, seen.endpoint if seen else None),
             }
         )
     return out

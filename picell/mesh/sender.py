@@ -52,7 +52,9 @@ from picell.mesh.client import MeshClient, model_error, printable
 from picell.mesh.document import document
 from picell.mesh.links import Links
 from picell.mesh.protocol import envelope_from
+from picell.mesh.relay import relay_fields, seen_from_peers
 from picell.mesh.wire import StateAnswer
+from picell.state import relay_reserved
 from picell.store import cell as cell_table
 from picell.store import exits as exit_table
 from picell.store import journal, outbox
@@ -278,8 +280,11 @@ class Sender:
             generation = link_table.pending_generation(conn, name)
             slot = exit_table.slots(conn).get(name)
             seen = peers.get(link.public_key)
+            fields = relay_fields(link, link_table.all_links(conn), self.links.wanted.snapshot(),
+                                  seen_from_peers(peers), self.clock.time(),
+                                  relay_reserved(cell))  # fmt: skip
             extra = document(cell, link, service_table.all_services(conn), slot,
-                             seen_at=seen.endpoint if seen else None)  # fmt: skip
+                             seen_at=seen.endpoint if seen else None, reach=fields)  # fmt: skip
             envelope = envelope_from(cell, link, "state", seq, extra)
             conn.execute("UPDATE links SET local_seq = ? WHERE name = ?", (seq, name))
         with self._lock:

@@ -10,13 +10,13 @@ they share with us, their `exit_offered` is our `remote_exit_offered`, their
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import replace
 from typing import Any
 
 from picell import validate
 from picell.errors import BadInput, Conflict, NotFound
-from picell.mesh import wire
+from picell.mesh import relay, wire
 from picell.mesh.links import Links, announced_endpoints
 from picell.mesh.protocol import parse_envelope
 from picell.store import journal
@@ -25,7 +25,19 @@ from picell.store import services as service_table
 from picell.store.links import Link, LinkState, Mirror
 
 
-def _mirror(body: wire.StateBody, link: Link) -> Mirror:
+def _relay_mirror(body: wire.StateBody, link: Link, known: Collection[str]) -> dict[str, Any]:
+    """Their relay offer and introductions (`mesh.relay`); `via_port` is kept: it is the word
+    of the cell this link travels through, set by that cell's documents (`relay.via_ports`)."""
+    return {
+        "relay_offered": body.relay_offered,
+        "introduced": relay.merge_introduced(
+            link.mirror.introduced, body.introductions, time.time(), known
+        ),
+        "via_port": link.mirror.via_port,
+    }
+
+
+def _mirror(body: wire.StateBody, link: Link, known: Collection[str] = ()) -> Mirror:
     """Their document as we keep it: what they share with us (every address inside their
     network), their exit offer and use of ours, and their ends of the exit tunnels: the
     relay's (with an offer), the client's (with a request to use our exit)."""
@@ -45,6 +57,7 @@ def _mirror(body: wire.StateBody, link: Link) -> Mirror:
         exit_client_key=client.public_key if client else None,
         exit_client_port=client.port if client else None,
         seen_at=body.seen_at,
+        **_relay_mirror(body, link, known),
         seq=body.seq,
         updated_at=time.time(),
     )
@@ -97,6 +110,28 @@ class Sync:
         self.wake_sender()
         return self.links.describe(name)
 
+    def set_relay_offer(self, name: str, offered: bool) -> dict[str, Any]:
+        """Offer (or withdraw) our relay to a linked cell (`mesh.relay`): we relay between it
+        and each other linked cell we offer it to. Every cell we offer it to hears at once
+        (its relay ports change); a withdrawal ends the relayed paths in this same converge
+        (the reconciler deletes their conntrack entries)."""
+        validate.name(name, "cell")
+        with self.control.change() as conn:
+            link = link_table.get(conn, name)
+            if link.state == LinkState.UNLINKING:
+                raise Conflict(f"cell: the link with {name} is ending", field="cell")
+            if link.choices.relay_offered != offered:
+                link_table.save(
+                    conn, replace(link, choices=replace(link.choices, relay_offered=offered))
+                )
+                for other in link_table.all_links(conn):
+                    if other.name == name or other.choices.relay_offered:
+                        link_table.mark_pending(conn, other.name)
+                event = "offered our relay" if offered else "withdrew our relay offer"
+                journal.append(conn, name, event, "local owner")
+        self.wake_sender()
+        return self.links.describe(name)
+
     def share(self, name: str, service: str) -> dict[str, Any]:
         current = self._inbound(name)
         return self.set_permissions(name, [*current, validate.name(service, "service")])
@@ -133,7 +168,8 @@ class Sync:
         body = env.body
         with self.store.transaction() as conn:
             link, cell = self.links.authenticate(conn, env, source)
-            mirror = _mirror(body, link)
+            everyone = link_table.all_links(conn)
+            mirror = _mirror(body, link, {ln.public_key for ln in everyone})
             versions = tuple(body.versions or (body.v,))
             updated = replace(
                 link, identity=replace(link.identity, versions=versions), mirror=mirror
@@ -169,12 +205,55 @@ class Sync:
                     if updated.mirror.exit_relay_active
                     else "they stopped using our exit"
                 )
+            if updated.mirror.relay_offered != link.mirror.relay_offered:
+                events.append(
+                    "they offered their relay"
+                    if updated.mirror.relay_offered
+                    else "they withdrew their relay"
+                )
+            tell = self._relay_answer(conn, updated, body, everyone, events)
             if events:  # one summarised row per document, none for a heartbeat
                 event = events[0].split(":")[0] if len(events) == 1 else "state changed"
                 journal.append(conn, link.name, event, f"cell {link.name}", "; ".join(events))
             link_table.save(conn, updated)
+            for name in sorted(tell):
+                link_table.mark_pending(conn, name)
         self.control.converge_soon(flush=updated.identity.domain if before != after else None)
+        if tell:
+            self.wake_sender()
         return {"ok": True, "seq": body.seq}
+
+    def _relay_answer(
+        self,
+        conn: Any,
+        link: Link,
+        body: wire.StateBody,
+        everyone: list[Link],
+        events: list[str],
+    ) -> set[str]:
+        """Introductions and the relay (`mesh.relay`), inside `receive_state`'s transaction:
+        - the relay ports `link` gives our links through it become their `via_port` (their
+          WireGuard endpoint follows in the converge);
+        - what `link` asks of us: when it changed, `link` and the cells it names hear our
+          answer at once (an introduction reaches both sides in the same round).
+        Returns the links to push to (marked after their rows are saved)."""
+        tell: set[str] = set()
+        for moved in relay.via_ports(link, body.relay_ports, everyone):
+            link_table.save(conn, moved)
+            port = moved.mirror.via_port
+            events.append(
+                f"relaying {moved.name} on port {port}"
+                if port is not None
+                else f"no longer relaying {moved.name}"
+            )
+            if port is None:  # tell them at once what we want: their answer may restore it
+                tell.add(link.name)
+        changed = self.links.wanted.note(link.public_key, body.wanted)
+        if changed and link.state == LinkState.LINKED:
+            tell.add(link.name)
+            tell |= {ln.name for ln in everyone
+                     if ln.public_key in changed and ln.state == LinkState.LINKED}  # fmt: skip
+        return tell
 
     @staticmethod
     def _identity(

@@ -142,7 +142,9 @@ def test_cli_connect_passes_the_invite_text_unchanged(
 ) -> None:
     seen: list[tuple[str, bool]] = []
 
-    def connect(self: Links, text: str, trust_domain: bool = False) -> dict[str, Any]:
+    def connect(
+        self: Links, text: str, trust_domain: bool = False, via: str | None = None
+    ) -> dict[str, Any]:
         seen.append((text, trust_domain))
         raise Forbidden("invite: refused in this test", field="invite")
 

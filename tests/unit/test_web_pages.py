@@ -188,6 +188,7 @@ def test_per_cell_forms_name_unknown_cells(client: TestClient) -> None:
     for path, data in (
         ("/cells/nope/sharing", {"services": ["web"]}),
         ("/cells/nope/exit-offer", {"offered": "1"}),
+        ("/cells/nope/relay-offer", {"offered": "1"}),
         ("/cells/nope/disconnect", {}),
     ):
         resp = post(client, path, **data)
@@ -259,3 +260,38 @@ def test_the_endpoint_is_shown_changed_and_refused_on_the_cell_network_page(
     assert 'id="our-endpoints">home.example.test:51820, 192.168.1.9:51820<' in html
     assert "192.168.1.9:51820 is a private address" in html
     assert "device-endpoint-note" not in client.get("/devices").text  # a name: no re-import
+
+
+def test_the_relay_offer_and_the_path_are_shown_and_controlled(
+    client: TestClient, control: Control
+) -> None:
+    from picell.mesh.links import Links
+    from tests.unit.test_mesh import identity, keypair, redeem
+
+    links = Links(control)
+    inv = links.invite(3600)
+    assert inv.pairing is not None
+    links.accept(
+        redeem(inv.pairing.token, identity("beta", "10.62.0.0/24", "beta.test", keypair()[1]))
+    )
+    html = client.get("/cells").text
+    assert 'id="path-beta">direct' in html and "We do not relay for beta" in html
+    assert 'id="via"' not in html  # nobody offers us a relay: no choice to make
+    resp = post(client, "/cells/beta/relay-offer", offered="1")
+    assert "Offering to relay for beta" in resp.text  # type: ignore[attr-defined]
+    assert control.store and links.describe("beta")["relay_offered"] is True
+    resp = post(client, "/cells/beta/relay-offer", offered="0")
+    assert links.describe("beta")["relay_offered"] is False
+
+
+def test_connecting_through_a_cell_that_offers_no_relay_names_it(client: TestClient) -> None:
+    key = keys.public_from_private(keys.generate_private())
+    ident = {"cell_name": "gamma", "domain": "gamma.test", "public_key": key,
+             "endpoint": "198.51.100.9:51820", "vpn_subnet": "10.77.0.0/24",
+             "dns_ip": "10.77.0.1", "mesh_port": 3000,
+             "pairing": {"port": 51821, "token": "t" * 32,
+                         "expires_at": time.time() + 600}}  # fmt: skip
+    resp = post(client, "/cells/connect", invite=json.dumps(ident), via="beta")
+    assert resp.status_code in (404, 409)  # type: ignore[attr-defined]
+    assert "beta" in (field_error(resp.text, "via") or "")  # type: ignore[attr-defined]
+    assert client.get("/api/cells").json() == []
