@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._stats import quantiles  # noqa: E402
 from tests.netns.cells import Cell  # noqa: E402
 from tests.netns.harness import Topology, wait_until  # noqa: E402
-from tests.netns.homes import Router, Zone, add_router, home_cell, plug, public_cell  # noqa: E402
+from tests.netns.homes import Zone, add_router, home_cell, plug, public_cell  # noqa: E402
 
 DNS4, DNS6 = "198.51.100.53", "2001:db8::53"
 LINK_DEADLINE_S = 120.0
@@ -82,7 +82,9 @@ def _internet(topo: Topology, ipv6: bool = False) -> Any:
 
 def _uplink(cell: Cell, addr: str) -> str:
     out = json.loads(cell.ns.run(["ip", "-j", "addr", "show"]).stdout)
-    return next(a["ifname"] for a in out if any(i.get("local") == addr for i in a["addr_info"]))
+    return str(
+        next(a["ifname"] for a in out if any(i.get("local") == addr for i in a["addr_info"]))
+    )
 
 
 def build(topo: Topology, kind: str) -> Setup:
@@ -105,11 +107,12 @@ def build(topo: Topology, kind: str) -> Setup:
     if kind in ("nat", "cgnat"):
         inet, _ = _internet(topo)
         pub = public_cell(topo, inet, "pub", ("198.51.100.1/24",), 1, DNS4)
-        outer = add_router(topo, "router", inet, "203.0.113.2/24", "192.168.2.1/24")
-        home_router: Router = outer
         if kind == "cgnat":
             outer = add_router(topo, "carrier", inet, "203.0.113.2/24", "100.64.1.1/24")
             home_router = add_router(topo, "router", outer, "100.64.1.2/24", "192.168.2.1/24")
+        else:
+            outer = home_router = add_router(topo, "router", inet, "203.0.113.2/24",
+                                             "192.168.2.1/24")  # fmt: skip
         home = home_cell(topo, home_router, "home", 10, 2, DNS4)
 
         def move_nat(run: int) -> None:
@@ -210,7 +213,10 @@ def main() -> None:
     parser.add_argument("--only", default=",".join(KINDS), help="comma-separated topologies")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    results = {kind: measure(kind, args.runs) for kind in args.only.split(",")}
+    results = {}
+    for kind in args.only.split(","):
+        results[kind] = measure(kind, args.runs)
+        print(f"{kind}: {json.dumps(results[kind])}", file=sys.stderr, flush=True)
     base = results.get("public", {}).get("link_s")
     for result in results.values():
         if base and result["link_s"]:
