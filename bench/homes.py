@@ -63,13 +63,15 @@ def _until(check: Callable[[], bool], deadline_s: float) -> float | None:
 @dataclass
 class Setup:
     """A built topology: `first` links to (or with) `second`; `connect` makes the link, `move`
-    changes an address (run index given, to alternate)."""
+    changes an address (run index given, to alternate), `restore` moves a cell whose endpoint
+    is a literal address back once the link is gone, so that the next run's invite holds."""
 
     topo: Topology
     first: Cell
     second: Cell
     connect: Callable[[], None]
     move: Callable[[int], None]
+    restore: Callable[[], None] = lambda: None
 
 
 def _internet(topo: Topology, ipv6: bool = False) -> Any:
@@ -97,13 +99,13 @@ def build(topo: Topology, kind: str) -> Setup:
         b.ns.sysctl(f"net.ipv4.conf.{uplink}.promote_secondaries", 1)
 
         def move_public(run: int) -> None:
-            new = f"198.51.100.{102 + run}"
+            new = f"198.51.100.{102 + run}" if run >= 0 else "198.51.100.2"
             b.ns.run(["ip", "addr", "add", f"{new}/24", "dev", uplink])
             b.ns.run(["ip", "addr", "del", f"{where['addr']}/24", "dev", uplink])
             b.ns.run(["ip", "route", "replace", "default", "dev", uplink])
             where["addr"] = new
 
-        return Setup(topo, a, b, lambda: _connect(a, b), move_public)
+        return Setup(topo, a, b, lambda: _connect(a, b), move_public, lambda: move_public(-1))
     if kind in ("nat", "cgnat"):
         inet, _ = _internet(topo)
         pub = public_cell(topo, inet, "pub", ("198.51.100.1/24",), 1, DNS4)
@@ -150,12 +152,12 @@ def build(topo: Topology, kind: str) -> Setup:
         uplink = _uplink(six, "2001:db8::36")
 
         def move_six(run: int) -> None:
-            new = f"2001:db8::{0x100 + run:x}"
+            new = f"2001:db8::{0x100 + run:x}" if run >= 0 else "2001:db8::36"
             six.ns.run(["ip", "addr", "add", f"{new}/64", "dev", uplink, "nodad"])
             six.ns.run(["ip", "addr", "del", f"{where['addr']}/64", "dev", uplink])
             where["addr"] = new
 
-        return Setup(topo, dual, six, lambda: _connect(dual, six), move_six)
+        return Setup(topo, dual, six, lambda: _connect(dual, six), move_six, lambda: move_six(-1))
     raise ValueError(kind)
 
 
@@ -193,6 +195,7 @@ def measure(kind: str, runs: int) -> dict[str, Any]:
             a.cli("disconnect", b.name)
             wait_until(lambda: b.name not in a.links() and a.name not in b.links(), 90,
                        "the link did not go")  # fmt: skip
+            setup.restore()
     return {
         "link_s": quantiles(link_s) if link_s else None,
         "heal_s": quantiles(heal_s) if heal_s else None,
