@@ -151,9 +151,7 @@ async def connect(request: Request) -> Response:
             raise BadInput("invite: paste the other cell's invite here", field="invite")
         trusted = form.get("trust_domain") == "on"  # the owner's word for a public domain
         via = str(form.get("via", "")).strip() or None  # a linked cell relaying for us
-        link = await run_in_threadpool(
-            partial(links.connect, text, trust_domain=trusted, via=via)
-        )
+        link = await run_in_threadpool(partial(links.connect, text, trust_domain=trusted, via=via))
     except PicellError as exc:
         err = FormError("connect", exc, ("invite", "via"))
         return await cells_page(request, err.status, error=err, form=form)

@@ -263,6 +263,10 @@ class Sync:
         domain only by pairing again with a fresh invite (they pass the identity policy)."""
         if ident is None:
             return updated
+        if ident.listen_port is not None and ident.listen_port != updated.identity.listen_port:
+            updated = replace(
+                updated, identity=replace(updated.identity, listen_port=ident.listen_port)
+            )
         if ident.vpn_subnet is not None and ident.vpn_subnet != link.identity.vpn_subnet:
             raise BadInput(
                 "body.identity.vpn_subnet: a cell changes its network by pairing again",

@@ -149,6 +149,7 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE links ADD COLUMN via TEXT;
     ALTER TABLE links ADD COLUMN via_port INTEGER;
     ALTER TABLE links ADD COLUMN introduced TEXT;
+    ALTER TABLE links ADD COLUMN listen_port INTEGER;
     """,
     # 7: the home router's port mapping (picell/system/portmap.py), kept so that a restarted
     # daemon renews the same external ports, and releases them when they are no longer wanted

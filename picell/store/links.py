@@ -68,6 +68,8 @@ class LinkIdentity:
     versions: tuple[int, ...] = (1,)
     # every endpoint it announced, best first (`endpoint` is the first); () for one
     endpoints: tuple[str, ...] = ()
+    # its WireGuard listen port, as its documents say (a relay forwards to it); None: unknown
+    listen_port: int | None = None
 
     @property
     def candidates(self) -> tuple[str, ...]:
@@ -149,6 +151,7 @@ def _row(r: sqlite3.Row) -> Link:
             api_url=r["remote_api_url"],
             versions=tuple(json.loads(r["remote_versions"])),
             endpoints=tuple(json.loads(r["endpoints"])),
+            listen_port=r["listen_port"],
         ),
         state=LinkState(r["state"]),
         choices=OwnerChoices(
@@ -219,9 +222,9 @@ def save(conn: sqlite3.Connection, link: Link) -> None:
                created_at, linked_at, remote_exit_relay_key, remote_exit_relay_port,
                remote_exit_client_key, remote_exit_client_port, remote_versions, invite_proof,
                endpoints, remote_seen_at, relay_offered, remote_relay_offered, via, via_port,
-               introduced)
+               introduced, listen_port)
            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,
-                   ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                   ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
         (
             link.name,
             link.public_key,
@@ -260,6 +263,7 @@ def save(conn: sqlite3.Connection, link: Link) -> None:
             ours.via,
             theirs.via_port,
             theirs.introduced,
+            ident.listen_port,
         ),
     )
 

@@ -123,6 +123,11 @@ def test_the_relay_forwards_exactly_the_pair_and_the_relayed_cell_accepts_it(
                in line for line in lines["link_input"])  # fmt: skip
     empty = _relay_rules(replace(full, relay=relay.RelayState()))
     assert empty == {"dnat": [], "snat": [], "link_input": [], "vpn_forward": []}
+    # gamma's documents state its listen port: a router-mapped endpoint port is not where the
+    # relay's packets arrive (they come through the tunnel, to gamma's own address)
+    mapped = replace(gamma, identity=replace(gamma.identity, listen_port=51820))
+    state = relay.relay_state([alpha, mapped, offering], relay.reserved_ports(51820, 3000, 51821))
+    assert [r.target_port for r in state.rules] == [51820, 51821]
 
 
 def test_a_link_via_a_cell_uses_its_relay_alone_and_others_try_introductions_first() -> None:

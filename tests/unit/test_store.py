@@ -61,6 +61,7 @@ def test_a_link_keeps_each_part_in_its_own_columns(tmp_path: Path) -> None:
             api_url="http://10.62.0.1:3001",
             versions=(1, 2),
             endpoints=("198.51.100.2:51820", "[2001:db8::2]:51820"),
+            listen_port=51820,
         ),
         links.LinkState.LINKED,
         choices=ours(
@@ -140,4 +141,5 @@ def test_a_link_keeps_each_part_in_its_own_columns(tmp_path: Path) -> None:
         "remote_seen_at": "203.0.113.9:40000",
         "via_port": 52000,
         "introduced": '{"at": 1}',
+        "listen_port": 51820,
     }
