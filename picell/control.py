@@ -185,7 +185,7 @@ class Control:
         with self.store.transaction() as conn:
             old = cell_table.load(conn) if cell_table.exists(conn) else None
             cell = plan_cell(self.runner, req, old, conn)
-            check_links(cell, link_table.all_links(conn))
+            check_links(cell, link_table.all_links(conn), old)
             cell_table.save(conn, cell)
         return cell
 

@@ -32,7 +32,7 @@ from picell.errors import PicellError
 @app.command()
 def init(
     name: Annotated[str | None, typer.Option(help="Cell name (default: the hostname)")] = None,
-    domain: Annotated[str | None, typer.Option(help="DNS domain (default: NAME.cell)")] = None,
+    domain: Annotated[str | None, typer.Option(help="DNS domain (default: NAME.internal)")] = None,
     address: Annotated[
         str | None, typer.Option(help="Cell address and VPN network, e.g. 10.0.0.1/24")
     ] = None,

@@ -267,7 +267,7 @@ def test_defaults_and_a_second_cell_on_the_same_host(world: World) -> None:
     beta.start()
     assert "web UI: cannot listen on 127.0.0.1:8080" in beta.log()
     status = beta.cli("status")
-    assert status["domain"] == f"{status['name']}.cell"
+    assert status["domain"] == f"{status['name']}.internal"  # Unbound serves .internal
     assert status["endpoint"] == "198.51.100.21:51820"
     network = ipaddress.IPv4Network(status["network"])
     assert network.prefixlen == 24 and network.subnet_of(ipaddress.IPv4Network("10.0.0.0/8"))
