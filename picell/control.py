@@ -398,6 +398,11 @@ class Control:
             "conflicts": self.link_conflicts(cell, links),
             "port_mapping": status_of(mapping, time.time()),
             "port_mapping_error": self.port_mapping_error(),
+            # other tables dropping what we need, as the last reconcile saw them
+            "host_firewall": [
+                b.as_dict()
+                for b in (self.reconciler.host_firewall.last.blockers if self.reconciler else ())
+            ],
         }
 
     def reachability(
