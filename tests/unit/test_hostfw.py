@@ -6,16 +6,22 @@ parsers raising nothing on garbage."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 
+from picell.api.auth import Auth
+from picell.app import build_web_api
+from picell.control import Control
 from picell.errors import CommandFailed
 from picell.firewall.host import (
     Blocker,
     HostFirewall,
+    HostResult,
     Needs,
     Rule,
     assess,
@@ -243,3 +249,23 @@ def test_remove_deletes_only_our_rules() -> None:
     host.docker_user.append(("-i", "eth9", "-j", "ACCEPT"))  # the owner's own
     assert remove_docker_rules(host, "iptables-nft", "picell0") == 4
     assert host.docker_user == [("-i", "eth9", "-j", "ACCEPT")]
+
+
+def test_the_cell_network_page_shows_the_other_firewall(control: Control) -> None:
+    auth = Auth(control.store)
+    auth.set_password("a long enough password")
+    client = TestClient(build_web_api(control, auth=auth), base_url="http://localhost:8080")
+    token = re.search(r'name="login_token" value="([^"]+)"', client.get("/login").text)
+    assert token
+    client.post("/login", data={"password": "a long enough password", "login_token": token[1]})
+    assert 'id="host-firewall"' in client.get("/cells").text
+    assert "Another firewall on this host" not in client.get("/cells").text
+    blockers, _ = judge("ufw")
+    docker, _ = judge("docker_fixed")
+    assert control.reconciler is not None
+    control.reconciler.host_firewall.last = HostResult(blockers=tuple(blockers + docker))
+    html = client.get("/cells").text
+    assert "Another firewall on this host" in html
+    assert '<code class="wrap">ufw route allow in on picell0</code>' in html
+    assert "Docker (ip filter, chain FORWARD) drops forwarded traffic" in html
+    assert control.status()["host_firewall"][0]["owner"] == "ufw"
