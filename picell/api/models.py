@@ -158,6 +158,17 @@ class PortMappingOut(Answer):
     warning: str | None = None  # CGNAT or double NAT: the mapping does not reach outside
 
 
+class HostFirewallOut(Answer):
+    """A base chain of another table (Docker, ufw, firewalld...) that drops what picell needs."""
+
+    owner: Literal["docker", "ufw", "firewalld", "other"]
+    table: str  # "ip filter"
+    chain: str
+    hook: Literal["input", "forward"]
+    what: str  # "drops forwarded traffic"
+    action: str  # "accept rules added in DOCKER-USER" or "run: <the owner's command>"
+
+
 class StatusOut(Answer):
     name: str
     domain: str
@@ -183,6 +194,7 @@ class StatusOut(Answer):
     pushes_sent: int = 0
     port_mapping: PortMappingOut | None = None
     port_mapping_error: str | None = None
+    host_firewall: list[HostFirewallOut] = []
 
 
 class PeerOut(Answer):

@@ -105,6 +105,7 @@ def _cells_context(links: Links) -> dict[str, Any]:
     return {
         "links": overview,
         "reach": links.control.reachability(),
+        "host_firewall": links.control.host_firewall(),
         "invites": [i for i in list_invites(links.control.store) if i.state == "open"],
         "services": links.control.list_services(),
         "journals": {c["name"]: links.journal_entries(c["name"])[-30:] for c in overview},
@@ -235,6 +236,7 @@ def _devices_context(links: Links) -> dict[str, Any]:
         "peers": links.control.list_peers(),
         "links": links.overview(),
         "reach": links.control.reachability(),
+        "host_firewall": links.control.host_firewall(),
     }
 
 

@@ -159,8 +159,11 @@ def status(as_json: JsonOpt = False) -> None:
     for c in data.conflicts:
         lines.append(f"CONFLICT: link {c.cell} ({c.network}) overlaps {c.overlaps}")
     lines.append(_port_mapping(data))
+    for fw in data.host_firewall:
+        lines.append(f"host firewall: {fw.owner} ({fw.table} {fw.chain}) {fw.what}: {fw.action}")
     for warning in data.last_reconcile.warnings if data.last_reconcile else []:
-        lines.append(f"warning: {warning}")
+        if not warning.startswith("host firewall: "):  # said just above
+            lines.append(f"warning: {warning}")
     out(data, as_json, "\n".join(lines))
 
 
