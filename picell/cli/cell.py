@@ -159,6 +159,17 @@ def status(as_json: JsonOpt = False) -> None:
     for c in data.conflicts:
         lines.append(f"CONFLICT: link {c.cell} ({c.network}) overlaps {c.overlaps}")
     lines.append(_port_mapping(data))
+    rot = data.key_rotation
+    if rot is not None and rot.in_flight:
+        lines.append("key rotation: in flight, waiting for " + (", ".join(rot.waiting_for) or "?")
+                     + " (run `picell keys rotate` again once they are online)")  # fmt: skip
+    elif rot is not None and rot.rotated_at:
+        lines.append(
+            f"key rotated: {time.strftime('%Y-%m-%d %H:%M', time.localtime(rot.rotated_at))}"
+        )
+    if data.restored_at:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(data.restored_at))
+        lines.append(f"restored from a backup: {when}")
     for warning in data.last_reconcile.warnings if data.last_reconcile else []:
         lines.append(f"warning: {warning}")
     out(data, as_json, "\n".join(lines))
