@@ -179,11 +179,10 @@ class Sync:
                 link, identity=replace(link.identity, versions=versions), mirror=mirror
             )
             events: list[str] = []
-            if restarted and (link.mirror.epoch or link.mirror.seq):
-                events.append(
-                    f"cell {link.name} was restored from a backup: a new epoch, its sequence"
-                    " numbers start over; its earlier messages stay refused"
-                )
+            if restarted and (link.mirror.epoch or link.mirror.seq):  # a row of its own
+                journal.append(conn, link.name, f"cell {link.name} was restored from a backup",
+                               f"cell {link.name}", "a new epoch: its sequence numbers start"
+                               " over; its earlier messages stay refused")  # fmt: skip
             if link.orphan is not None:
                 updated = replace(updated, orphan=None)
                 events.append("no longer an orphan: they hold the link")
