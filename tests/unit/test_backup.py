@@ -365,3 +365,23 @@ def test_rotate_keeps_the_old_key_until_every_linked_cell_holds_the_new_one(
     assert [b["switch"] for b in sent] == [False, False, True]
     assert all(b["to_public_key"] == beta_public for b in sent)
     assert [b["seq"] for b in sent] == sorted({b["seq"] for b in sent})  # each a fresh seq
+
+
+# -- the web page ------------------------------------------------------------------------------
+def test_the_cell_network_page_shows_the_backup_command_and_rotates_behind_csrf(
+    control: Control,
+) -> None:
+    from tests.unit.test_web_pages import client as make_client
+    from tests.unit.test_web_pages import post
+
+    client = make_client.__wrapped__(control)  # type: ignore[attr-defined]
+    control.add_peer("phone", None)
+    html = client.get("/cells").text
+    assert "picell backup FILE --passphrase-file" in html and "private keys" in html
+    old = control.cell().private_key
+    refused = client.post("/cells/keys/rotate", data={})  # no CSRF token
+    assert refused.status_code == 403 and control.cell().private_key == old
+    done = post(client, "/cells/keys/rotate")
+    assert getattr(done, "status_code", 0) < 400
+    assert control.cell().private_key != old  # no linked cell: it switches at once
+    assert "Key last rotated" in client.get("/cells").text
