@@ -161,6 +161,17 @@ def status(as_json: JsonOpt = False) -> None:
     lines.append(_port_mapping(data))
     for fw in data.host_firewall:
         lines.append(f"host firewall: {fw.owner} ({fw.table} {fw.chain}) {fw.what}: {fw.action}")
+    rot = data.key_rotation
+    if rot is not None and rot.in_flight:
+        lines.append("key rotation: in flight, waiting for " + (", ".join(rot.waiting_for) or "?")
+                     + " (run `picell keys rotate` again once they are online)")  # fmt: skip
+    elif rot is not None and rot.rotated_at:
+        lines.append(
+            f"key rotated: {time.strftime('%Y-%m-%d %H:%M', time.localtime(rot.rotated_at))}"
+        )
+    if data.restored_at:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(data.restored_at))
+        lines.append(f"restored from a backup: {when}")
     for warning in data.last_reconcile.warnings if data.last_reconcile else []:
         if not warning.startswith("host firewall: "):  # said just above
             lines.append(f"warning: {warning}")
