@@ -28,6 +28,7 @@ from picell.api.strict_json import loads_strict
 from picell.constants import MESH_BODY_MAX, PAIRING_BODY_MAX, PAIRING_RATE
 from picell.errors import BadInput, RateLimited
 from picell.mesh.links import Links
+from picell.mesh.rekey import Rekey
 from picell.mesh.sync import Sync
 
 
@@ -65,7 +66,7 @@ class RateLimiter:
             times.append(now)
 
 
-MESH_ROUTES = ("permissions", "unlink")
+MESH_ROUTES = ("permissions", "unlink", "rekey")
 
 
 def refusal_reason(path: str, status: int) -> str:
@@ -122,6 +123,15 @@ def build_mesh_api(links: Links, sync: Sync) -> FastAPI:
         payload = await read_json(request, MESH_BODY_MAX)
         result = await run_in_threadpool(links.receive_unlink, payload, _source(request))
         # tear the tunnel down only once the answer is on its way back through it
+        return JSONResponse(result, background=BackgroundTask(links.control.converge))
+
+    rekey = Rekey(links)
+
+    @app.post("/api/cells/peer-sync/rekey")
+    async def rekey_route(request: Request) -> JSONResponse:
+        payload = await read_json(request, MESH_BODY_MAX)
+        result = await run_in_threadpool(rekey.receive, payload, _source(request))
+        # move the WireGuard peer only once the answer is on its way back through the old one
         return JSONResponse(result, background=BackgroundTask(links.control.converge))
 
     return app

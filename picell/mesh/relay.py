@@ -228,8 +228,8 @@ def relay_fields(
 
 def relay_state(links: Sequence[Link], reserved: set[int]) -> RelayState:
     """The relay's firewall data (`State.relay`): both directions of every relayed pair, to the
-    other cell's WireGuard port (the port of its endpoint, which is its listen port unless its
-    owner announced a forwarded port), and who may bring us WireGuard through its tunnel."""
+    other cell's WireGuard listen port (as its documents say; before its first document, the
+    port of its endpoint), and who may bring us WireGuard through its tunnel."""
     ports = relay_port_map(links, reserved)
     rules = []
     for a, b in relay_pairs(links):
@@ -242,7 +242,7 @@ def relay_state(links: Sequence[Link], reserved: set[int]) -> RelayState:
                     src.identity.dns_ip,
                     port,
                     dst.identity.dns_ip,
-                    validate.endpoint(dst.identity.endpoint).port,
+                    dst.identity.listen_port or validate.endpoint(dst.identity.endpoint).port,
                     f"{src.name} -> {dst.name}",
                 )
             )

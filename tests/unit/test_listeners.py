@@ -22,6 +22,7 @@ def test_each_listener_serves_only_its_routes(control: Control) -> None:
     assert routes(build_mesh_api(links, Sync(links))) == {
         "/api/cells/peer-sync/permissions",
         "/api/cells/peer-sync/unlink",
+        "/api/cells/peer-sync/rekey",
     }
     client = TestClient(build_pairing_api(links))
     for path in ("/api/status", "/api/peers", "/docs", "/openapi.json"):

@@ -123,6 +123,11 @@ def test_the_relay_forwards_exactly_the_pair_and_the_relayed_cell_accepts_it(
                in line for line in lines["link_input"])  # fmt: skip
     empty = _relay_rules(replace(full, relay=relay.RelayState()))
     assert empty == {"dnat": [], "snat": [], "link_input": [], "vpn_forward": []}
+    # gamma's documents state its listen port: a router-mapped endpoint port is not where the
+    # relay's packets arrive (they come through the tunnel, to gamma's own address)
+    mapped = replace(gamma, identity=replace(gamma.identity, listen_port=51820))
+    state = relay.relay_state([alpha, mapped, offering], relay.reserved_ports(51820, 3000, 51821))
+    assert [r.target_port for r in state.rules] == [51820, 51821]
 
 
 def test_a_link_via_a_cell_uses_its_relay_alone_and_others_try_introductions_first() -> None:
@@ -201,3 +206,39 @@ def test_relay_offer_api_names_fields_and_cells(control: Control) -> None:
     assert resp.status_code == 201, resp.text
     assert resp.json()["state"] == "waiting" and resp.json()["via"] == "beta"
     assert resp.json()["relay_note"] is not None  # beta relays no port for it yet
+
+
+def test_a_new_waiting_link_or_a_disconnect_is_told_to_every_linked_cell_at_once(
+    control: Control,
+) -> None:
+    """Our `wanted` list changes: the cells that introduce or relay for us hear it now, not
+    with their next heartbeat (the first introduction took 80 s before)."""
+    import json as json_module
+    import time as time_module
+
+    from picell.mesh.links import Links
+    from picell.store import links as link_table
+    from tests.unit.test_mesh import identity, keypair, redeem
+
+    links = Links(control)
+    inv = links.invite(3600)
+    assert inv.pairing is not None
+    links.accept(redeem(inv.pairing.token, identity("beta", "10.62.0.0/24", "beta.test",
+                                                    keypair()[1])))  # fmt: skip
+
+    def settled() -> None:
+        with control.store.transaction() as conn:
+            conn.execute("UPDATE links SET pending_push = 0")
+
+    def pending(name: str) -> int:
+        with control.store.read() as conn:
+            return link_table.get(conn, name).sync.pending_push
+
+    settled()
+    gamma = identity("gamma", "10.63.0.0/24", "gamma.test", keypair()[1])
+    pairing = {"port": 51821, "token": "t" * 32, "expires_at": time_module.time() + 3600}
+    out = links.connect(json_module.dumps({**gamma, "pairing": pairing}))  # no network: waits
+    assert out["state"] == "waiting" and pending("beta") > 0
+    settled()
+    links.disconnect("gamma")
+    assert pending("beta") > 0
