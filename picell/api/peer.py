@@ -24,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 
 from picell import __version__
 from picell.api import errors
+from picell.api.listen import source_key
 from picell.api.strict_json import loads_strict
 from picell.constants import MESH_BODY_MAX, PAIRING_BODY_MAX, PAIRING_RATE
 from picell.errors import BadInput, RateLimited
@@ -90,7 +91,8 @@ def build_pairing_api(links: Links) -> FastAPI:
 
     @app.post("/api/cells/peer-sync/accept-invite")
     async def accept_invite(request: Request) -> dict[str, Any]:
-        limiter.check(_source(request) or "?")
+        # one host holds a whole IPv6 /64: it is one source, as for the connection gate
+        limiter.check(source_key(request.client.host) if request.client else "?")
         payload = await read_json(request, PAIRING_BODY_MAX)
         result: dict[str, Any] = await run_in_threadpool(links.accept, payload)
         return result
