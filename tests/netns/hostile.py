@@ -36,9 +36,18 @@ from tests.netns.harness import PYTHON, Netns, Proc, Topology, run, wait_until
 
 def private_key_of(data_dir: Path) -> str:
     """A cell's WireGuard private key, read from its store as its owner (root) could."""
+    return _cell_column(data_dir, "private_key")
+
+
+def epoch_of(data_dir: Path) -> str:
+    """A cell's current incarnation (`epoch`): its signed bodies carry it."""
+    return _cell_column(data_dir, "epoch")
+
+
+def _cell_column(data_dir: Path, column: str) -> str:
     db = sqlite3.connect(f"file:{data_dir / 'picell.db'}?mode=ro", uri=True)
     try:
-        row = db.execute("SELECT private_key FROM cell").fetchone()
+        row = db.execute(f"SELECT {column} FROM cell").fetchone()  # our own constant names
     finally:
         db.close()
     return str(row[0])
@@ -52,6 +61,7 @@ class Signer:
     private_key: str
     public_key: str
     to_public_key: str
+    epoch: str | None = None  # the sender's incarnation, as its daemon signs it
 
     def envelope(self, body: dict[str, Any]) -> dict[str, Any]:
         return {"body": body, "mac": mac(link_key(self.private_key, self.to_public_key), body)}
@@ -71,6 +81,7 @@ class Signer:
             "use_as_exit_relay": False,
             "exit_relay": None,
             "exit_client": None,
+            **({"epoch": self.epoch} if self.epoch else {}),
         }
         body.update(fields)
         return self.envelope(body)

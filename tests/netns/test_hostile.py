@@ -46,6 +46,7 @@ from tests.netns.hostile import (
     nofile_soft,
     pairing_request,
     post_raw,
+    epoch_of,
     private_key_of,
     redirect_mesh_port,
     services,
@@ -165,7 +166,7 @@ def world() -> Iterator[World]:
         redirect_mesh_port(mallory.ns, ALPHA_IP, "10.63.0.1", MESH_PORT, HOSTILE_PORT)
         mallory_private = private_key_of(mallory.data_dir)
         signer = Signer("mallory", mallory_private, mallory.cli("status")["public_key"],
-                        alpha.cli("status")["public_key"])  # fmt: skip
+                        alpha.cli("status")["public_key"], epoch_of(mallory.data_dir))  # fmt: skip
         assert alpha.proc is not None
         world = World(topo, alpha, beta, mallory, nss["phone"], nss["laptop"], nss["internet"],
                       lan_if, hostile, signer, alpha.proc.pid, world_baseline(alpha))  # fmt: skip
