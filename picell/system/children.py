@@ -37,10 +37,11 @@ LOG_MAX_BYTES = 1 << 20  # a child's log file beyond this is moved to <name>.log
 
 
 def process_start_time(pid: int) -> int | None:
-    """The start time of `pid` (clock ticks since boot, /proc/PID/stat field 22), or None."""
+    """The start time of `pid` (clock ticks since boot, /proc/PID/stat field 22), or None when
+    it does not run (gone, or a zombie its new parent has not reaped yet)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return int(stat.rsplit(")", 1)[1].split()[19])
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return None if fields[0] in ("Z", "X") else int(fields[19])
     except (OSError, ValueError, IndexError):
         return None
 
