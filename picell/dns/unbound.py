@@ -48,10 +48,12 @@ class Unbound:
         self.runner = runner
         self.conf_path = conf_path
         self.name = name
-        # where daemons before adoption kept Unbound's pid (killed if it is still running)
+        # where daemons before adoption kept Unbound's pid: still written, so that an older
+        # daemon started on this data dir (a downgrade) ends ours and starts its own
         self.legacy_pidfile = conf_path.with_suffix(".pid")
         self.child = make_child(self.name, ["unbound", "-d", "-p", "-c", str(self.conf_path)])
         self._adopt_tried = False
+        self._started = False  # this daemon started or adopted it once
 
     def running(self) -> bool:
         return self.child.running()
@@ -61,7 +63,9 @@ class Unbound:
         Unbound left running by the previous daemon is adopted (not a change)."""
         if not self._adopt_tried:
             self._adopt_tried = True
-            self.child.adopt()
+            if self.child.adopt():
+                self._started = True
+                self._note_pid()
         changes = []
         try:
             same = self.conf_path.read_text() == text
@@ -80,9 +84,11 @@ class Unbound:
             tmp.write_text(text)
             os.replace(tmp, self.conf_path)
         if "start" in changes:
-            kill_stale(self.legacy_pidfile, "unbound")
-            self.legacy_pidfile.unlink(missing_ok=True)
+            if not self._started:  # a daemon's first start: one we could not adopt is ended
+                kill_stale(self.legacy_pidfile, "unbound")
+            self._started = True
             self.child.start()
+            self._note_pid()
         elif "config" in changes:
             self.reload()
 
@@ -93,6 +99,11 @@ class Unbound:
             # Unbound may still be starting; restart it so the new config is read for sure.
             self.child.stop()
             self.child.start()
+            self._note_pid()
+
+    def _note_pid(self) -> None:
+        if self.child.pid is not None:
+            self.legacy_pidfile.write_text(f"{self.child.pid}\n")
 
     def flush_zone(self, domain: str) -> None:
         """Forget cached answers (negative ones too) at or below `domain`: another cell
