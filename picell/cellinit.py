@@ -1,7 +1,9 @@
 """A cell's own settings: defaults at first start (`picell init`), and checked changes.
 
 `plan_cell` turns an `InitRequest` (and the cell as stored, if any) into the `Cell` to store:
-defaults are the host name, `<name>.cell`, a random /24 in 10.0.0.0/8 avoiding the host's routes,
+defaults are the host name (with a short random suffix when it is a distribution's default, so two
+friends' `raspberrypi` cells can link), `<name>.internal` (ICANN's TLD for private use: never
+delegated), a random /24 in 10.0.0.0/8 avoiding the host's routes,
 and the host's first global address (IPv4, else IPv6). A change must still hold every device and
 service and must not collide with a linked cell. Reads the host only through the runner; stores
 nothing itself.
@@ -10,6 +12,7 @@ nothing itself.
 from __future__ import annotations
 
 import ipaddress
+import secrets
 import socket
 import sqlite3
 from dataclasses import dataclass
@@ -28,7 +31,7 @@ from picell.routing.host import observe_host_addresses, observe_host_networks
 from picell.store import peers as peer_table
 from picell.store import services as service_table
 from picell.store.cell import Cell
-from picell.store.links import Link
+from picell.store.links import Link, LinkState
 from picell.system.run import Runner
 from picell.validate import HostPort
 from picell.wireguard import keys
@@ -47,8 +50,20 @@ class InitRequest:
     listen_port: int | None = None
 
 
-def check_links(cell: Cell, links: list[Link]) -> None:
-    """A change of our own network or domain must not collide with a linked cell's."""
+def check_links(cell: Cell, links: list[Link], old: Cell | None = None) -> None:
+    """A change of our own network or domain must not collide with a linked cell's; a new name
+    or domain is refused while links exist (the identity policy: linked cells learn a name or
+    a domain only by pairing with a fresh invite)."""
+    live = [ln.name for ln in links if ln.state != LinkState.UNLINKING]
+    for field, before, after in (("name", old and old.name, cell.name),
+                                 ("domain", old and old.domain, cell.domain)):  # fmt: skip
+        if old is not None and before != after and live:
+            raise Conflict(
+                f"{field}: the cell is linked with {', '.join(live)}; linked cells learn a new "
+                f"{field} only through a fresh invite: disconnect them, run init with the new "
+                f"{field} while the daemon is stopped, and link again with fresh invites",
+                field=field,
+            )
     for link in links:
         theirs = link.identity
         if cell.network.overlaps(theirs.vpn_subnet):
@@ -71,17 +86,32 @@ def check_links(cell: Cell, links: list[Link]) -> None:
             raise Conflict(f"name: {cell.name} is the name of a linked cell", field="name")
 
 
-def default_name() -> str:
-    raw = socket.gethostname().split(".")[0].lower()
+# host names a distribution or an image gives every machine: a cell named after one would
+# clash with a friend's (same name, same domain), so it gets a random suffix
+COMMON_HOST_NAMES = frozenset(
+    """raspberrypi raspberry pi dietpi armbian orangepi rock64 odroid pine64 debian ubuntu
+    fedora localhost localhost-localdomain nas server homeserver home host linux archlinux alarm
+    openmediavault omv truenas unraid proxmox pve cell picell box router gateway""".split()
+)
+SUFFIX_ALPHABET = "abcdefghijkmnpqrstuvwxyz23456789"  # no look-alikes (l, 1, o, 0)
+
+
+def default_name(hostname: str | None = None) -> str:
+    raw = (hostname if hostname is not None else socket.gethostname()).split(".")[0].lower()
     cleaned = "".join(c if c.isalnum() or c == "-" else "-" for c in raw).strip("-")
-    cleaned = cleaned.lstrip("0123456789-")[:32].rstrip("-")
-    return cleaned or "cell"
+    cleaned = cleaned.lstrip("0123456789-")[:32].rstrip("-") or "cell"
+    if cleaned in COMMON_HOST_NAMES:
+        suffix = "".join(secrets.choice(SUFFIX_ALPHABET) for _ in range(4))
+        cleaned = f"{cleaned}-{suffix}"
+    return cleaned
 
 
 def plan_cell(runner: Runner, req: InitRequest, old: Cell | None, conn: sqlite3.Connection) -> Cell:
     name = validate.name(req.name, "name") if req.name else (old.name if old else None)
     name = name or default_name()
-    domain = validate.domain(req.domain) if req.domain else (old.domain if old else f"{name}.cell")
+    domain = (
+        validate.domain(req.domain) if req.domain else (old.domain if old else f"{name}.internal")
+    )
     if req.address:
         address = validate.cell_address(req.address)
     elif old:

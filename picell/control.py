@@ -185,7 +185,7 @@ class Control:
         with self.store.transaction() as conn:
             old = cell_table.load(conn) if cell_table.exists(conn) else None
             cell = plan_cell(self.runner, req, old, conn)
-            check_links(cell, link_table.all_links(conn))
+            check_links(cell, link_table.all_links(conn), old)
             cell_table.save(conn, cell)
         return cell
 
@@ -398,7 +398,15 @@ class Control:
             "conflicts": self.link_conflicts(cell, links),
             "port_mapping": status_of(mapping, time.time()),
             "port_mapping_error": self.port_mapping_error(),
+            "host_firewall": self.host_firewall(),
         }
+
+    def host_firewall(self) -> list[dict[str, str]]:
+        """Other tables' chains that drop what we need (Docker, ufw, firewalld...), and what
+        was done or what the owner should run, as the last reconcile saw them (no command)."""
+        if self.reconciler is None:
+            return []
+        return [b.as_dict() for b in self.reconciler.host_firewall.last.blockers]
 
     def reachability(
         self, cell: Cell | None = None, links: list[Link] | None = None

@@ -1,10 +1,12 @@
 """The reconciler: converge the system to a desired `State` (build → render → apply → observe).
 
-`Reconciler.set(state)` observes WireGuard, addresses, routes and the nft table (four read
-commands), applies only what differs (at most `wg syncconf`, one `ip -batch`, one `nft -f` and one
-`unbound-control reload`), and returns a `Report`. Called twice with the same state the second
-call changes nothing, reports changed=False and resets no WireGuard session. The number of
-processes it spawns does not depend on the number of devices or services.
+`Reconciler.set(state)` observes WireGuard, addresses, routes, the nft table and the other
+tables' chains (five read commands, one more per other table that may drop what we need),
+applies only what differs (at most `wg syncconf`, one `ip -batch`, one `nft -f` and one
+`unbound-control reload`; our accept rules in Docker's DOCKER-USER when they are missing),
+and returns a `Report`. Called twice with the same state the second call changes nothing,
+reports changed=False and resets no WireGuard session. The number of processes it spawns
+does not depend on the number of devices or services.
 
 What the observers could not read (`anomalies`) is drift that the apply repairs, and what the
 reconciler must not repair itself (`warnings`: a linked network the host routes itself, no
@@ -32,6 +34,7 @@ from picell.firewall.apply import (
     cut_relay_flows,
     observe_table,
 )
+from picell.firewall.host import HostFirewall
 from picell.firewall.render import grant_elements, render_grant_delta, render_ruleset
 from picell.mesh.relay import RelayRule
 from picell.paths import Paths
@@ -141,6 +144,7 @@ class Reconciler:
         self._relay_rules: set[RelayRule] = set()  # relayed flows as we last applied them
         self._nft_seen: tuple[str, str] | None = None  # (digest, kernel fingerprint) we applied
         self._lock = threading.Lock()
+        self.host_firewall = HostFirewall(runner)  # other tables in our way (Docker, ufw...)
         self.last: Report | None = None
         self.applied: Counter[str] = Counter()  # write transactions since start, by kind
         self.anomalies: Counter[str] = Counter()  # unreadable observations since start, by tool
@@ -247,6 +251,10 @@ class Reconciler:
             apply_grant_delta(self.runner, render_grant_delta(observed.grants, want_grants))
             self.applied["nft grant delta"] += 1
             report.changes.append(Change("firewall", "update", "grants"))
+        host = self.host_firewall.converge(state)  # never raises: what fails is reported
+        report.changes += [Change("host firewall", "add", rule) for rule in host.added]
+        report.warnings += host.warnings
+        report.anomalies += host.anomalies
         for grant in sorted(self._grants - set(state.grants)):
             cut_flows(self.runner, grant)  # a revoked grant: its established flows stop too
             report.changes.append(Change("conntrack", "remove", grant.element))

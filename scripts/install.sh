@@ -5,7 +5,9 @@
 set -eu
 cd "$(dirname "$0")/.."
 extras=""
-pkgs="python3 python3-venv ca-certificates iproute2 wireguard-tools wireguard-go nftables unbound conntrack"
+# iptables: picell keeps its accept rules in Docker's DOCKER-USER chain with it (iptables-nft,
+# the backend Docker uses on Debian 12), when Docker runs on the host
+pkgs="python3 python3-venv ca-certificates iproute2 wireguard-tools wireguard-go nftables unbound conntrack iptables"
 if [ "${1:-}" = "--test" ]; then
     extras="[test]"
     # chromium: the web UI's browser tests; libatomic1: Playwright's bundled node driver needs it

@@ -14,6 +14,7 @@ from picell.api.models import (
     NAME_MAX,
     NAME_PATTERN,
     EndpointSet,
+    KeysRotated,
     PeerCreate,
     PeerCreated,
     PeerLive,
@@ -26,6 +27,8 @@ from picell.api.models import (
 )
 from picell.control import Control
 from picell.mesh.exits import Exits
+from picell.mesh.rekey import Rekey, rotation_status
+from picell.store import cell as cell_table
 
 Name = Annotated[str, Path(pattern=NAME_PATTERN, max_length=NAME_MAX)]
 
@@ -47,7 +50,17 @@ def status(ctl: Ctl, request: Request) -> dict[str, Any]:
         data["applied"] = dict(ctl.reconciler.applied)
     sender = getattr(request.app.state, "sender", None)
     data["pushes_sent"] = sender.pushes if sender is not None else 0
+    with ctl.store.read() as conn:
+        data["key_rotation"] = rotation_status(conn)
+        data["restored_at"] = cell_table.load(conn).restored_at
     return data
+
+
+@router.post("/cell/keys/rotate", response_model=KeysRotated)
+def rotate_keys(request: Request) -> dict[str, Any]:
+    """A new cell key (`mesh.rekey`): every linked cell moves to it through its tunnel; every
+    device must import its config again."""
+    return Rekey(request.app.state.links).rotate()
 
 
 @router.put("/cell/endpoint", response_model=StatusOut)

@@ -165,7 +165,13 @@ def _source(address: Any) -> str:
     maps); `LOCAL` for a unix socket."""
     if not (isinstance(address, tuple) and address):
         return LOCAL
-    host = str(address[0]).split("%", 1)[0]  # a link-local source's scope id
+    return source_key(str(address[0]))
+
+
+def source_key(host: str) -> str:
+    """What limits count for a source address: itself (IPv4), its /64 (IPv6), the IPv4
+    address a v4-mapped one maps."""
+    host = host.split("%", 1)[0]  # a link-local source's scope id
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:

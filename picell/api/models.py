@@ -158,6 +158,17 @@ class PortMappingOut(Answer):
     warning: str | None = None  # CGNAT or double NAT: the mapping does not reach outside
 
 
+class HostFirewallOut(Answer):
+    """A base chain of another table (Docker, ufw, firewalld...) that drops what picell needs."""
+
+    owner: Literal["docker", "ufw", "firewalld", "other"]
+    table: str  # "ip filter"
+    chain: str
+    hook: Literal["input", "forward"]
+    what: str  # "drops forwarded traffic"
+    action: str  # "accept rules added in DOCKER-USER" or "run: <the owner's command>"
+
+
 class StatusOut(Answer):
     name: str
     domain: str
@@ -183,6 +194,23 @@ class StatusOut(Answer):
     pushes_sent: int = 0
     port_mapping: PortMappingOut | None = None
     port_mapping_error: str | None = None
+    host_firewall: list[HostFirewallOut] = []
+    key_rotation: KeyRotationOut | None = None  # `picell keys rotate` (mesh.rekey)
+    restored_at: float | None = None  # when this store was restored from a backup
+
+
+class KeyRotationOut(Answer):
+    in_flight: bool  # a new key waits until every linked cell holds it
+    waiting_for: list[str] = []  # linked cells that have not answered yet
+    rotated_at: float | None = None  # when the last rotation completed
+
+
+class KeysRotated(Answer):
+    public_key: str  # the new key (or the one the rotation in flight moves to)
+    switched: bool  # False: some linked cells did not answer; the old key stays in use
+    moved: list[str]  # linked cells that moved to the new key
+    pending: dict[str, str]  # linked cell -> why it has not (yet)
+    devices: list[str]  # devices that must import their config again
 
 
 class PeerOut(Answer):
@@ -267,6 +295,12 @@ class CellOut(Answer):
     via: str | None = None  # the linked cell this link travels through (connect --via)
     path: str = "direct"  # "direct", "introduced by B", "via B"
     relay_note: str | None = None  # why a relayed link waits
+    # one side seems to hold the link and the other not (shown, never acted on): the reason
+    orphan: bool = False
+    orphan_reason: str | None = None
+    # key rotation (mesh.rekey): "pending"/"prepared"/"told" ours; their announced next key
+    rekey_state: str | None = None
+    remote_next_key: str | None = None
 
 
 class JournalEntryOut(Answer):

@@ -24,10 +24,12 @@ from starlette.concurrency import run_in_threadpool
 
 from picell import __version__
 from picell.api import errors
+from picell.api.listen import source_key
 from picell.api.strict_json import loads_strict
 from picell.constants import MESH_BODY_MAX, PAIRING_BODY_MAX, PAIRING_RATE
 from picell.errors import BadInput, RateLimited
 from picell.mesh.links import Links
+from picell.mesh.rekey import Rekey
 from picell.mesh.sync import Sync
 
 
@@ -65,7 +67,7 @@ class RateLimiter:
             times.append(now)
 
 
-MESH_ROUTES = ("permissions", "unlink")
+MESH_ROUTES = ("permissions", "unlink", "rekey")
 
 
 def refusal_reason(path: str, status: int) -> str:
@@ -89,7 +91,8 @@ def build_pairing_api(links: Links) -> FastAPI:
 
     @app.post("/api/cells/peer-sync/accept-invite")
     async def accept_invite(request: Request) -> dict[str, Any]:
-        limiter.check(_source(request) or "?")
+        # one host holds a whole IPv6 /64: it is one source, as for the connection gate
+        limiter.check(source_key(request.client.host) if request.client else "?")
         payload = await read_json(request, PAIRING_BODY_MAX)
         result: dict[str, Any] = await run_in_threadpool(links.accept, payload)
         return result
@@ -122,6 +125,15 @@ def build_mesh_api(links: Links, sync: Sync) -> FastAPI:
         payload = await read_json(request, MESH_BODY_MAX)
         result = await run_in_threadpool(links.receive_unlink, payload, _source(request))
         # tear the tunnel down only once the answer is on its way back through it
+        return JSONResponse(result, background=BackgroundTask(links.control.converge))
+
+    rekey = Rekey(links)
+
+    @app.post("/api/cells/peer-sync/rekey")
+    async def rekey_route(request: Request) -> JSONResponse:
+        payload = await read_json(request, MESH_BODY_MAX)
+        result = await run_in_threadpool(rekey.receive, payload, _source(request))
+        # move the WireGuard peer only once the answer is on its way back through the old one
         return JSONResponse(result, background=BackgroundTask(links.control.converge))
 
     return app

@@ -40,6 +40,7 @@ from picell.control import Control
 from picell.errors import BadInput, CsrfRefused, PicellError
 from picell.mesh.exits import Exits
 from picell.mesh.links import Links
+from picell.mesh.rekey import Rekey, rotation_status
 from picell.mesh.sync import Sync
 from picell.store import invites as invite_table
 
@@ -105,10 +106,35 @@ def _cells_context(links: Links) -> dict[str, Any]:
     return {
         "links": overview,
         "reach": links.control.reachability(),
+        "host_firewall": links.control.host_firewall(),
         "invites": [i for i in list_invites(links.control.store) if i.state == "open"],
         "services": links.control.list_services(),
         "journals": {c["name"]: links.journal_entries(c["name"])[-30:] for c in overview},
+        "rotation": _rotation(links),
     }
+
+
+def _rotation(links: Links) -> dict[str, Any]:
+    with links.control.store.read() as conn:
+        return rotation_status(conn)
+
+
+async def rotate_keys(request: Request) -> Response:
+    """`picell keys rotate` from the page (behind login and CSRF, with a confirmation)."""
+    await read_form(request)
+    links: Links = state(request, "links")
+    try:
+        done = await run_in_threadpool(Rekey(links).rotate)
+    except PicellError as exc:
+        err = FormError("rotate", exc, ())
+        return await cells_page(request, err.status, error=err)
+    if done["switched"]:
+        devices = ", ".join(done["devices"]) or "none"
+        flash(request, f"New cell key: linked cells moved to it; every device must import its"
+                       f" config again ({devices})")  # fmt: skip
+    else:
+        flash(request, "Key rotation in flight: waiting for " + ", ".join(done["pending"]))
+    return back("/cells")
 
 
 async def cells_page(request: Request, status_code: int = 200, **context: Any) -> HTMLResponse:
@@ -235,6 +261,7 @@ def _devices_context(links: Links) -> dict[str, Any]:
         "peers": links.control.list_peers(),
         "links": links.overview(),
         "reach": links.control.reachability(),
+        "host_firewall": links.control.host_firewall(),
     }
 
 
@@ -361,6 +388,7 @@ def install(app: FastAPI, auth_: auth.Auth) -> None:
         ("/cells/invites/{invite_id}/revoke", revoke_invite, post),
         ("/cells/connect", connect, post),
         ("/cells/endpoint", set_endpoint, post),
+        ("/cells/keys/rotate", rotate_keys, post),
         ("/cells/{name}/sharing", set_sharing, post),
         ("/cells/{name}/exit-offer", set_exit_offer, post),
         ("/cells/{name}/relay-offer", set_relay_offer, post),

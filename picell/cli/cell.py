@@ -33,7 +33,7 @@ from picell.errors import PicellError
 @app.command()
 def init(
     name: Annotated[str | None, typer.Option(help="Cell name (default: the hostname)")] = None,
-    domain: Annotated[str | None, typer.Option(help="DNS domain (default: NAME.cell)")] = None,
+    domain: Annotated[str | None, typer.Option(help="DNS domain (default: NAME.internal)")] = None,
     address: Annotated[
         str | None, typer.Option(help="Cell address and VPN network, e.g. 10.0.0.1/24")
     ] = None,
@@ -171,8 +171,22 @@ def status(as_json: JsonOpt = False) -> None:
     for c in data.conflicts:
         lines.append(f"CONFLICT: link {c.cell} ({c.network}) overlaps {c.overlaps}")
     lines.append(_port_mapping(data))
+    for fw in data.host_firewall:
+        lines.append(f"host firewall: {fw.owner} ({fw.table} {fw.chain}) {fw.what}: {fw.action}")
+    rot = data.key_rotation
+    if rot is not None and rot.in_flight:
+        lines.append("key rotation: in flight, waiting for " + (", ".join(rot.waiting_for) or "?")
+                     + " (run `picell keys rotate` again once they are online)")  # fmt: skip
+    elif rot is not None and rot.rotated_at:
+        lines.append(
+            f"key rotated: {time.strftime('%Y-%m-%d %H:%M', time.localtime(rot.rotated_at))}"
+        )
+    if data.restored_at:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(data.restored_at))
+        lines.append(f"restored from a backup: {when}")
     for warning in data.last_reconcile.warnings if data.last_reconcile else []:
-        lines.append(f"warning: {warning}")
+        if not warning.startswith("host firewall: "):  # said just above
+            lines.append(f"warning: {warning}")
     out(data, as_json, "\n".join(lines))
 
 

@@ -107,6 +107,10 @@ def _show_link(c: CellOut) -> str:
         f"  we share: {_services(c.inbound)}",
     ]
     lines.append(f"  path: {c.path}" + (f" ({c.relay_note})" if c.relay_note else ""))
+    if c.orphan:
+        lines.append(f"  orphan: {c.orphan_reason}")
+    if c.rekey_state == "pending":
+        lines.append("  key rotation: waiting for it to take our new key")
     exits = [
         "we offer them our relay" if c.relay_offered else "",
         "they offer us their relay" if c.remote_relay_offered else "",

@@ -78,6 +78,16 @@ def announced_endpoints(endpoint: str, endpoints: Sequence[str] | None) -> tuple
     return found if len(found) > 1 else ()
 
 
+def _tell_linked(conn: sqlite3.Connection, but: str) -> None:
+    """Mark every other linked cell for a push: our `wanted` list (links waiting, stale or
+    relayed) changed, and a cell that introduces or relays for us should hear it now, not with
+    its next heartbeat (a first introduction took 80 s, a quick re-link through a relay 47 s:
+    docs/BENCHMARKS.md, "Introductions and relay")."""
+    for other in link_table.all_links(conn):
+        if other.name != but and other.state == LinkState.LINKED:
+            link_table.mark_pending(conn, other.name)
+
+
 def _link_from(other: Identity, existing: Link | None, state: LinkState) -> Link:
     """The link row for `other`: a new one, or `existing` updated in place (a re-pairing)."""
     identity = LinkIdentity(
@@ -289,6 +299,8 @@ class Links:
                 marks = replace(marks, last_push_error=f"waiting for the other cell: {detail}")
             link = replace(link, sync=marks)
             link_table.save(conn, link)
+            if state == LinkState.WAITING:
+                _tell_linked(conn, link.name)  # its key joins our `wanted`: introductions now
             outbox.drop(conn, other.public_key)  # a pending unlink would end the new link
             journal.append(conn, other.cell_name, event, "local owner", detail)
         self.wake_sender()  # a new link gets our state at once
@@ -359,10 +371,12 @@ class Links:
             link = link_table.get(conn, name)
             if link.state == LinkState.UNLINKING:
                 return
+            _tell_linked(conn, name)  # it leaves our `wanted`: a relay forgets the pair now
             if link.state == LinkState.WAITING:
                 # the other cell never confirmed: it holds no side to tear down
                 link_table.delete(conn, name)
                 journal.append(conn, name, "unlinked", "local owner", "before it was confirmed")
+                self.wake_sender()
                 return
             cell = cell_table.load(conn)
             seq = link.sync.seq + 1

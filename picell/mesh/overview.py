@@ -75,6 +75,10 @@ def link_overview(store: Store, runner: Runner) -> list[dict[str, Any]]:
                 "relay_offered": link.choices.relay_offered,
                 "remote_relay_offered": link.mirror.relay_offered,
                 **path_of(link, links, seen.endpoint if seen else None),
+                "orphan": link.orphan is not None,
+                "orphan_reason": link.orphan,
+                "rekey_state": link.sync.rekey_state,
+                "remote_next_key": link.mirror.next_key,
             }
         )
     return out

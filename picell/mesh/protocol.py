@@ -7,8 +7,16 @@ key both cells derive on their own. `parse_envelope` types the message (`wire.En
 side's whole authentication, in this order: the direct source address is the sending cell's own
 address (inside its network, so WireGuard vouches for it; not one of its devices), the MAC
 verifies over the body exactly as sent, the message is addressed to us, it is in a version we
-speak, and its `seq` is newer than the last one applied. Pure: the caller fetches the link and
-applies.
+speak, and it is fresh (`check_fresh`). Pure: the caller fetches the link and applies.
+
+Restore-proof freshness (`check_fresh`, never the wall clock, since clocks may be skewed): each
+cell has an `epoch`, 128 random bits drawn at init and anew by every restore, carried in every
+signed body. A receiver keeps, per link, the other cell's current epoch, its last applied `seq`
+within it, and its last `RETIRED_MAX` retired epochs. Within the current epoch `seq` must grow;
+a message in an epoch never seen (made by the holder of the link key, as its MAC proves) starts
+a new incarnation whose `seq` may start anywhere, and the old epoch is retired; a message in a
+retired epoch is a replay. A cell restored from an old copy therefore is heard again at its
+first document, and whatever it sent before the restore stays refused.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from picell.wireguard.keys import public_from_private
 
 MESSAGE_TYPES = tuple(wire.BODIES)
 B = TypeVar("B", bound=wire.Header)
+RETIRED_MAX = 32  # retired epochs kept per link: a replay from an older one would be "new"
 
 
 def make_envelope(
@@ -38,6 +47,7 @@ def make_envelope(
     link: Link,
     seq: int,
     extra: dict[str, Any] | None = None,
+    epoch: str = "",
 ) -> dict[str, Any]:
     body: dict[str, Any] = {
         "v": wire.common_version(link.identity.versions, link.name, "versions"),
@@ -48,6 +58,7 @@ def make_envelope(
         "to_public_key": link.public_key,
         "seq": seq,
         "sent_at": time.time(),
+        **({"epoch": epoch} if epoch else {}),
         **(extra or {}),
     }
     return {"body": body, "mac": mac(link_key(our_private, link.public_key), body)}
@@ -65,6 +76,7 @@ def envelope_from(
         link=link,
         seq=seq,
         extra=extra,
+        epoch=cell.epoch,
     )
 
 
@@ -107,8 +119,33 @@ def check_envelope(
             f"body.v: the message is in protocol version {env.body.v}; this cell speaks {ours}",
             field="body.v",
         )
-    if env.body.seq <= link.mirror.seq:
+    check_fresh(env.body, link)
+
+
+def check_fresh(body: wire.Header, link: Link) -> bool:
+    """Raise Forbidden for a replay; True when `body` starts a new epoch of the other cell
+    (see the module's docstring). A body without an epoch (a cell before epochs) is in epoch
+    "", so an older cell keeps the plain rule: `seq` must grow."""
+    epoch = body.epoch or ""
+    mirror = link.mirror
+    if epoch != mirror.epoch:
+        if epoch in mirror.retired_epochs or (epoch == "" and mirror.epoch):
+            raise Forbidden(
+                "body.epoch: a message from an earlier incarnation of that cell (a replay)",
+                field="body.epoch",
+            )
+        return True
+    if body.seq <= mirror.seq:
         raise Forbidden(
-            f"body.seq: {env.body.seq} was already applied (last {link.mirror.seq})",
-            field="body.seq",
+            f"body.seq: {body.seq} was already applied (last {mirror.seq})", field="body.seq"
         )
+    return False
+
+
+def retire(link: Link, epoch: str) -> tuple[str, ...]:
+    """The retired epochs once `epoch` is current: the old current one joins them (bounded)."""
+    old = link.mirror.epoch
+    kept = [e for e in link.mirror.retired_epochs if e != epoch]
+    if old != epoch and (old or link.mirror.seq):  # "" is an epoch only once it was used
+        kept.append(old)
+    return tuple(kept[-RETIRED_MAX:])

@@ -11,6 +11,9 @@
   handshakes until its owner imported our invite, has proven consent, and its acceptance of our
   signed document confirms the link on both sides. The pairing port is only a convenience.
 - Each document says where we see the other cell (`seen_at`, the endpoint WireGuard shows).
+- A push answered 404 (the other cell holds no link with us) marks the link an orphan, shown
+  in `picell cells` and the journal; nothing is deleted on that guess. A later accepted push
+  clears it.
 - The outbox: queued one-off messages (`unlink`). One that reached the other cell (or that it no
   longer needs: 404) completes our side's removal; an `unlink` undelivered for
   `UNLINK_GIVE_UP_S` is dropped with our side.
@@ -52,6 +55,7 @@ from picell.mesh.client import MeshClient, model_error, printable
 from picell.mesh.document import document
 from picell.mesh.links import Links
 from picell.mesh.protocol import envelope_from
+from picell.mesh.rekey import Rekey
 from picell.mesh.relay import relay_fields, seen_from_peers
 from picell.mesh.wire import StateAnswer
 from picell.state import relay_reserved
@@ -67,6 +71,9 @@ from picell.wireguard.apply import ObservedPeer, observe_wg
 
 log = logging.getLogger(__name__)
 
+ORPHAN_404 = ("the other cell has no link with us (it ended the link, or it was restored from"
+              " a backup made before the link): connect again with a fresh invite, or"
+              " disconnect")  # fmt: skip
 WAITING_POLL_S = 5.0  # a waiting link: how often WireGuard is asked for a handshake with it
 WORKERS = 4  # pushes in flight at once; a bad link holds one for at most client.DEADLINE_S
 ERROR_LOG_INTERVAL_S = 60.0  # unexpected errors: one log line per interval, with a count
@@ -114,6 +121,7 @@ class Sender:
         self.store = links.store
         self.clock: Clock = clock or SystemClock()
         self.client = mesh_client or client.default
+        self.rekey = Rekey(links)
         self.pushes = 0  # documents sent (benchmarks read it)
         self.errors = RepeatLog(log, ERROR_LOG_INTERVAL_S, clock=self.clock.time)
         self._lock = threading.Lock()  # guards the fields below, written by the workers
@@ -163,6 +171,7 @@ class Sender:
     def round(self) -> list[Future[None]]:
         """Start every due push and delivery whose link has no job in flight; returns the jobs
         started (tests wait for them)."""
+        self.rekey.follow_stale()  # a linked cell that switched keys while we missed its word
         now = self.clock.time()
         with self.store.read() as conn:
             messages = outbox.all_messages(conn)
@@ -298,8 +307,15 @@ class Sender:
                 if confirmed:
                     journal.append(conn, name, "linked", f"cell {name}",
                                    "it accepted our signed state through the tunnel")  # fmt: skip
+                if link_table.set_orphan(conn, name, None):
+                    journal.append(conn, name, "no longer an orphan", f"cell {name}",
+                                   "it accepted our signed state: it holds the link")  # fmt: skip
             else:
                 link_table.push_failed(conn, name, error)
+                if error.startswith("HTTP 404") and link_table.set_orphan(conn, name, ORPHAN_404):
+                    # shown to the owner, never acted on: a restore on either side explains
+                    # it as well as an unlink that never reached us
+                    journal.append(conn, name, "orphan", f"cell {name}", ORPHAN_404)
         if confirmed:
             self.links.control.converge_soon()
         self._note(link.public_key, error)

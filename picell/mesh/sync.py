@@ -18,7 +18,7 @@ from picell import validate
 from picell.errors import BadInput, Conflict, NotFound
 from picell.mesh import relay, wire
 from picell.mesh.links import Links, announced_endpoints
-from picell.mesh.protocol import parse_envelope
+from picell.mesh.protocol import check_fresh, parse_envelope, retire
 from picell.store import journal
 from picell.store import links as link_table
 from picell.store import services as service_table
@@ -60,6 +60,9 @@ def _mirror(body: wire.StateBody, link: Link, known: Collection[str] = ()) -> Mi
         **_relay_mirror(body, link, known),
         seq=body.seq,
         updated_at=time.time(),
+        epoch=body.epoch or "",
+        retired_epochs=retire(link, body.epoch or ""),
+        next_key=link.mirror.next_key,
     )
 
 
@@ -168,6 +171,7 @@ class Sync:
         body = env.body
         with self.store.transaction() as conn:
             link, cell = self.links.authenticate(conn, env, source)
+            restarted = check_fresh(body, link)  # authenticated: fresh; is it a new epoch?
             everyone = link_table.all_links(conn)
             mirror = _mirror(body, link, {ln.public_key for ln in everyone})
             versions = tuple(body.versions or (body.v,))
@@ -175,6 +179,13 @@ class Sync:
                 link, identity=replace(link.identity, versions=versions), mirror=mirror
             )
             events: list[str] = []
+            if restarted and (link.mirror.epoch or link.mirror.seq):  # a row of its own
+                journal.append(conn, link.name, f"cell {link.name} was restored from a backup",
+                               f"cell {link.name}", "a new epoch: its sequence numbers start"
+                               " over; its earlier messages stay refused")  # fmt: skip
+            if link.orphan is not None:
+                updated = replace(updated, orphan=None)
+                events.append("no longer an orphan: they hold the link")
             updated = self._identity(link, updated, body.identity, events)
             if link.state == LinkState.WAITING:
                 updated = replace(

@@ -58,6 +58,7 @@ MAC_PATTERN = r"^[0-9a-f]{64}$"  # HMAC-SHA256, hex
 NONCE_PATTERN = r"^[0-9a-f]{16,64}$"
 TOKEN_PATTERN = r"^[A-Za-z0-9_-]{16,128}$"  # secrets.token_urlsafe
 KEY_PATTERN = r"^[A-Za-z0-9+/]{43}=$"  # 32 bytes in standard base64
+EPOCH_PATTERN = r"^[0-9a-f]{32}$"  # a cell's incarnation: 128 random bits, hex
 
 T = TypeVar("T")
 
@@ -245,6 +246,10 @@ class Header(Wire):
     sent_at: Seconds
     versions: list[Version] | None = Field(default=None, min_length=1,
                                                  max_length=VERSIONS_MAX)  # fmt: skip
+    # the sender's incarnation (restore-proof sequence numbers, `mesh.protocol.check_fresh`):
+    # drawn at init and by every restore; `seq` counts within it. Cells before it send none,
+    # and cells before it ignore it (unknown fields are ignored).
+    epoch: Annotated[str, Field(pattern=EPOCH_PATTERN)] | None = None
 
 
 class StateBody(Header):
@@ -279,6 +284,26 @@ class UnlinkBody(Header):
     type: Literal["unlink"]
 
 
+class RekeyBody(Header):
+    """A key rotation (`mesh.rekey`), signed with the link key of the sender's current key:
+    `new_public_key` is the key it moves to, and `proof` a MAC with the link key of that new
+    key over both keys, so only the holder of the new private key can make it. `switch`: the
+    sender moves now (the receiver answers, then moves its peer to the new key); without it
+    the receiver only keeps the new key, ready."""
+
+    type: Literal["rekey"]
+    new_public_key: WgKey
+    proof: Mac
+    switch: bool = False
+
+
+class RekeyAnswer(Wire):
+    """The answer to a `rekey`: the receiver holds the new key (and moved, with `switch`)."""
+
+    ok: Literal[True]
+    new_public_key: WgKey
+
+
 class Envelope(Wire):
     """A signed message: `mac` is HMAC-SHA256 of the body's canonical JSON with the link key.
     `body` stays raw here (the MAC covers it as sent); the typed body is parsed next to it."""
@@ -302,9 +327,11 @@ MESSAGES: dict[str, type[Wire]] = {
     "envelope": Envelope,
     "state": StateBody,
     "unlink": UnlinkBody,
+    "rekey": RekeyBody,
     "state_answer": StateAnswer,
+    "rekey_answer": RekeyAnswer,
 }
-BODIES: dict[str, type[Header]] = {"state": StateBody, "unlink": UnlinkBody}
+BODIES: dict[str, type[Header]] = {"state": StateBody, "unlink": UnlinkBody, "rekey": RekeyBody}
 
 W = TypeVar("W", bound=Wire)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import secrets
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -29,6 +30,14 @@ class Cell:
     endpoints: tuple[str, ...] = ()
     endpoint_source: str = "owner"  # "owner": set by the owner; "host": the host's own address
     mapped_endpoint: str | None = None  # the home router's mapping (picell.system.portmap)
+    # this cell's incarnation: drawn at init and anew by every restore, so linked cells accept
+    # its documents again although their sequence numbers repeat (`mesh.protocol`)
+    epoch: str = ""
+    backup_made_at: float | None = None  # set in a backup's copy only (`store.backup`)
+    restored_at: float | None = None  # when this store was restored from a backup
+    # a key rotation in flight (`mesh.rekey`): the key we move to once linked cells know it
+    next_private_key: str | None = None
+    rotated_at: float | None = None  # when the last rotation completed
 
     @property
     def announced(self) -> tuple[str, ...]:
@@ -74,6 +83,11 @@ def load(conn: sqlite3.Connection) -> Cell:
         endpoints=tuple(json.loads(row["endpoints"])),
         endpoint_source=row["endpoint_source"],
         mapped_endpoint=row["mapped_endpoint"],
+        epoch=row["epoch"],
+        backup_made_at=row["backup_made_at"],
+        restored_at=row["restored_at"],
+        next_private_key=row["next_private_key"],
+        rotated_at=row["rotated_at"],
     )
 
 
@@ -85,8 +99,8 @@ def save(conn: sqlite3.Connection, cell: Cell) -> None:
     conn.execute(
         """INSERT INTO cell (id, name, domain, address, listen_port, endpoint, private_key,
                interface, pair_port, mesh_port, uplink, mesh_range, upstreams, created_at,
-               endpoints, endpoint_source)
-           VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+               endpoints, endpoint_source, epoch)
+           VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
            ON CONFLICT (id) DO UPDATE SET name=excluded.name, domain=excluded.domain,
                address=excluded.address, listen_port=excluded.listen_port,
                endpoint=excluded.endpoint, interface=excluded.interface,
@@ -110,8 +124,17 @@ def save(conn: sqlite3.Connection, cell: Cell) -> None:
             time.time(),
             json.dumps(list(cell.endpoints or (cell.endpoint,))),
             cell.endpoint_source,
+            cell.epoch or new_epoch(),  # a new cell's first incarnation; kept on update
         ),
     )
+
+
+def new_epoch() -> str:
+    return secrets.token_hex(16)
+
+
+def set_epoch(conn: sqlite3.Connection, epoch: str) -> None:
+    conn.execute("UPDATE cell SET epoch = ? WHERE id = 1", (epoch,))
 
 
 def set_mapped_endpoint(conn: sqlite3.Connection, endpoint: str | None) -> None:

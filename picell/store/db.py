@@ -169,6 +169,24 @@ MIGRATIONS: tuple[str, ...] = (
         obtained_at REAL NOT NULL
     );
     """,
+    # 8: backups, restores and key rotation (`picell/store/backup.py`, `picell/mesh/rekey.py`):
+    # this cell's incarnation (`epoch`, drawn at init and by every restore) and when a backup
+    # was made of it or restored into it; the key a rotation moves to; per link, the other
+    # cell's current epoch and the epochs it retired (replays of those are refused), an orphan
+    # reason (a link one side holds and the other does not), and the rotations in flight
+    """
+    ALTER TABLE cell ADD COLUMN epoch TEXT NOT NULL DEFAULT '';
+    UPDATE cell SET epoch = lower(hex(randomblob(16)));
+    ALTER TABLE cell ADD COLUMN backup_made_at REAL;
+    ALTER TABLE cell ADD COLUMN restored_at REAL;
+    ALTER TABLE cell ADD COLUMN next_private_key TEXT;
+    ALTER TABLE cell ADD COLUMN rotated_at REAL;
+    ALTER TABLE links ADD COLUMN remote_epoch TEXT NOT NULL DEFAULT '';
+    ALTER TABLE links ADD COLUMN retired_epochs TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE links ADD COLUMN orphan TEXT;
+    ALTER TABLE links ADD COLUMN remote_next_key TEXT;
+    ALTER TABLE links ADD COLUMN rekey_state TEXT;
+    """,
 )
 
 

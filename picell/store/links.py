@@ -108,8 +108,14 @@ class Mirror:
     # the last introduction they gave us for the link that travels through them, or for the
     # link they see a fresh handshake with: {"public_key", "endpoint", "at"} (JSON)
     introduced: str | None = None
-    seq: int = 0  # the last seq of theirs applied
+    seq: int = 0  # the last seq of theirs applied (within `epoch`)
     updated_at: float | None = None  # when their last document arrived
+    # their incarnation (`mesh.protocol.check_fresh`): "" until their first document with one;
+    # `retired_epochs` are their earlier ones, newest last (messages from those are replays)
+    epoch: str = ""
+    retired_epochs: tuple[str, ...] = ()
+    # the key they rotate to (`mesh.rekey`), proven by them, until the link moves to it
+    next_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -123,6 +129,8 @@ class SyncMarks:
     seq: int = 0  # the last seq of ours used
     # our proof, for their document, that we imported their invite (see wire.StateBody)
     invite_proof: str | None = None
+    # our key rotation (`mesh.rekey`): None, "pending" (not told yet) or "told"
+    rekey_state: str | None = None
 
 
 @dataclass(frozen=True)
@@ -136,6 +144,9 @@ class Link:
     sync: SyncMarks = field(default_factory=SyncMarks)
     created_at: float = 0.0
     linked_at: float | None = None
+    # why one side seems to hold this link and the other not (shown, never acted on): e.g.
+    # after a restore; None when both hold it
+    orphan: str | None = None
 
 
 def _row(r: sqlite3.Row) -> Link:
@@ -175,6 +186,9 @@ def _row(r: sqlite3.Row) -> Link:
             introduced=r["introduced"],
             seq=r["remote_seq"],
             updated_at=r["last_remote_update_at"],
+            epoch=r["remote_epoch"],
+            retired_epochs=tuple(json.loads(r["retired_epochs"])),
+            next_key=r["remote_next_key"],
         ),
         sync=SyncMarks(
             pending_push=r["pending_push"],
@@ -183,9 +197,11 @@ def _row(r: sqlite3.Row) -> Link:
             last_push_error=r["last_push_error"],
             seq=r["local_seq"],
             invite_proof=r["invite_proof"],
+            rekey_state=r["rekey_state"],
         ),
         created_at=r["created_at"],
         linked_at=r["linked_at"],
+        orphan=r["orphan"],
     )
 
 
@@ -222,9 +238,10 @@ def save(conn: sqlite3.Connection, link: Link) -> None:
                created_at, linked_at, remote_exit_relay_key, remote_exit_relay_port,
                remote_exit_client_key, remote_exit_client_port, remote_versions, invite_proof,
                endpoints, remote_seen_at, relay_offered, remote_relay_offered, via, via_port,
-               introduced, listen_port)
+               introduced, listen_port, remote_epoch, retired_epochs, orphan,
+               remote_next_key, rekey_state)
            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,
-                   ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                   ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
         (
             link.name,
             link.public_key,
@@ -264,8 +281,21 @@ def save(conn: sqlite3.Connection, link: Link) -> None:
             theirs.via_port,
             theirs.introduced,
             ident.listen_port,
+            theirs.epoch,
+            json.dumps(list(theirs.retired_epochs)),
+            link.orphan,
+            theirs.next_key,
+            marks.rekey_state,
         ),
     )
+
+
+def set_orphan(conn: sqlite3.Connection, name: str, reason: str | None) -> bool:
+    """Record (or clear, with None) why a link seems held on one side only; True if changed."""
+    cur = conn.execute(
+        "UPDATE links SET orphan = ? WHERE name = ? AND orphan IS NOT ?", (reason, name, reason)
+    )
+    return cur.rowcount > 0
 
 
 def delete(conn: sqlite3.Connection, name: str) -> None:

@@ -96,8 +96,11 @@ def _router_rules(wan: str, lan: str, forwards: list[tuple[int, str]]) -> str:
     """The router's nft text: NAT (masquerade out of the WAN, forwarded UDP ports in) and a
     forward filter (LAN out, replies back, forwarded ports in). One statement per line: nft
     1.0.6 does not parse a chain closed on its last rule's line (RECIPES)."""
+    # only what is addressed to the router's own (current) address: after a move, packets for
+    # the old address must find nobody, even from neighbours whose ARP cache still names us
     dnat = [
-        f'    iifname "{wan}" udp dport {port} dnat to {host}:{port}' for port, host in forwards
+        f'    iifname "{wan}" fib daddr type local udp dport {port} dnat to {host}:{port}'
+        for port, host in forwards
     ]
     lines = [
         "table ip nat {",
@@ -152,7 +155,9 @@ class Router:
         """A new public address, as a provider hands out at night: the old one is gone and
         every NAT mapping with it (conntrack flushed)."""
         check_home_address(new_ip)
-        # keep the default route: deleting the only address of its subnet would drop it
+        # the new address is a secondary one of the same subnet: Linux deletes secondaries with
+        # their primary unless promote_secondaries is set
+        self.ns.sysctl(f"net.ipv4.conf.{self.wan_if}.promote_secondaries", 1)
         self.ns.run(["ip", "addr", "add", f"{new_ip}/{prefix}", "dev", self.wan_if])
         self.ns.run(["ip", "addr", "del", f"{self.wan_ip}/{prefix}", "dev", self.wan_if])
         self.ns.run(["ip", "route", "replace", "default", "dev", self.wan_if], check=False)

@@ -103,8 +103,7 @@ def nat() -> Iterator[NatWorld]:
     with Topology() as topo:
         inet = topo.bridge("inet")
         dns = internet_host(topo, inet, "dns", f"{DNS4}/24")
-        zone = Zone(dns, (DNS4,), topo.workdir)
-        del zone  # only an upstream resolver here: nothing to resolve
+        Zone(dns, (DNS4,), topo.workdir)  # the cells' upstream resolver; no names needed here
         pub = public_cell(topo, inet, "pub", ("198.51.100.1/24",), 1, DNS4,
                           endpoint="198.51.100.1:51820")  # fmt: skip
         phone = internet_host(topo, inet, "phone", "198.51.100.11/24")

@@ -80,3 +80,37 @@ def test_invite_json_output_links_through_connect_at_file(pair: Pair) -> None:
     # a used invite is the record of its link: it cannot be revoked
     assert "beta" in alpha.refused("invites", "revoke", str(made["id"]))["message"]
     wait_until(lambda: beta.links()["alpha"]["online"], 30, "the tunnel to alpha does not come up")
+
+
+@pytest.mark.parametrize("form", ["raw JSON @file", "string @file", "string argument",
+                                  "string on stdin (-)", "invite --json on stdin (-)"])  # fmt: skip
+def test_connect_takes_every_form_a_cell_exports(pair: Pair, form: str) -> None:
+    """Whatever alpha exports (the raw invite JSON of `GET /api/cells/invites`' answer, the
+    copy-paste string, `invite --json`), beta's `connect` links with it: as an argument, as
+    @FILE, or on standard input."""
+    alpha, beta = pair.alpha, pair.beta
+    if "alpha" in beta.links():
+        beta.cli("disconnect", "alpha")
+        wait_until(lambda: "alpha" not in beta.links() and "beta" not in alpha.links(), 40,
+                   "the previous link did not go")  # fmt: skip
+    made = alpha.cli("invite")
+    raw_file = pair.topo.workdir / "raw-invite.json"
+    raw_file.write_text(json.dumps(made["invite"]))
+    string_file = pair.topo.workdir / "invite.txt"
+    string_file.write_text(made["string"] + "\n")
+    argv = [*PICELL, "--data-dir", str(beta.data_dir), "connect"]
+    if form == "raw JSON @file":
+        proc = beta.ns.run([*argv, f"@{raw_file}", "--json"], check=False, timeout=60)
+    elif form == "string @file":
+        proc = beta.ns.run([*argv, f"@{string_file}", "--json"], check=False, timeout=60)
+    elif form == "string argument":
+        proc = beta.ns.run([*argv, made["string"], "--json"], check=False, timeout=60)
+    elif form == "string on stdin (-)":
+        proc = beta.ns.run([*argv, "-", "--json"], input=made["string"], check=False, timeout=60)
+    else:
+        proc = beta.ns.run([*argv, "-", "--json"], input=json.dumps(made), check=False,
+                           timeout=60)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads(proc.stdout)["state"] == "linked"
+    wait_until(lambda: alpha.links().get("beta", {}).get("state") == "linked", 20,
+               "alpha does not show the link")  # fmt: skip

@@ -181,7 +181,14 @@ def _beta_private(world: World) -> str:
         return cell_table.load(db).private_key
 
 
+def _beta_epoch(world: World) -> str:
+    with sqlite3.connect(world.beta.data_dir / "picell.db") as db:
+        db.row_factory = sqlite3.Row
+        return cell_table.load(db).epoch
+
+
 def _signed(world: World, seq: int, private: str | None = None) -> Any:
+    """As beta signs: in beta's current epoch (`mesh.protocol.check_fresh`)."""
     beta_private = _beta_private(world)
     net, dns = ipaddress.IPv4Network("10.61.0.0/24"), ipaddress.IPv4Address("10.61.0.1")
     target = link_table.Link(
@@ -191,6 +198,7 @@ def _signed(world: World, seq: int, private: str | None = None) -> Any:
         kind="state", from_cell="beta", our_private=private or beta_private,
         our_public=keys.public_from_private(beta_private), link=target, seq=seq,
         extra={"shared_services": [], "exit_offered": False, "use_as_exit_relay": False},
+        epoch=_beta_epoch(world),
     )  # fmt: skip
 
 

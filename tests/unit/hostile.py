@@ -244,6 +244,16 @@ def messages(draw: st.DrawFn, kind: str) -> dict[str, Any]:
         return {"body": header("unlink", "beta", public, to, seq), "mac": draw(MACS)}
     if kind == "state_answer":
         return {"ok": True, "seq": draw(st.integers(1, wire.SEQ_MAX))}
+    if kind == "rekey":
+        out = {**header("rekey", draw(NAMES), public, to, seq), "new_public_key": to,
+               "proof": draw(MACS)}  # fmt: skip
+        if draw(st.booleans()):
+            out["switch"] = draw(st.booleans())
+        if draw(st.booleans()):
+            out["epoch"] = draw(st.from_regex(wire.EPOCH_PATTERN, fullmatch=True))
+        return out
+    if kind == "rekey_answer":
+        return {"ok": True, "new_public_key": to}
     raise AssertionError(kind)
 
 

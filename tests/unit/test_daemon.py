@@ -14,7 +14,7 @@ def test_first_start_initialises_a_cell_with_defaults(tmp_path: Path) -> None:
     try:
         daemon.ensure_cell()
         cell = daemon.control.cell()
-        assert cell.domain == f"{cell.name}.cell"
+        assert cell.domain == f"{cell.name}.internal"
         assert cell.interface == DEFAULT_INTERFACE
         assert cell.network.prefixlen == 24 and cell.network.subnet_of(MESH_RANGE)
         assert not any(cell.network.overlaps(r) for r in CROWDED_RANGES)

@@ -120,3 +120,32 @@ def test_an_invite_announcing_the_router_mapping_carries_its_pairing_port(
     invite = Links(control).invite(3600)
     assert invite.endpoint == "home.example.test:51820"
     assert invite.pairing is not None and invite.pairing.port == 51821
+
+
+# -- default names that do not collide (issue 13) ----------------------------------------------
+def test_a_distribution_default_host_name_gets_a_random_suffix() -> None:
+    from picell.cellinit import default_name
+
+    assert default_name("alice-home") == "alice-home"
+    names = {default_name("raspberrypi") for _ in range(20)}
+    assert len(names) > 1 and all(n.startswith("raspberrypi-") and len(n) == 16 for n in names)
+    assert default_name("localhost.localdomain").startswith("localhost-")
+    assert default_name("123").startswith("cell-")
+
+
+def test_renaming_a_linked_cell_is_refused_with_what_to_do(control: Control) -> None:
+    from picell.cellinit import InitRequest
+    from picell.errors import Conflict
+
+    world = World(control)
+    world.sender.stop()
+    for req, field in (
+        (InitRequest(name="alfa"), "name"),
+        (InitRequest(domain="alfa.test"), "domain"),
+    ):
+        with pytest.raises(Conflict) as refused:
+            control.init_cell(req)
+        assert refused.value.field == field
+        assert "beta" in refused.value.message and "fresh invites" in refused.value.message
+    assert control.cell().name == "alpha" and control.cell().domain == "alpha.test"
+    control.init_cell(InitRequest(name="alpha"))  # the same name: nothing to refuse

@@ -82,12 +82,12 @@ def test_processes_per_reconcile_do_not_grow_with_devices(reconciler: Reconciler
     change = reconciler.set(state_with(n - 1, 49))
     noop = reconciler.set(state_with(n - 1, 49))
     # create: ip link add (refused), wg show, wg syncconf, ip -j addr, ip -j route, ip -batch,
-    # nft -j, nft -f, nft -j
-    assert len(first.commands) == 9
+    # nft -j, nft -f, nft -j, nft -j list chains (the host's other firewalls)
+    assert len(first.commands) == 10
     # change: wg show, wg syncconf, ip -j addr, ip -j route, nft -j, nft -f, nft -j,
-    # unbound-control reload
-    assert len(change.commands) == 8
-    assert len(noop.commands) == 4
+    # nft -j list chains, unbound-control reload
+    assert len(change.commands) == 9
+    assert len(noop.commands) == 5
 
 
 def test_sequence_then_shuffled(reconciler: Reconciler, kernel: FakeKernel) -> None:

@@ -206,3 +206,39 @@ def test_relay_offer_api_names_fields_and_cells(control: Control) -> None:
     assert resp.status_code == 201, resp.text
     assert resp.json()["state"] == "waiting" and resp.json()["via"] == "beta"
     assert resp.json()["relay_note"] is not None  # beta relays no port for it yet
+
+
+def test_a_new_waiting_link_or_a_disconnect_is_told_to_every_linked_cell_at_once(
+    control: Control,
+) -> None:
+    """Our `wanted` list changes: the cells that introduce or relay for us hear it now, not
+    with their next heartbeat (the first introduction took 80 s before)."""
+    import json as json_module
+    import time as time_module
+
+    from picell.mesh.links import Links
+    from picell.store import links as link_table
+    from tests.unit.test_mesh import identity, keypair, redeem
+
+    links = Links(control)
+    inv = links.invite(3600)
+    assert inv.pairing is not None
+    links.accept(redeem(inv.pairing.token, identity("beta", "10.62.0.0/24", "beta.test",
+                                                    keypair()[1])))  # fmt: skip
+
+    def settled() -> None:
+        with control.store.transaction() as conn:
+            conn.execute("UPDATE links SET pending_push = 0")
+
+    def pending(name: str) -> int:
+        with control.store.read() as conn:
+            return link_table.get(conn, name).sync.pending_push
+
+    settled()
+    gamma = identity("gamma", "10.63.0.0/24", "gamma.test", keypair()[1])
+    pairing = {"port": 51821, "token": "t" * 32, "expires_at": time_module.time() + 3600}
+    out = links.connect(json_module.dumps({**gamma, "pairing": pairing}))  # no network: waits
+    assert out["state"] == "waiting" and pending("beta") > 0
+    settled()
+    links.disconnect("gamma")
+    assert pending("beta") > 0

@@ -85,6 +85,9 @@ def test_a_link_keeps_each_part_in_its_own_columns(tmp_path: Path) -> None:
             introduced='{"at": 1}',
             seq=7,
             updated_at=20.0,
+            epoch="e" * 32,
+            retired_epochs=("d" * 32,),
+            next_key="N" * 43 + "=",
         ),
         sync=links.SyncMarks(
             pending_push=3,
@@ -93,9 +96,11 @@ def test_a_link_keeps_each_part_in_its_own_columns(tmp_path: Path) -> None:
             last_push_error="refused",
             seq=9,
             invite_proof="p" * 64,
+            rekey_state="told",
         ),
         created_at=10.0,
         linked_at=11.0,
+        orphan="they hold no link with us",
     )
     store = Store(tmp_path / "s.db")
     with store.transaction() as conn:
@@ -142,4 +147,9 @@ def test_a_link_keeps_each_part_in_its_own_columns(tmp_path: Path) -> None:
         "via_port": 52000,
         "introduced": '{"at": 1}',
         "listen_port": 51820,
+        "remote_epoch": "e" * 32,
+        "retired_epochs": '["' + "d" * 32 + '"]',
+        "orphan": "they hold no link with us",
+        "remote_next_key": "N" * 43 + "=",
+        "rekey_state": "told",
     }

@@ -35,7 +35,7 @@ from tests.unit.fakes import FakeKernel
 
 PREFIX = {"invite": "invite", "pairing_request": "body", "pairing_answer": "answer",
           "envelope": "message", "state": "body", "unlink": "body",
-          "state_answer": "answer"}  # fmt: skip
+          "state_answer": "answer", "rekey": "body", "rekey_answer": "answer"}  # fmt: skip
 IDENTITY_KINDS = ("invite", "pairing_request", "pairing_answer")
 QUIET = [HealthCheck.too_slow, HealthCheck.data_too_large]
 FAST = settings(max_examples=25, deadline=None, database=None, derandomize=True,
@@ -48,7 +48,7 @@ _IDENT = {"version": 1, "versions": [1, 2], "cell_name": "beta", "domain": "beta
           "public_key": _PUB[0], "endpoint": "[2001:db8::7]:51820", "vpn_subnet": "10.62.0.0/24",
           "dns_ip": "10.62.0.1", "mesh_port": 3000,
           "endpoints": ["[2001:db8::7]:51820", "198.51.100.2:51820"]}  # fmt: skip
-_HEADER = hostile.header("state", "beta", _PUB[0], _PUB[1], 7)
+_HEADER = {**hostile.header("state", "beta", _PUB[0], _PUB[1], 7), "epoch": "e" * 32}
 FULL: dict[str, dict[str, Any]] = {
     "invite": {**_IDENT, "pairing": {"port": 51821, "token": "t" * 32, "expires_at": 1.0}},
     "pairing_request": {"identity": _IDENT, "nonce": "ab" * 16, "mac": "0" * 64,
@@ -71,6 +71,9 @@ FULL: dict[str, dict[str, Any]] = {
               "introductions": [{"public_key": _PUB[1], "seen_at": "192.0.2.9:51820"}],
               "relay_ports": [{"public_key": _PUB[1], "port": 52001}]},
     "unlink": {**_HEADER, "type": "unlink"},
+    "rekey": {**_HEADER, "type": "rekey", "new_public_key": _PUB[1], "proof": "4" * 64,
+              "switch": True},
+    "rekey_answer": {"ok": True, "new_public_key": _PUB[1]},
     "envelope": {"body": {**_HEADER, "type": "unlink"}, "mac": "3" * 64},
     "state_answer": {"ok": True, "seq": 7},
 }  # fmt: skip
