@@ -1,20 +1,30 @@
 """Composition root: builds the store, runner, reconciler, control and servers. No logic.
 
 `serve()` is the daemon: it reconciles once before it serves, then serves the admin API on the
-root-only unix socket, re-reconciles on a period and whenever a supervised child exits, and stops
-its children on SIGTERM/SIGINT. Every listener is a bounded `Listener` (picell/api/listen.py)
-with the `Limits` chosen here; the reconcile thread never dies of an exception (`run_forever`).
+root-only unix socket, re-reconciles on a period and whenever a supervised child exits. Every
+listener is a bounded `Listener` (picell/api/listen.py) with the `Limits` chosen here; the
+reconcile thread never dies of an exception (`run_forever`).
+
+One daemon per data dir: `Daemon()` first takes an flock on `<data dir>/picell.lock` (the pid
+written in it) and refuses with `AlreadyRunning` before it opens the store, touches the kernel
+or the sockets. Under systemd (`Type=notify`) it sends READY=1 once its first reconcile is done
+and its listeners serve. On SIGTERM/SIGINT it exits promptly (within `SHUTDOWN_S` of waiting for
+its threads) and leaves everything in place: wireguard-go, Unbound, the nft table, routes and
+port mappings outlive it, and the next daemon adopts them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
 import os
 import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import uvicorn
@@ -22,7 +32,7 @@ from fastapi import FastAPI
 
 from picell import __version__
 from picell.api import admin, cells, errors, web
-from picell.api.auth import Auth, password_router
+from picell.api.auth import GENERATED_PASSWORD_FILE, Auth, password_router
 from picell.api.listen import (
     Limits,
     Listener,
@@ -59,12 +69,71 @@ from picell.reconcile import Reconciler
 from picell.store import admin as admin_table
 from picell.store import cell as cell_table
 from picell.store.db import Store
-from picell.system.children import Child
+from picell.system.children import Child, bound_log
 from picell.system.limits import RepeatLog, install_repeat_filter, raise_nofile, run_forever
 from picell.system.portmap import PortMapper
 from picell.system.run import Runner
 
 log = logging.getLogger("picell")
+
+LOCK_FILE = "picell.lock"  # in the data dir: flock'ed by the running daemon, its pid inside
+SHUTDOWN_S = 1.5  # how long a stopping daemon waits for its threads (they are daemon threads)
+
+
+class AlreadyRunning(Exception):
+    def __init__(self, pid: int | None) -> None:
+        super().__init__(f"already running (pid {pid if pid is not None else '?'})")
+        self.pid = pid
+
+
+def take_lock(data_dir: Path) -> int:
+    """Take the data dir's daemon lock (non-blocking flock) and write our pid in it; return
+    its fd (held open for the daemon's life). AlreadyRunning names the holder's pid."""
+    path = data_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            pid: int | None = int(os.pread(fd, 32, 0).split()[0])
+        except (ValueError, IndexError, OSError):
+            pid = None
+        os.close(fd)
+        raise AlreadyRunning(pid) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def sd_notify(state: str) -> bool:
+    """Tell systemd our state (`READY=1`, `STOPPING=1`) on $NOTIFY_SOCKET; False without one.
+    The protocol is one datagram on a unix socket (sd_notify(3)); an '@' is the abstract
+    namespace."""
+    addr = os.environ.get("NOTIFY_SOCKET", "")
+    if not addr or addr[0] not in "/@":
+        return False
+    target = "\0" + addr[1:] if addr[0] == "@" else addr
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto(state.encode(), target)
+    except OSError as exc:
+        log.warning("systemd notify %s failed: %s", state, exc)
+        return False
+    return True
+
+
+def _stop_all(stoppers: list[tuple[str, Callable[[], None]]], budget_s: float) -> list[str]:
+    """Run each stopper on a thread of its own (each joins its thread with its own, longer
+    timeout) and wait for all of them together at most `budget_s`; the names still running."""
+    threads = []
+    for name, stopper in stoppers:
+        t = threading.Thread(target=stopper, name=f"stop-{name}", daemon=True)
+        t.start()
+        threads.append((name, t))
+    deadline = time.monotonic() + budget_s
+    for _name, t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    return [name for name, t in threads if t.is_alive()]
 
 
 def _backoff(attempt: int) -> float:
@@ -120,8 +189,15 @@ def build_web_api(
 def _config(app: FastAPI) -> uvicorn.Config:
     # proxy_headers off: the mesh API authenticates the direct source address, never a header.
     # log_config None: uvicorn's records go through the daemon's handlers and their RepeatFilter
+    # timeout_graceful_shutdown: a stopping daemon does not wait for slow clients (a peer's
+    # request, a browser's keep-alive) beyond a second
     return uvicorn.Config(
-        app, log_level="warning", log_config=None, access_log=False, proxy_headers=False
+        app,
+        log_level="warning",
+        log_config=None,
+        access_log=False,
+        proxy_headers=False,
+        timeout_graceful_shutdown=1,
     )
 
 
@@ -129,6 +205,8 @@ class Daemon:
     def __init__(self, data_dir: Path) -> None:
         self.paths = Paths(data_dir)
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # first of all: a second daemon on this data dir touches nothing (AlreadyRunning)
+        self._lock_fd = take_lock(data_dir)
         os.chmod(data_dir, 0o700)
         for d in (self.paths.run_dir, self.paths.unbound_dir):
             d.mkdir(exist_ok=True, mode=0o700)
@@ -140,7 +218,7 @@ class Daemon:
         self.sync = Sync(self.links, wake_sender=lambda: self.sender.wake())
         self.sender = Sender(self.links)
         self.exits = Exits(self.control, wake_sender=lambda: self.sender.wake())
-        self.auth = Auth(self.store)
+        self.auth = Auth(self.store, password_file=data_dir / GENERATED_PASSWORD_FILE)
         self.control.on_service_removed = self.sync.forget_service
         # documents from linked cells converge on a thread of their own, bursts coalesced
         self.coalescer = Coalescer(self.control.converge_and_flush, DOCUMENT_COALESCE_S)
@@ -190,9 +268,11 @@ class Daemon:
         password = self.auth.ensure_password()
         if password is not None:
             log.warning(
-                "web UI: no admin password was set; generated one, shown only this once: %s "
-                "(log in at http://127.0.0.1:%d; change it with `picell admin password`)",
+                "web UI: no admin password was set; generated one: %s (also kept, root-only, "
+                "in %s until you change it; log in at http://127.0.0.1:%d; change it with "
+                "`picell admin password`)",
                 password,
+                self.auth.password_file,
                 self.web_port(),
             )
 
@@ -222,6 +302,7 @@ class Daemon:
         """One round of the reconcile thread; True once the daemon stops. Reconcile on the
         period, after a failure with backoff, and when a child exits: a child that keeps
         crashing is restarted ever more slowly (up to the last backoff)."""
+        self.bound_logs()
         delay = RECONCILE_PERIOD_S if self._failures == 0 else _backoff(self._failures)
         woke = self._wake.wait(delay)
         if self._stop.is_set():
@@ -235,10 +316,22 @@ class Daemon:
         self._failures = 0 if self._converge_quietly() else self._failures + 1
         return False
 
+    def bound_logs(self) -> None:
+        """Children write their logs themselves (they outlive the daemon): keep them bounded."""
+        for path in self.paths.run_dir.glob("*.log"):
+            if bound_log(path):
+                log.info("rotated %s into %s.1", path.name, path.name)
+
+    def close(self) -> None:
+        """Release the data dir (store and lock); the daemon's last step."""
+        self.store.close()
+        os.close(self._lock_fd)
+
     def serve(self) -> None:
         install_repeat_filter()  # a flood must not write a line per event
         before, after = raise_nofile()
         log.info("open files: soft limit %d (was %d at start)", after, before)
+        self.bound_logs()
         self.ensure_cell()
         self.ensure_password()
         if not self._converge_quietly():
@@ -293,8 +386,18 @@ class Daemon:
         self.sender.start()
         self.portmap.start()
 
+        async def ready() -> None:
+            # READY=1 once every listener serves (the first reconcile ran before them)
+            while not all(server.started for server, _socks in servers):
+                if any(server.should_exit for server, _socks in servers):
+                    return
+                await asyncio.sleep(0.05)
+            sd_notify("READY=1")
+            log.info("serving (picell %s, pid %d)", __version__, os.getpid())
+
         async def main() -> None:
             def stop(*_: object) -> None:
+                sd_notify("STOPPING=1")
                 for server, _sockets in servers:
                     server.should_exit = True
 
@@ -302,7 +405,11 @@ class Daemon:
             running.set_exception_handler(loop_exception_handler(self._repeats))
             for sig in (signal.SIGTERM, signal.SIGINT):
                 running.add_signal_handler(sig, stop)
+            notifier = asyncio.create_task(ready())
             await asyncio.gather(*(server.serve(sockets=socks) for server, socks in servers))
+            notifier.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await notifier
 
         try:
             asyncio.run(main())
@@ -310,11 +417,24 @@ class Daemon:
             os.umask(old_umask)
             self._stop.set()
             self._wake.set()
-            loop.join(timeout=5)
-            self.portmap.stop()
-            self.sender.stop()
-            self.coalescer.stop()
+            # everything it put in place stays: children detached, rules, routes, mappings
             self.reconciler.stop()
             if sock.exists():
                 sock.unlink()
-            self.store.close()
+            # the threads stop together within SHUTDOWN_S; a push or a reconcile still under
+            # way is left to die with the process (the store is SQLite: a transaction cut
+            # short is rolled back, an undelivered document stays pending for the next daemon)
+            slow = _stop_all(
+                [
+                    ("reconcile", lambda: loop.join()),
+                    ("portmap", self.portmap.stop),
+                    ("sender", self.sender.stop),
+                    ("coalescer", self.coalescer.stop),
+                ],
+                SHUTDOWN_S,
+            )
+            if slow:
+                log.info("stopped without waiting for: %s", ", ".join(slow))
+            else:
+                self.store.close()
+            log.info("stopped; tunnels and DNS keep running until the next start")

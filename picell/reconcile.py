@@ -62,6 +62,7 @@ from picell.system.children import Child, write_sysctl
 from picell.system.run import Runner
 from picell.wireguard.apply import (
     ObservedWg,
+    adopt_userspace,
     apply_wg,
     interface_exists,
     kernel_wireguard,
@@ -148,6 +149,8 @@ class Reconciler:
         self.applied: Counter[str] = Counter()  # write transactions since start, by kind
         self.anomalies: Counter[str] = Counter()  # unreadable observations since start, by tool
         self._notes: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())  # last logged
+        self._adopt_tried: set[str] = set()
+        self._swept_resolvers = False  # interfaces whose wireguard-go we looked for
 
     def set(self, state: State) -> Report:
         with self._lock:
@@ -170,6 +173,8 @@ class Reconciler:
         if not interface_exists(ifname):
             self._create_interface(ifname)
             report.changes.append(Change("interface", "create", ifname))
+        elif self.wg_child is None:
+            self.wg_child = self._adopt_interface(ifname)
 
         self._sync_wg(state.wg, self.paths.wg_conf, report)
         self._converge_exit_interfaces(state, report)
@@ -351,6 +356,10 @@ class Reconciler:
                 self._remove_interface(name)
                 report.changes.append(Change("interface", "remove", name))
         for name, dev in sorted(wanted.items()):
+            if interface_exists(name) and name not in self.exit_children:
+                child = self._adopt_interface(name)
+                if child is not None:
+                    self.exit_children[name] = child
             if not interface_exists(name):
                 child = self.exit_children.pop(name, None)
                 if child is not None:
@@ -361,8 +370,16 @@ class Reconciler:
                 report.changes.append(Change("interface", "create", name))
             self._sync_wg(dev, self.paths.run_dir / f"wg-{name}.conf", report)
 
+    def _adopt_interface(self, name: str) -> Child | None:
+        """Once per daemon and interface: the wireguard-go the previous daemon left serving
+        it (the tunnel outlived the daemon), supervised again; None for a kernel interface."""
+        if name in self._adopt_tried:
+            return None
+        self._adopt_tried.add(name)
+        return adopt_userspace(name, self.make_child)
+
     def _remove_interface(self, name: str) -> None:
-        child = self.exit_children.pop(name, None)
+        child = self.exit_children.pop(name, None) or self._adopt_interface(name)
         if child is not None:
             child.stop()  # wireguard-go takes its interface with it
         if interface_exists(name):
@@ -373,15 +390,18 @@ class Reconciler:
         """A resolver per exit cell our devices use: their internet lookups go to that cell's
         resolver through the link, never to our upstreams (no DNS leak)."""
         wanted = {t.slot: t for t in state.exits if not t.relay}
+        if not self._swept_resolvers:  # resolvers an earlier daemon left for exits now gone
+            self._swept_resolvers = True
+            for slot in range(EXIT_MAX_SLOTS + 1):
+                if slot not in wanted and slot not in self.exit_resolvers:
+                    self._exit_resolver(slot).stop()
         for slot in sorted(set(self.exit_resolvers) - set(wanted)):
             self.exit_resolvers.pop(slot).stop()
             report.changes.append(Change("dns", "remove", f"exit resolver {slot}"))
         for slot, tunnel in sorted(wanted.items()):
             resolver = self.exit_resolvers.get(slot)
             if resolver is None:
-                conf_path = self.paths.unbound_dir / f"exit{slot}.conf"
-                resolver = Unbound(self.runner, conf_path, self.make_child, f"unbound-exit{slot}")
-                self.exit_resolvers[slot] = resolver
+                resolver = self.exit_resolvers[slot] = self._exit_resolver(slot)
             conf = render_exit_resolver(
                 state, tunnel, self.paths.unbound_dir, self.paths.unbound_dir / f"exit{slot}.sock"
             )
@@ -390,6 +410,10 @@ class Reconciler:
                 resolver.apply(conf, changes)
                 self.applied["unbound"] += 1
                 report.changes += [Change("dns", k, f"exit resolver {slot}") for k in changes]
+
+    def _exit_resolver(self, slot: int) -> Unbound:
+        conf_path = self.paths.unbound_dir / f"exit{slot}.conf"
+        return Unbound(self.runner, conf_path, self.make_child, f"unbound-exit{slot}")
 
     def _create_interface(self, ifname: str) -> None:
         if self.wg_child is not None:
@@ -401,14 +425,15 @@ class Reconciler:
         self._endpoints.pop(ifname, None)
 
     def stop(self) -> None:
-        self.unbound.stop()
+        """The daemon stops: everything it put in place stays (tunnels, DNS, rules, routes);
+        its children keep running, unsupervised, until the next daemon adopts them."""
+        self.unbound.detach()
         for resolver in self.exit_resolvers.values():
-            resolver.stop()
+            resolver.detach()
         for child in self.exit_children.values():
-            child.stop()
+            child.detach()
         if self.wg_child is not None:
-            self.wg_child.stop()
-            self.wg_child = None
+            self.wg_child.detach()
 
 
 def _exit_routing(

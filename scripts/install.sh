@@ -14,7 +14,8 @@ if [ "${1:-}" = "--test" ]; then
     # (a minimal Debian lacks it); git: the compatibility test checks out an older commit
     # miniupnpd-nftables, miniupnpc: a home router answering UPnP-IGD, PCP and NAT-PMP in the
     # port-mapping test, and `upnpc` to list its mappings (the cell itself uses PyPI miniupnpc)
-    pkgs="$pkgs dnsutils iputils-ping procps chromium libatomic1 git miniupnpd-nftables miniupnpc"
+    # systemd: `systemd-analyze verify` checks the unit (the package does not become PID 1)
+    pkgs="$pkgs dnsutils iputils-ping procps chromium libatomic1 git miniupnpd-nftables miniupnpc systemd"
 fi
 missing=""
 for p in $pkgs; do

@@ -3,8 +3,9 @@
 Owns `Auth` (password hash in the store's `admin` table, in-memory sessions, `LoginThrottle`
 spacing out attempts after failures), the `guard` middleware of the web app (nothing but the
 login page and static files without a session; a CSRF token on every state-changing request;
-only local host names), and the unix-socket route that sets the password. Must not render pages
-(`picell.api.web` does) nor touch the cell's state.
+only local host names), and the unix-socket route that sets the password. A generated password
+is also kept, root-only (0600), in `<data dir>/admin-password` (`GENERATED_PASSWORD_FILE`) until
+the owner sets one. Must not render pages (`picell.api.web` does) nor touch the cell's state.
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import os
 import secrets
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -179,8 +182,14 @@ class Auth:
     """The admin password and the web sessions of one daemon (shared by its two listeners, so
     a password set on the unix socket ends every web session at once)."""
 
-    def __init__(self, store: Store, throttle: LoginThrottle | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        throttle: LoginThrottle | None = None,
+        password_file: Path | None = None,
+    ) -> None:
         self.store = store
+        self.password_file = password_file  # where a generated password is kept (0600)
         self.throttle = throttle or LoginThrottle()
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
@@ -190,6 +199,12 @@ class Auth:
             return admin_table.load(conn).password_hash
 
     def set_password(self, password: str) -> None:
+        """The owner's password: the generated one's file is deleted."""
+        self._store_password(password)
+        if self.password_file is not None:
+            self.password_file.unlink(missing_ok=True)
+
+    def _store_password(self, password: str) -> None:
         hashed = hash_password(password)
         with self.store.transaction() as conn:
             admin_table.set_password_hash(conn, hashed)
@@ -197,11 +212,14 @@ class Auth:
             self._sessions.clear()
 
     def ensure_password(self) -> str | None:
-        """Generate a password if none is set; return it (to be shown once) or None."""
+        """Generate a password if none is set; return it (to be shown once) or None. It is
+        also written, root-only, to `password_file` (kept until the owner sets one)."""
         if self.password_hash() is not None:
             return None
         password = generate_password()
-        self.set_password(password)
+        if self.password_file is not None:
+            write_private(self.password_file, password + "\n")
+        self._store_password(password)
         return password
 
     def check(self, password: str) -> bool:
@@ -356,6 +374,19 @@ def _harden(response: Response, path: str) -> None:
 
 
 # -- setting the password (unix socket only) ---------------------------------------------------
+GENERATED_PASSWORD_FILE = "admin-password"  # in the data dir
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write `text` to `path`, 0600 from its creation on (never readable by others)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
 password_router = APIRouter(prefix="/api/admin")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -53,7 +54,7 @@ def init(
     as_json: JsonOpt = False,
 ) -> None:
     """Create this cell (or change its settings while the daemon is stopped)."""
-    from picell.api.auth import check_password, hash_password
+    from picell.api.auth import GENERATED_PASSWORD_FILE, check_password, hash_password
     from picell.cellinit import InitRequest
     from picell.control import Control
     from picell.mesh.reach import init_warning
@@ -95,6 +96,7 @@ def init(
                 admin_table.set_web_port(conn, web_port)
             if password is not None:
                 admin_table.set_password_hash(conn, hash_password(password))
+                (CTX.data_dir / GENERATED_PASSWORD_FILE).unlink(missing_ok=True)
             web = admin_table.load(conn)
     except PicellError as exc:
         fail(exc.message, as_json, {"code": exc.code, "message": exc.message, "field": exc.field})
@@ -122,14 +124,24 @@ def serve(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run the daemon in the foreground (reconciles before it serves)."""
-    from picell.app import Daemon
+    from picell.app import AlreadyRunning, Daemon
 
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    Daemon(CTX.data_dir).serve()
+    try:
+        daemon = Daemon(CTX.data_dir)
+    except AlreadyRunning as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise typer.Exit(1) from None
+    daemon.serve()
+    # exit now: a sender job still in a request would hold interpreter exit (the pool's
+    # threads are joined at exit); the daemon has already put away what it must
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def _port_mapping(data: StatusOut) -> str:

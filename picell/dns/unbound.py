@@ -1,7 +1,9 @@
-"""The supervised Unbound child: write its config, start it, reload it on change.
+"""The supervised Unbound child: write its config, start or adopt it, reload it on change.
 
 A changed config is written and applied with one `unbound-control reload`; an unchanged config
-spawns nothing. Unbound runs in the foreground (`-d`) as a `Child`.
+spawns nothing. Unbound runs in the foreground (`-d`) as a `Child`. It keeps answering while the
+daemon is stopped: the daemon leaves it running (`detach`) and the next daemon adopts it (the
+Child's pid file) instead of starting a second one on the same port.
 """
 
 from __future__ import annotations
@@ -46,15 +48,24 @@ class Unbound:
         self.runner = runner
         self.conf_path = conf_path
         self.name = name
-        self.pidfile = conf_path.with_suffix(".pid")
-        self.make_child = make_child
-        self.child: Child | None = None
+        # where daemons before adoption kept Unbound's pid: still written, so that an older
+        # daemon started on this data dir (a downgrade) ends ours and starts its own
+        self.legacy_pidfile = conf_path.with_suffix(".pid")
+        self.child = make_child(self.name, ["unbound", "-d", "-p", "-c", str(self.conf_path)])
+        self._adopt_tried = False
+        self._started = False  # this daemon started or adopted it once
 
     def running(self) -> bool:
-        return self.child is not None and self.child.running()
+        return self.child.running()
 
     def needs(self, text: str) -> list[str]:
-        """What applying `text` would change: 'config' and/or 'start'."""
+        """What applying `text` would change: 'config' and/or 'start'. The first time, an
+        Unbound left running by the previous daemon is adopted (not a change)."""
+        if not self._adopt_tried:
+            self._adopt_tried = True
+            if self.child.adopt():
+                self._started = True
+                self._note_pid()
         changes = []
         try:
             same = self.conf_path.read_text() == text
@@ -73,13 +84,11 @@ class Unbound:
             tmp.write_text(text)
             os.replace(tmp, self.conf_path)
         if "start" in changes:
-            if self.child is None:
-                kill_stale(self.pidfile, "unbound")
-                self.child = self.make_child(
-                    self.name, ["unbound", "-d", "-p", "-c", str(self.conf_path)]
-                )
+            if not self._started:  # a daemon's first start: one we could not adopt is ended
+                kill_stale(self.legacy_pidfile, "unbound")
+            self._started = True
             self.child.start()
-            self.pidfile.write_text(f"{self.child.pid}\n")
+            self._note_pid()
         elif "config" in changes:
             self.reload()
 
@@ -88,10 +97,13 @@ class Unbound:
             self.runner.run(["unbound-control", "-c", str(self.conf_path), "reload"])
         except CommandFailed:
             # Unbound may still be starting; restart it so the new config is read for sure.
-            if self.child is not None:
-                self.child.stop()
-                self.child.start()
-                self.pidfile.write_text(f"{self.child.pid}\n")
+            self.child.stop()
+            self.child.start()
+            self._note_pid()
+
+    def _note_pid(self) -> None:
+        if self.child.pid is not None:
+            self.legacy_pidfile.write_text(f"{self.child.pid}\n")
 
     def flush_zone(self, domain: str) -> None:
         """Forget cached answers (negative ones too) at or below `domain`: another cell
@@ -102,8 +114,12 @@ class Unbound:
                 ok_codes=(0, 1),
             )
 
+    def detach(self) -> None:
+        """The daemon stops: Unbound keeps answering; the next daemon adopts it."""
+        self.child.detach()
+
     def stop(self) -> None:
-        if self.child is not None:
-            self.child.stop()
-        else:
-            kill_stale(self.pidfile, "unbound")  # left by a daemon killed earlier
+        """This resolver is no longer wanted: end it."""
+        if not self.child.running():
+            self.child.adopt()  # one left by an earlier daemon is ended too
+        self.child.stop()

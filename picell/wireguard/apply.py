@@ -2,7 +2,9 @@
 
 The kernel module is used where `ip link add … type wireguard` works; otherwise `wireguard-go -f`
 runs as a supervised child (the socket /var/run/wireguard/<if>.sock is shared by all namespaces,
-hence interface names unique per host). `observe_wg` parses `wg show <if> dump` only.
+hence interface names unique per host). wireguard-go outlives the daemon (the tunnels stay up
+while it is stopped): `adopt_userspace` takes over the one an earlier daemon left serving an
+existing interface. `observe_wg` parses `wg show <if> dump` only.
 """
 
 from __future__ import annotations
@@ -172,6 +174,21 @@ def kernel_wireguard(runner: Runner, ifname: str) -> bool:
     return True
 
 
+def userspace_child(ifname: str, make_child: Callable[[str, list[str]], Child]) -> Child:
+    """The `Child` of the wireguard-go serving `ifname` (its own log and pid file)."""
+    return make_child(f"wireguard-go-{ifname}", ["wireguard-go", "-f", ifname])
+
+
+def adopt_userspace(ifname: str, make_child: Callable[[str, list[str]], Child]) -> Child | None:
+    """The wireguard-go an earlier daemon started for the existing `ifname`, if one still
+    serves it (its pid file names it and its UAPI socket is there); None otherwise (a kernel
+    interface, or nothing to adopt)."""
+    if not (WG_SOCKET_DIR / f"{ifname}.sock").exists():
+        return None
+    child = userspace_child(ifname, make_child)
+    return child if child.adopt() else None
+
+
 def start_userspace(
     ifname: str, make_child: Callable[[str, list[str]], Child], wait_s: float = 10.0
 ) -> Child:
@@ -179,7 +196,9 @@ def start_userspace(
     sock = WG_SOCKET_DIR / f"{ifname}.sock"
     if sock.exists() and not interface_exists(ifname):
         sock.unlink()  # left by a wireguard-go that died with its interface
-    child = make_child("wireguard-go", ["wireguard-go", "-f", ifname])
+    child = userspace_child(ifname, make_child)
+    if child.adopt():  # one still running without its interface (it exits soon): end it
+        child.stop()
     child.start()
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:

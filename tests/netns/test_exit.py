@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 
 from picell.constants import LAB_INTERNET_ENV
+from picell.routing.exits import exit_ifname
 from tests.netns.cells import Cell
 from tests.netns.harness import Netns, Proc, Topology, wait_until
 
@@ -275,7 +276,11 @@ def test_withdrawn_offer_fails_closed_and_returns(routed: World) -> None:
 def test_exit_down_fails_closed_and_everything_returns_after_restarts(routed: World) -> None:
     w = routed
     leaves_through(w.phone, w, "beta", 30, "no exit via beta")
-    w.beta.stop()  # its daemon and tunnels go down
+    w.beta.stop()  # its daemon stops; its tunnels outlive it: the exit keeps working
+    leaves_through(w.phone, w, "beta", 30, "the exit via beta died with beta's daemon")
+    # beta's tunnels go down too (its host reboots, say): the phone's exit fails closed
+    for ifname in [w.beta.interface, *(exit_ifname(w.beta.interface, s) for s in range(4))]:
+        w.beta.ns.run(["ip", "link", "del", "dev", ifname], check=False)
     assert exit_of(w, w.phone, "phone-down") is None
     assert w.seen("/phone-down") == []
     w.beta.start()

@@ -32,9 +32,19 @@ class FakeChild:
     started: int = 0
     alive: bool = False
     pid: int = 4242
+    adoptable: bool = False  # a process of an earlier daemon runs it: adopt() takes it over
+    detached: bool = False
 
     def running(self) -> bool:
         return self.alive
+
+    def adopt(self) -> bool:
+        if self.adoptable and not self.alive:
+            self.alive, self.adoptable = True, False
+        return self.alive
+
+    def detach(self) -> None:
+        self.detached = True
 
     def start(self) -> None:
         if not self.alive:
