@@ -89,9 +89,11 @@ def world() -> Iterator[World]:
         alpha = _cell(topo, inet, "alpha", 1, "--web-port", "8181",
                       "--admin-password-file", str(secret))  # fmt: skip
         beta = _cell(topo, inet, "beta", 2)
-        assert "shown only this once" not in alpha.log()
-        found = re.search(r"shown only this once: (\S+)", beta.log())
+        assert "generated one" not in alpha.log()
+        found = re.search(r"generated one: (\S+) \(also kept", beta.log())
         assert found, f"beta printed no password:\n{beta.log()}"
+        kept = beta.data_dir / "admin-password"  # root-only, until the owner changes it
+        assert kept.read_text().strip() == found.group(1) and kept.stat().st_mode & 0o777 == 0o600
         yield World(topo, alpha, beta, found.group(1))
 
 
