@@ -202,18 +202,29 @@ async def set_sharing(request: Request) -> Response:
     return back("/cells")
 
 
-async def set_exit_offer(request: Request) -> Response:
+async def _set_offer(request: Request, kind: str) -> Response:
+    """The exit or relay offer toggle of one linked cell (`kind`: "exit" or "relay")."""
     name = request.path_params["name"]
     form = await read_form(request)
     sync: Sync = state(request, "sync")
     offered = form.get("offered") == "1"
+    setter = sync.set_exit_offer if kind == "exit" else sync.set_relay_offer
     try:
-        await run_in_threadpool(sync.set_exit_offer, name, offered)
+        await run_in_threadpool(setter, name, offered)
     except PicellError as exc:
-        err = FormError(f"exit-{name}", exc, ("offered",))
+        err = FormError(f"{kind}-{name}", exc, ("offered",))
         return await cells_page(request, err.status, error=err)
-    flash(request, f"{'Offering' if offered else 'Not offering'} our internet exit to {name}")
+    what = f"our internet exit to {name}" if kind == "exit" else f"to relay for {name}"
+    flash(request, f"{'Offering' if offered else 'Not offering'} {what}")
     return back("/cells")
+
+
+async def set_exit_offer(request: Request) -> Response:
+    return await _set_offer(request, "exit")
+
+
+async def set_relay_offer(request: Request) -> Response:
+    return await _set_offer(request, "relay")
 
 
 async def set_endpoint(request: Request) -> Response:
@@ -226,20 +237,6 @@ async def set_endpoint(request: Request) -> Response:
         err = FormError("endpoint", exc, ("endpoints",))
         return await cells_page(request, err.status, error=err, form=form)
     flash(request, f"Our endpoint is now {', '.join(wanted)}: every linked cell is told")
-    return back("/cells")
-
-
-async def set_relay_offer(request: Request) -> Response:
-    name = request.path_params["name"]
-    form = await read_form(request)
-    sync: Sync = state(request, "sync")
-    offered = form.get("offered") == "1"
-    try:
-        await run_in_threadpool(sync.set_relay_offer, name, offered)
-    except PicellError as exc:
-        err = FormError(f"relay-{name}", exc, ("offered",))
-        return await cells_page(request, err.status, error=err)
-    flash(request, f"{'Offering' if offered else 'Not offering'} to relay for {name}")
     return back("/cells")
 
 

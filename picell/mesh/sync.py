@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Collection
 from dataclasses import replace
-from typing import Any
+from typing import Any, Literal
 
 from picell import validate
 from picell.errors import BadInput, Conflict, NotFound
@@ -98,40 +98,41 @@ class Sync:
     def set_exit_offer(self, name: str, offered: bool) -> dict[str, Any]:
         """Offer (or withdraw) our internet exit to a linked cell; it learns at once. Relaying
         itself happens only once it also asks for it (`use_as_exit_relay`)."""
-        validate.name(name, "cell")
-        with self.control.change() as conn:
-            link = link_table.get(conn, name)
-            if link.state == LinkState.UNLINKING:
-                raise Conflict(f"cell: the link with {name} is ending", field="cell")
-            if link.choices.exit_offered != offered:
-                link_table.save(
-                    conn, replace(link, choices=replace(link.choices, exit_offered=offered))
-                )
-                link_table.mark_pending(conn, name)
-                event = "offered our exit" if offered else "withdrew our exit offer"
-                journal.append(conn, name, event, "local owner")
-        self.wake_sender()
-        return self.links.describe(name)
+        events = ("offered our exit", "withdrew our exit offer")
+        return self._set_offer(name, "exit_offered", offered, events)
 
     def set_relay_offer(self, name: str, offered: bool) -> dict[str, Any]:
         """Offer (or withdraw) our relay to a linked cell (`mesh.relay`): we relay between it
         and each other linked cell we offer it to. Every cell we offer it to hears at once
         (its relay ports change); a withdrawal ends the relayed paths in this same converge
         (the reconciler deletes their conntrack entries)."""
+        events = ("offered our relay", "withdrew our relay offer")
+        return self._set_offer(name, "relay_offered", offered, events)
+
+    def _set_offer(
+        self,
+        name: str,
+        choice: Literal["exit_offered", "relay_offered"],
+        offered: bool,
+        events: tuple[str, str],
+    ) -> dict[str, Any]:
         validate.name(name, "cell")
         with self.control.change() as conn:
             link = link_table.get(conn, name)
             if link.state == LinkState.UNLINKING:
                 raise Conflict(f"cell: the link with {name} is ending", field="cell")
-            if link.choices.relay_offered != offered:
-                link_table.save(
-                    conn, replace(link, choices=replace(link.choices, relay_offered=offered))
-                )
-                for other in link_table.all_links(conn):
-                    if other.name == name or other.choices.relay_offered:
-                        link_table.mark_pending(conn, other.name)
-                event = "offered our relay" if offered else "withdrew our relay offer"
-                journal.append(conn, name, event, "local owner")
+            if getattr(link.choices, choice) != offered:
+                if choice == "exit_offered":
+                    choices = replace(link.choices, exit_offered=offered)
+                else:
+                    choices = replace(link.choices, relay_offered=offered)
+                link_table.save(conn, replace(link, choices=choices))
+                link_table.mark_pending(conn, name)
+                if choice == "relay_offered":  # the pairs it relays with them change too
+                    for other in link_table.all_links(conn):
+                        if other.name != name and other.choices.relay_offered:
+                            link_table.mark_pending(conn, other.name)
+                journal.append(conn, name, events[0] if offered else events[1], "local owner")
         self.wake_sender()
         return self.links.describe(name)
 
