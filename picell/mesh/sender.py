@@ -129,6 +129,7 @@ class Sender:
         # links told our state since this daemon started: at start every link is told at once,
         # since our identity (endpoint, domain) may have changed while we were stopped
         self._told: set[str] = set()
+        self._seen: dict[str, ObservedPeer] = {}  # the last round's `wg show`, by peer key
         self._in_flight: dict[str, Future[None]] = {}  # link key -> its one job
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sender-job")
         self._wake = threading.Event()
@@ -189,7 +190,7 @@ class Sender:
         now = self.clock.time()
         with self.store.read() as conn:
             messages = outbox.all_messages(conn)
-            links = self._pushable(conn)
+            links = self._pushable(conn, observe=False)
             waiting = link_table.count_waiting(conn) > 0
         with self._lock:
             busy = set(self._in_flight)  # their end wakes us
@@ -200,11 +201,14 @@ class Sender:
         times += [self._push_due_at(ln, now) for ln in links if ln.public_key not in busy]
         return max(0.0, min(times) - now)
 
-    def _pushable(self, conn: Any) -> list[Link]:
-        """Linked links, and waiting ones that WireGuard shows a fresh handshake with."""
+    def _pushable(self, conn: Any, observe: bool = True) -> list[Link]:
+        """Linked links, and waiting ones that WireGuard shows a fresh handshake with. With
+        `observe` False, the round's `wg show` just taken serves (one process per loop)."""
         links = link_table.all_links(conn)
         waiting = [ln for ln in links if ln.state == LinkState.WAITING]
-        seen = self._peers(cell_table.load(conn).interface) if waiting else {}
+        if observe:
+            self._seen = self._peers(cell_table.load(conn).interface) if waiting else {}
+        seen = self._seen
         return [
             ln
             for ln in links
