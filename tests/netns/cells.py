@@ -164,6 +164,10 @@ except urllib.error.HTTPError as exc:
     print(exc.code); print(exc.read().decode())
 except (ConnectionResetError, http.client.RemoteDisconnected) as exc:
     print(0); print(json.dumps(str(exc)))  # shed at accept: no HTTP answer
+except urllib.error.URLError as exc:  # reset while connecting: shed at accept too
+    if not isinstance(exc.reason, ConnectionResetError):
+        raise
+    print(0); print(json.dumps(str(exc)))
 """
 
 
