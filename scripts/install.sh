@@ -15,7 +15,10 @@ if [ "${1:-}" = "--test" ]; then
     # miniupnpd-nftables, miniupnpc: a home router answering UPnP-IGD, PCP and NAT-PMP in the
     # port-mapping test, and `upnpc` to list its mappings (the cell itself uses PyPI miniupnpc)
     # systemd: `systemd-analyze verify` checks the unit (the package does not become PID 1)
+    # faketime: the fault suite skews a daemon's clock (namespaces share the real-time clock);
+    # iperf3: the data-plane benchmark
     pkgs="$pkgs dnsutils iputils-ping procps chromium libatomic1 git miniupnpd-nftables miniupnpc systemd"
+    pkgs="$pkgs faketime iperf3"
 fi
 missing=""
 for p in $pkgs; do
