@@ -26,6 +26,7 @@ from picell.api.models import (
     StatusOut,
 )
 from picell.control import Control
+from picell.doctor import Doctor, DoctorAsk
 from picell.mesh.exits import Exits
 from picell.mesh.rekey import Rekey, rotation_status
 from picell.store import cell as cell_table
@@ -69,6 +70,12 @@ def set_endpoint(body: EndpointSet, ctl: Ctl, request: Request) -> dict[str, Any
     once; device configs exported afterwards carry the first."""
     ctl.set_endpoints(body.endpoints)
     return status(ctl, request)
+
+
+@router.post("/doctor")
+def doctor(body: DoctorAsk, ctl: Ctl, request: Request) -> dict[str, Any]:
+    """Walk the path from a device to a service and name the first broken step (`doctor`)."""
+    return Doctor(ctl, request.app.state.links).run(body)
 
 
 @router.post("/reconcile", response_model=ReportOut)

@@ -28,6 +28,7 @@ from picell.api.listen import source_key
 from picell.api.strict_json import loads_strict
 from picell.constants import MESH_BODY_MAX, PAIRING_BODY_MAX, PAIRING_RATE
 from picell.errors import BadInput, RateLimited
+from picell.mesh.explain import Explain
 from picell.mesh.links import Links
 from picell.mesh.rekey import Rekey
 from picell.mesh.sync import Sync
@@ -67,7 +68,7 @@ class RateLimiter:
             times.append(now)
 
 
-MESH_ROUTES = ("permissions", "unlink", "rekey")
+MESH_ROUTES = ("permissions", "unlink", "rekey", "explain")
 
 
 def refusal_reason(path: str, status: int) -> str:
@@ -135,5 +136,14 @@ def build_mesh_api(links: Links, sync: Sync) -> FastAPI:
         result = await run_in_threadpool(rekey.receive, payload, _source(request))
         # move the WireGuard peer only once the answer is on its way back through the old one
         return JSONResponse(result, background=BackgroundTask(links.control.converge))
+
+    explain = Explain(links)
+
+    @app.post("/api/cells/peer-sync/explain")
+    async def explain_route(request: Request) -> dict[str, Any]:
+        """May the asking cell use one of our services (`mesh.explain`)? Changes no grant."""
+        payload = await read_json(request, MESH_BODY_MAX)
+        result: dict[str, Any] = await run_in_threadpool(explain.receive, payload, _source(request))
+        return result
 
     return app

@@ -40,7 +40,8 @@ from picell.errors import BadInput
 PAIR_PATH = "/api/cells/peer-sync/accept-invite"
 # message type -> route on the other cell's mesh listener (DESIGN §6 names the state route)
 MESH_ROUTES = {"state": "/api/cells/peer-sync/permissions", "unlink": "/api/cells/peer-sync/unlink",
-               "rekey": "/api/cells/peer-sync/rekey"}  # fmt: skip
+               "rekey": "/api/cells/peer-sync/rekey",
+               "explain": "/api/cells/peer-sync/explain"}  # fmt: skip
 DEADLINE_S = 8.0  # the whole exchange, not one read
 ANSWER_MAX_BYTES = 64 * 1024  # the mesh listener's own body limit (MESH_BODY_MAX)
 JSON_MAX_DEPTH = 32  # our answers nest 3 levels; the state document 4

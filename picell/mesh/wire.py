@@ -304,6 +304,45 @@ class RekeyAnswer(Wire):
     new_public_key: WgKey
 
 
+class ExplainBody(Header):
+    """A question (`picell doctor`, `mesh.explain`): may our cell, or its `device`, use the
+    receiver's `service`? Signed and replay-checked like every body. `device` is the asking
+    cell's word for its own device, echoed in the answer line: grants are per link, so the
+    answer is the same for every device of the asking cell."""
+
+    type: Literal["explain"]
+    service: Name
+    device: Name | None = None
+
+
+class ExplainAnswer(Wire):
+    """The answer to an `explain`. `allowed: false` carries nothing else (no ports, no since),
+    and is the same for a service not shared with the asker and for one that does not exist:
+    the answer reveals nothing the receiver does not share. `since`: when the share was made
+    (seconds since the epoch), None when its record is gone."""
+
+    ok: Literal[True]
+    service: Name
+    allowed: bool
+    since: Seconds | None = None
+    ports: list[Port] = Field(default=[], max_length=PORTS_PER_SERVICE_MAX)
+    protocol: Literal["tcp", "udp"] | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ExplainAnswer:
+        if self.allowed:
+            if not self.ports:
+                raise ValueError("ports: an allowed service names its ports")
+            if self.protocol is None:
+                raise ValueError("protocol: an allowed service names its protocol")
+            return self
+        for field, value in (("ports", self.ports), ("since", self.since),
+                             ("protocol", self.protocol)):  # fmt: skip
+            if value:  # a refusal says nothing more: it must look the same for every reason
+                raise ValueError(f"{field}: a refusal carries no {field}")
+        return self
+
+
 class Envelope(Wire):
     """A signed message: `mac` is HMAC-SHA256 of the body's canonical JSON with the link key.
     `body` stays raw here (the MAC covers it as sent); the typed body is parsed next to it."""
@@ -330,8 +369,11 @@ MESSAGES: dict[str, type[Wire]] = {
     "rekey": RekeyBody,
     "state_answer": StateAnswer,
     "rekey_answer": RekeyAnswer,
+    "explain": ExplainBody,
+    "explain_answer": ExplainAnswer,
 }
-BODIES: dict[str, type[Header]] = {"state": StateBody, "unlink": UnlinkBody, "rekey": RekeyBody}
+BODIES: dict[str, type[Header]] = {"state": StateBody, "unlink": UnlinkBody, "rekey": RekeyBody,
+                                   "explain": ExplainBody}  # fmt: skip
 
 W = TypeVar("W", bound=Wire)
 

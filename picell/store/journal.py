@@ -41,3 +41,12 @@ def entries(conn: sqlite3.Connection, link: str | None = None) -> list[dict[str,
         else conn.execute("SELECT * FROM journal ORDER BY id")
     )
     return [dict(r) for r in rows]
+
+
+def last_at(conn: sqlite3.Connection, link: str, event: str) -> float | None:
+    """When `event` was last recorded for `link` (None: never, or trimmed away)."""
+    row = conn.execute(
+        "SELECT at FROM journal WHERE link = ? AND event = ? ORDER BY id DESC LIMIT 1",
+        (link, event),
+    ).fetchone()
+    return float(row[0]) if row else None

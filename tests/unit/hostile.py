@@ -254,6 +254,20 @@ def messages(draw: st.DrawFn, kind: str) -> dict[str, Any]:
         return out
     if kind == "rekey_answer":
         return {"ok": True, "new_public_key": to}
+    if kind == "explain":
+        out = {**header("explain", draw(NAMES), public, to, seq), "service": draw(NAMES)}
+        if draw(st.booleans()):
+            out["device"] = draw(NAMES)
+        return out
+    if kind == "explain_answer":
+        if not draw(st.booleans()):
+            return {"ok": True, "service": draw(NAMES), "allowed": False}
+        ports = draw(st.lists(PORTS, min_size=1, max_size=wire.PORTS_PER_SERVICE_MAX))
+        out = {"ok": True, "service": draw(NAMES), "allowed": True, "ports": ports,
+               "protocol": draw(st.sampled_from(["tcp", "udp"]))}  # fmt: skip
+        if draw(st.booleans()):
+            out["since"] = draw(st.floats(0, 2e9))
+        return out
     raise AssertionError(kind)
 
 

@@ -23,6 +23,7 @@ def test_each_listener_serves_only_its_routes(control: Control) -> None:
         "/api/cells/peer-sync/permissions",
         "/api/cells/peer-sync/unlink",
         "/api/cells/peer-sync/rekey",
+        "/api/cells/peer-sync/explain",
     }
     client = TestClient(build_pairing_api(links))
     for path in ("/api/status", "/api/peers", "/docs", "/openapi.json"):

@@ -106,6 +106,7 @@ def narrowed(document: dict[str, Any], beta_public: str, alpha_public: str) -> d
     fixed = {"domain": {"enum": ["beta.test", "BETA.test."]},
              "endpoint": {"enum": ["198.51.100.2:51820", "[2001:DB8::2]:51820", "beta.example:1"]},
              "vpn_subnet": {"enum": ["10.62.0.0/24"]}, "dns_ip": {"enum": ["10.62.0.1"]},
+             "seen_at": {"enum": ["198.51.100.1:51820", "[2001:DB8::1]:51820"]},
              "vip": {"enum": ["10.62.0.254"]}, "from_public_key": {"enum": [beta_public]},
              "to_public_key": {"enum": [alpha_public]}}  # fmt: skip
     for model in schemas.values():

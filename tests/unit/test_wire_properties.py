@@ -35,7 +35,8 @@ from tests.unit.fakes import FakeKernel
 
 PREFIX = {"invite": "invite", "pairing_request": "body", "pairing_answer": "answer",
           "envelope": "message", "state": "body", "unlink": "body",
-          "state_answer": "answer", "rekey": "body", "rekey_answer": "answer"}  # fmt: skip
+          "state_answer": "answer", "rekey": "body", "rekey_answer": "answer",
+          "explain": "body", "explain_answer": "answer"}  # fmt: skip
 IDENTITY_KINDS = ("invite", "pairing_request", "pairing_answer")
 QUIET = [HealthCheck.too_slow, HealthCheck.data_too_large]
 FAST = settings(max_examples=25, deadline=None, database=None, derandomize=True,
@@ -76,6 +77,9 @@ FULL: dict[str, dict[str, Any]] = {
     "rekey_answer": {"ok": True, "new_public_key": _PUB[1]},
     "envelope": {"body": {**_HEADER, "type": "unlink"}, "mac": "3" * 64},
     "state_answer": {"ok": True, "seq": 7},
+    "explain": {**_HEADER, "type": "explain", "service": "web", "device": "phone"},
+    "explain_answer": {"ok": True, "service": "web", "allowed": True, "since": 1.5,
+                       "ports": [80, 443], "protocol": "tcp"},
 }  # fmt: skip
 
 
