@@ -36,7 +36,7 @@ def _linked(control: Control) -> tuple[Links, str]:
     control.add_peer("phone", None)
     links, beta_private, _ = _linked_pair(control)
     Sync(links).receive_state(_state_from_beta(control, beta_private, 1), "10.62.0.1")
-    Sync(links).share("beta", "web")
+    Sync(links).share("beta", ["web"])
     return links, beta_private
 
 
