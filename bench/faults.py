@@ -34,6 +34,7 @@ from tests.netns.faultworld import (  # noqa: E402
     FAULT_KINDS,
     build,
     check_converged,
+    kill_schedule,
     run_crash,
     run_cycle,
 )
@@ -58,6 +59,9 @@ def main() -> int:
     report: dict[str, Any] = {"seed": args.seed}
     with Topology() as topo:
         world = build(topo)
+        # baseline: the same wait on a settled world (no change, no fault): the floor of every
+        # figure below, one poll of every invariant
+        report["baseline_converge_s"] = quantiles([check_converged(world) for _ in range(5)])
         rng = random.Random(args.seed)
         cycles = []
         try:
@@ -74,7 +78,7 @@ def main() -> int:
         crashes = []
         if "cycle_failure" not in report:
             rng = random.Random(args.seed + 1)
-            killed = set(rng.sample(range(args.changes), min(args.kills, args.changes)))
+            killed = kill_schedule(rng, args.changes, args.kills)
             try:
                 for n in range(args.changes):
                     crashes.append(run_crash(world, rng, n, n in killed, log))
@@ -95,6 +99,9 @@ def main() -> int:
     else:
         c = report["cycles"]
         print(f"seed {args.seed}: {c['passed']}/{c['asked']} cycles passed")
+        q = report["baseline_converge_s"]
+        print(f"  {'baseline':10s} converge median {q['median']:.2f} s  p95 {q['p95']:.2f} s"
+              f"  n={q['n']} (settled: no change, no fault)")  # fmt: skip
         for kind, q in report["converge_s"].items():
             print(f"  {kind:10s} converge median {q['median']:.2f} s  p95 {q['p95']:.2f} s"
                   f"  n={q['n']}")  # fmt: skip

@@ -24,15 +24,19 @@ processes only. Reading a store (read-only, for invariants) is :func:`store_rows
 from __future__ import annotations
 
 import contextlib
+import http.client
+import json
 import os
 import re
+import socket
 import sqlite3
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 from tests.netns.cells import Cell
-from tests.netns.harness import Netns, Proc, wait_until
+from tests.netns.harness import PYTHON, Netns, Proc, wait_until
 
 SKEW_SITE = Path(__file__).resolve().parent / "skew"
 LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1")
@@ -198,6 +202,45 @@ def skew_env(offset_s: int) -> dict[str, str]:
     }
 
 
+class _AdminConnection(http.client.HTTPConnection):
+    """HTTP over the cell's admin socket, as the CLI speaks it (stdlib: no start-up cost)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__("picell", timeout=60)
+        self.path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(str(self.path))
+        self.sock = sock
+
+
+def api(cell: Cell, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    """One call on the cell's admin API: (HTTP status, JSON answer or text). OSError when the
+    daemon does not answer. Reads use it instead of the CLI in polls (no start-up cost)."""
+    conn = _AdminConnection(cell.data_dir / "admin.sock")
+    try:
+        data = json.dumps(body).encode() if body is not None else None
+        headers = {"Content-Type": "application/json"} if data is not None else {}
+        conn.request(method, path, body=data, headers=headers)
+        resp = conn.getresponse()
+        text = resp.read().decode(errors="replace")
+    finally:
+        conn.close()
+    try:
+        return resp.status, json.loads(text)
+    except ValueError:
+        return resp.status, text
+
+
+def cells_view(cell: Cell) -> dict[str, dict[str, Any]]:
+    """`picell cells` as its API answers it: the links by name."""
+    code, body = api(cell, "GET", "/api/cells")
+    assert code == 200, body
+    return {c["name"]: c for c in body}
+
+
 def start_daemon(cell: Cell, offset_s: int = 0) -> None:
     """Start (or restart) `cell`'s daemon, its wall clock `offset_s` seconds off."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", **skew_env(offset_s))
@@ -208,7 +251,9 @@ def start_daemon(cell: Cell, offset_s: int = 0) -> None:
     def answers() -> bool:
         if not proc.running():
             raise RuntimeError(f"picell serve exited:\n{proc.log_text()}")
-        return cell.run("status", "--json", check=False).returncode == 0
+        with contextlib.suppress(OSError):
+            return api(cell, "GET", "/api/status")[0] == 200
+        return False
 
     wait_until(answers, 60, f"cell {cell.name} did not start serving")
 
@@ -244,11 +289,18 @@ for t in targets: print(t, ok[t])
 """
 
 
-def reachable(ns: Netns, targets: list[str], timeout_s: float = 1.5) -> dict[str, bool]:
-    """Which `host:port` targets accept a TCP connection from `ns`, probed in parallel."""
-    if not targets:
-        return {}
-    proc = ns.python(_PROBE, str(timeout_s), *targets, timeout=timeout_s + 20)
-    if proc.returncode != 0:
-        raise AssertionError(f"probe failed: {proc.stderr}")
-    return {t: v == "1" for t, v in (line.split() for line in proc.stdout.splitlines())}
+def reachable(probes: dict[Netns, list[str]], timeout_s: float = 1.0) -> dict[str, bool]:
+    """Which `host:port` targets accept a TCP connection from their namespace, every target of
+    every namespace probed at once (one process per namespace)."""
+    running = {}
+    for ns, targets in probes.items():
+        argv = ns.argv([PYTHON, "-I", "-c", _PROBE, str(timeout_s), *targets])
+        running[ns] = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       stdin=subprocess.DEVNULL, text=True)  # fmt: skip
+    got: dict[str, bool] = {}
+    for proc in running.values():
+        out, err = proc.communicate(timeout=timeout_s + 30)
+        if proc.returncode != 0:
+            raise AssertionError(f"probe failed: {err}")
+        got.update((t, v == "1") for t, v in (line.split() for line in out.splitlines()))
+    return got

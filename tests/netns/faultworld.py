@@ -15,8 +15,10 @@ Topology:
             a1 a2 a3: HTTP on 127.0.0.1  b1 b2 likewise  └───────┘        └───────┘
 
 Faults touch only datagrams between the two cells' addresses: a device and its own cell are never
-hit. Changes go through the CLI only (`share`, `unshare`, `peers add`), so the suites hold
-whatever the apply path does behind the admin API. The model holds what the CLI acknowledged.
+hit. Changes go through the CLI (`share`, `unshare`, `peers add`) in the fault cycles, and through
+the admin API calls the CLI makes in the crash suite (no CLI start-up: the kill can land anywhere
+in a request), so the suites hold whatever the apply path does behind the admin API. The model
+holds what was acknowledged.
 
 Invariants (`check_converged`), each observed, never assumed:
 - every acknowledged share is enforced: the other cell's device opens a TCP connection to the
@@ -38,15 +40,23 @@ import os
 import random
 import signal
 import sqlite3
-import subprocess
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.netns.cells import Cell, CliError
-from tests.netns.faults import Faults, integrity_ok, reachable, start_daemon, store_rows
+from tests.netns.cells import Cell
+from tests.netns.faults import (
+    Faults,
+    api,
+    cells_view,
+    integrity_ok,
+    reachable,
+    start_daemon,
+    store_rows,
+)
 from tests.netns.harness import Netns, Topology, wait_until
 
 FAULT_KINDS = ("loss", "delay", "partition", "kill", "skew")
@@ -89,7 +99,7 @@ class World:
     children: dict[str, dict[str, list[int]]] = field(default_factory=dict)
     seqs: dict[tuple[str, str], tuple[int, int, str]] = field(default_factory=dict)
     restarts: int = 0  # by faults only
-    change_s: float = 1.0  # how long the last change took through the CLI (kill points scale)
+    change_s: float = 0.5  # how long the last change took through the API (kill points scale)
 
     # -- observation --
     def daemon_running(self, name: str) -> bool:
@@ -155,12 +165,12 @@ def build(topo: Topology) -> World:
 
 def enforcement_mismatches(world: World) -> list[str]:
     """What a device of each cell can reach of the other cell's services, against the model."""
+    targets = {name: {f"{world.vips[name][s]}:80": s for s in svcs}
+               for name, svcs in SERVICES.items()}  # fmt: skip
+    got = reachable({world.device_ns[other(n)]: list(t) for n, t in targets.items()})
     wrong = []
-    for name, svcs in SERVICES.items():
-        device = world.device_ns[other(name)]
-        targets = {f"{world.vips[name][s]}:80": s for s in svcs}
-        got = reachable(device, list(targets))
-        for target, svc in targets.items():
+    for name, by_target in targets.items():
+        for target, svc in by_target.items():
             want = svc in world.model.shares[name]
             if got[target] != want:
                 wrong.append(f"{other(name)}'s device {'cannot' if want else 'can'} reach "
@@ -172,7 +182,7 @@ def view_mismatches(world: World) -> list[str]:
     """The owners' views (`cells`, one call per cell), the devices in each store and kernel, and
     names (DNS on the other cell's device), against the model."""
     wrong = []
-    views = {name: cell.links()[other(name)] for name, cell in world.cells.items()}
+    views = {name: cells_view(cell)[other(name)] for name, cell in world.cells.items()}
     for name, cell in world.cells.items():
         want = world.model.shares[name]
         inbound = {s["name"] for s in views[name]["inbound"]}
@@ -250,6 +260,13 @@ class Change:
     cell: str
     kind: str  # share, unshare, device
     target: str  # a service or a device name
+
+    def request(self) -> tuple[str, str, dict[str, Any] | None]:
+        """The admin API call the CLI makes for this change: (method, path, JSON body)."""
+        if self.kind == "device":
+            return "POST", "/api/peers", {"name": self.target, "public_key": None}
+        method = "POST" if self.kind == "share" else "DELETE"
+        return method, f"/api/cells/{other(self.cell)}/shares/{self.target}", None
 
     def argv(self) -> list[str]:
         if self.kind == "device":
@@ -394,30 +411,46 @@ def sqlite_opens(cell: Cell) -> bool:
         return [tuple(r) for r in conn.execute("PRAGMA integrity_check")] == [("ok",)]
 
 
+def kill_schedule(rng: random.Random, changes: int, kills: int) -> set[int]:
+    """Which changes get a kill: never the first, which measures how long a change takes (the
+    kill points are drawn over that span)."""
+    return set(rng.sample(range(1, changes), min(kills, changes - 1)))
+
+
+def admin_call(cell: Cell, change: Change, answer: dict[str, Any]) -> None:
+    """Make `change` through the admin API; `answer["status"]`: the HTTP status, or 0 when the
+    daemon died before answering (never acknowledged)."""
+    try:
+        answer["status"], answer["body"] = api(cell, *change.request())
+    except OSError as exc:  # refused, reset, closed without an answer: not acknowledged
+        answer["status"], answer["body"] = 0, repr(exc)
+
+
 def run_crash(world: World, rng: random.Random, n: int, kill: bool,
               log: Callable[[str], None]) -> CrashResult:  # fmt: skip
-    """A change on alpha, with alpha's daemon killed (SIGKILL) at a random point of it when
-    `kill`; after the restart, the store, the kernel and the other cell are checked."""
+    """A change on alpha through its admin API, with alpha's daemon killed (SIGKILL) at a random
+    point of it when `kill`; after the restart, the store, the kernel and the other cell are
+    checked."""
     alpha = world.cells["alpha"]
     change = pick_change(rng, world.model, cells=("alpha",), device_share=0.3)
-    argv = [*alpha.picell, "--data-dir", str(alpha.data_dir), *change.argv(), "--json"]
-    cli = subprocess.Popen(alpha.ns.argv(argv), stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)  # fmt: skip
-    recover_s = 0.0
+    answer: dict[str, Any] = {}
+    call = threading.Thread(target=admin_call, args=(alpha, change, answer), daemon=True)
     sent = time.monotonic()
+    call.start()
+    recover_s = 0.0
     if kill:
-        # the random point of the crash: anywhere from the CLI's start-up to a little after a
-        # change's usual answer (measured, the machine's load varies); a fault's timing, not a
+        # the random point of the crash: from before the request arrives to a little after a
+        # change's usual answer (measured: the machine's load varies); a fault's timing, not a
         # wait for a condition
-        time.sleep(rng.uniform(0.0, 1.2 * world.change_s))
+        time.sleep(rng.uniform(0.0, 1.3 * world.change_s))
         assert alpha.proc is not None
         os.kill(alpha.proc.pid, signal.SIGKILL)
-    out, err = cli.communicate(timeout=120)
-    acknowledged = cli.returncode == 0
+    call.join(timeout=120)
+    assert not call.is_alive(), f"{change}: no answer from alpha's admin API"
+    acknowledged = 200 <= answer["status"] < 300
     if not kill:
+        assert acknowledged, f"{change}: {answer}"
         world.change_s = time.monotonic() - sent
-    if not kill and not acknowledged:
-        raise CliError(argv, subprocess.CompletedProcess(argv, cli.returncode, out, err))
     if acknowledged:
         change.acknowledged(world.model)
     log(f"crash {n}: {change}, {'killed' if kill else 'no kill'}, "
@@ -450,10 +483,11 @@ def check_after_crash(world: World, change: Change, acknowledged: bool) -> None:
     assert shared == world.model.shares["alpha"], (shared, world.model.shares["alpha"])
     assert devices == world.model.devices["alpha"], (devices, world.model.devices["alpha"])
     # one reconcile converges: the start-up reconcile left nothing for the next one to do
-    status = alpha.cli("status")
-    assert status["last_reconcile"] is not None and not status["last_reconcile"]["anomalies"]
-    again = alpha.cli("reconcile")
-    assert again["changed"] is False, again["changes"]
+    code, status = api(alpha, "GET", "/api/status")
+    assert code == 200 and status["last_reconcile"] is not None, status
+    assert not status["last_reconcile"]["anomalies"], status["last_reconcile"]
+    code, again = api(alpha, "POST", "/api/reconcile")
+    assert code == 200 and again["changed"] is False, again
     # the kernel matches the store: wg peers are the devices and the link, the grants hold
     link_key = store_rows(alpha, "SELECT public_key FROM links")[0]["public_key"]
     assert {row[0] for row in alpha.wg_dump()} == keys | {link_key}

@@ -19,12 +19,20 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.netns.faultworld import FAULT_KINDS, World, build, check_converged, run_crash, run_cycle
+from tests.netns.faultworld import (
+    FAULT_KINDS,
+    World,
+    build,
+    check_converged,
+    kill_schedule,
+    run_crash,
+    run_cycle,
+)
 from tests.netns.harness import Topology
 
 SEED = int(os.environ.get("PICELL_FAULT_SEED", "14"))
 CYCLES = int(os.environ.get("PICELL_FAULT_CYCLES", "10"))
-CRASH_CHANGES = int(os.environ.get("PICELL_CRASH_CHANGES", "14"))
+CRASH_CHANGES = int(os.environ.get("PICELL_CRASH_CHANGES", "11"))
 CRASH_KILLS = int(os.environ.get("PICELL_CRASH_KILLS", "10"))
 
 
@@ -46,7 +54,7 @@ def test_random_cycles_of_change_and_fault_keep_every_invariant(world: World) ->
 
 def test_kill_9_at_random_points_loses_no_acknowledged_change(world: World) -> None:
     rng = random.Random(SEED + 1)
-    killed = set(rng.sample(range(CRASH_CHANGES), min(CRASH_KILLS, CRASH_CHANGES)))
+    killed = kill_schedule(rng, CRASH_CHANGES, CRASH_KILLS)
     results = [run_crash(world, rng, n, n in killed, print) for n in range(CRASH_CHANGES)]
     check_converged(world)
     assert sum(r.killed for r in results) == len(killed)
