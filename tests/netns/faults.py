@@ -141,7 +141,7 @@ class Faults:
         """Drop `percent` % of the WireGuard datagrams between the cells, each way."""
         if not 0 < percent < 100:
             raise ValueError(f"loss percent {percent} outside 1..99")
-        self._install([], [f"{self._between()} udp dport {WG_PORT} "
+        self._install([], [f"{self._between()} udp dport {WG_PORT} counter "
                            f"numgen random mod 100 < {percent} drop"])  # fmt: skip
 
     def partition(self) -> None:
@@ -180,8 +180,8 @@ class Faults:
     def counters(self) -> str:
         return self.router.run(["nft", "list", "table", "inet", FAULT_TABLE], check=False).stdout
 
-    def relayed(self) -> int:
-        """Datagrams handed to the delay relay so far (the tproxy rule's counter)."""
+    def counted(self) -> int:
+        """Datagrams that met the fault's rule so far (the relay's, or the loss rule's)."""
         match = re.search(r"counter packets (\d+)", self.counters())
         return int(match.group(1)) if match else 0
 

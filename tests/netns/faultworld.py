@@ -38,6 +38,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import signal
 import sqlite3
 import threading
@@ -344,6 +345,8 @@ def run_cycle(world: World, rng: random.Random, n: int, log: Callable[[str], Non
         detail = f"delay {delay_ms} ms"
     elif fault == "partition":
         world.faults.partition()
+        # the partition is real: the cells no longer reach each other at all
+        assert not world.cells["alpha"].ns.ping("198.51.100.17", timeout_s=1)
     elif fault == "skew":
         skewed = rng.choice(tuple(world.cells))
         offset = rng.choice((-SKEW_S, SKEW_S))
@@ -355,11 +358,14 @@ def run_cycle(world: World, rng: random.Random, n: int, log: Callable[[str], Non
     if fault in ("loss", "delay", "partition") and change.kind != "device":
         # hold the fault until the push of this change has been put on the faulty path
         wait_until(_pushed(world, change.cell, seq_before), 30, f"{change.cell} did not push")
+    if fault == "loss":
+        # the cells' datagrams do cross the loss rule (keepalives and handshakes at least)
+        wait_until(lambda: world.faults.counted() > 0, 30, "nothing met the loss rule")
     if fault == "delay" and change.kind != "device":
         # the slow path carries traffic: the change's push is accepted through the relay
         wait_until(lambda: _accepted(world, change.cell, seq_before), CONVERGE_S,
                    f"{change.cell}'s push never went through the delay relay")  # fmt: skip
-        assert world.faults.relayed() > 0, world.faults.counters()
+        assert world.faults.counted() > 0, world.faults.counters()
     if fault == "kill":
         victim = rng.choice(tuple(world.cells))
         detail = f"kill -9 of {victim}"
@@ -377,12 +383,17 @@ def run_cycle(world: World, rng: random.Random, n: int, log: Callable[[str], Non
 
 
 def check_skewed(world: World, name: str, change: Change) -> None:
-    """The skew is real: the skewed daemon's journal entry for this change is minutes off."""
+    """The skew is real: the skewed daemon stamps its log lines, and the journal entry of a change
+    it made, minutes away from our clock."""
+    first = re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", world.cells[name].log(), re.M)
+    assert first is not None, world.cells[name].log()
+    stamped = time.mktime(time.strptime(first.group(0), "%Y-%m-%d %H:%M:%S"))
+    assert abs(stamped - time.time()) > SKEW_S / 2, f"{name}'s clock is not skewed: {first}"
     if change.cell != name or change.kind == "device":
         return
     entries = world.cells[name].journal(other(name))
     at = max(float(e["at"]) for e in entries)
-    assert abs(at - time.time()) > SKEW_S / 2, f"{name}'s clock is not skewed: {entries[-1]}"
+    assert abs(at - time.time()) > SKEW_S / 2, f"{name}'s journal is not skewed: {entries[-1]}"
 
 
 # -- crashes ------------------------------------------------------------------------------------
