@@ -489,8 +489,9 @@ def check_after_crash(world: World, change: Change, acknowledged: bool) -> None:
     if not acknowledged:
         if change.kind == "device" and change.target in devices:
             world.model.devices["alpha"].add(change.target)
-        elif change.kind != "device":
-            world.model.shares["alpha"] = set(shared)
+        elif change.kind != "device":  # only the interrupted change's service may go either way
+            world.model.shares["alpha"].discard(change.target)
+            world.model.shares["alpha"] |= shared & {change.target}
     assert shared == world.model.shares["alpha"], (shared, world.model.shares["alpha"])
     assert devices == world.model.devices["alpha"], (devices, world.model.devices["alpha"])
     # one reconcile converges: the start-up reconcile left nothing for the next one to do
