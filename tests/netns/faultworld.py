@@ -101,6 +101,7 @@ class World:
     seqs: dict[tuple[str, str], tuple[int, int, str]] = field(default_factory=dict)
     restarts: int = 0  # by faults only
     change_s: float = 0.5  # how long the last change took through the API (kill points scale)
+    waited_on: list[list[str]] = field(default_factory=list)  # mismatches the last wait saw
 
     # -- observation --
     def daemon_running(self, name: str) -> bool:
@@ -239,10 +240,13 @@ def check_no_restart(world: World) -> None:
 def check_converged(world: World, timeout_s: float = CONVERGE_S) -> float:
     """Wait until every invariant holds; return how long it took (seconds)."""
     started = time.monotonic()
+    world.waited_on = []
 
     def converged() -> bool:
         wrong = enforcement_mismatches(world) or view_mismatches(world)
         if wrong:
+            if not world.waited_on or world.waited_on[-1] != wrong:
+                world.waited_on.append(wrong)  # what the wait was for (the bench prints it)
             raise AssertionError("; ".join(wrong))
         return True
 
@@ -378,7 +382,8 @@ def run_cycle(world: World, rng: random.Random, n: int, log: Callable[[str], Non
     else:
         world.faults.heal()
     converge_s = check_converged(world)
-    log(f"cycle {n}: converged {converge_s:.2f} s after healing {detail}")
+    log(f"cycle {n}: converged {converge_s:.2f} s after healing {detail}"
+        + "".join(f"\n    waited on: {'; '.join(w)}" for w in world.waited_on))  # fmt: skip
     return CycleResult(n, str(change), fault, converge_s)
 
 
@@ -392,8 +397,8 @@ def check_skewed(world: World, name: str, change: Change) -> None:
     if change.cell != name or change.kind == "device":
         return
     entries = world.cells[name].journal(other(name))
-    at = max(float(e["at"]) for e in entries)
-    assert abs(at - time.time()) > SKEW_S / 2, f"{name}'s journal is not skewed: {entries[-1]}"
+    latest = max(entries, key=lambda e: int(e["id"]))  # this change's entry: the newest one
+    assert abs(float(latest["at"]) - time.time()) > SKEW_S / 2, f"{name}'s journal: {latest}"
 
 
 # -- crashes ------------------------------------------------------------------------------------
