@@ -482,6 +482,8 @@ def run_crash(world: World, rng: random.Random, n: int, kill: bool,
         world.restarts += 1
         check_after_crash(world, change, acknowledged)
         recover_s = time.monotonic() - started
+        log(f"crash {n}: all checks passed {recover_s:.2f} s after the restart"
+            + "".join(f"\n    waited on: {'; '.join(w)}" for w in world.waited_on))  # fmt: skip
     return CrashResult(n, str(change), kill, acknowledged, recover_s)
 
 
