@@ -5,9 +5,10 @@ tables' chains (five read commands, one more per other table that may drop what 
 applies only what differs (at most `wg syncconf`, one `ip -batch`, one `nft -f`, Unbound's
 changed records as `unbound-control` deltas (a remove and an add per view whose records
 changed, one per view zone changed) or else one `unbound-control reload`, and our accept rules
-in Docker's DOCKER-USER when they are missing), and returns a `Report`. Called twice with the same state the second call changes nothing,
-reports changed=False and resets no WireGuard session. The number of processes it spawns
-does not depend on the number of devices or services.
+in Docker's DOCKER-USER when they are missing), and returns a `Report`. Called twice with the
+same state the second call changes nothing, reports changed=False and resets no WireGuard
+session. The number of processes it spawns does not depend on the number of devices or
+services.
 
 What the observers could not read (`anomalies`) is drift that the apply repairs, and what the
 reconciler must not repair itself (`warnings`: a linked network the host routes itself, no
