@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from picell.control import Control
 from picell.dns import delta
 from picell.dns.delta import Command
 from picell.dns.render import render_unbound
@@ -209,3 +210,33 @@ def test_an_adopted_unbound_with_an_older_file_is_reloaded_once(
     assert [a for a, _ in _unbound_calls(kernel)][-1] == ("reload",)
     reconciler.set(cell({"beta": ("s0", "s2")}))
     assert [a for a, _ in _unbound_calls(kernel)] == [("view_local_datas", "link-beta")]
+
+
+# -- the other side: their names changed -----------------------------------------------------------
+
+
+def test_a_document_that_changes_their_shares_flushes_their_zone_at_once(
+    control: Control, kernel: FakeKernel
+) -> None:
+    """The flush does not wait for the coalesced converge: their Unbound already holds the
+    name when they send the document, and ours may hold its NXDOMAIN."""
+    from picell.mesh.sync import Sync
+    from tests.unit.test_mesh import _linked_pair, _state_from_beta
+
+    class Later:  # a coalescer whose window has not ended yet
+        def ask(self) -> None:
+            pass
+
+    links, beta_private, _ = _linked_pair(control)
+    control.reconciler.unbound.child.start()  # type: ignore[union-attr]
+    control.coalescer = Later()  # type: ignore[assignment]
+    kernel.history.clear()
+    web = [{"name": "web", "vip": "10.62.0.254", "ports": [80], "protocol": "tcp"}]
+    Sync(links).receive_state(_state_from_beta(control, beta_private, 1, shared_services=web),
+                              "10.62.0.1")  # fmt: skip
+    flushes = [a[3:] for a in kernel.history if a[0] == "unbound-control"]
+    assert flushes == [("flush_zone", "beta.test")]
+    kernel.history.clear()
+    Sync(links).receive_state(_state_from_beta(control, beta_private, 2, shared_services=web),
+                              "10.62.0.1")  # fmt: skip
+    assert [a for a in kernel.history if a[0] == "unbound-control"] == []  # nothing changed
