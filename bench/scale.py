@@ -7,7 +7,7 @@ tunnel) in its own namespace of the tests/netns harness, all on one test bridge:
       ┌──────────────────── switch ns: br-inet 198.51.100.0/24 ──────────────────┐
       │                │                │                          │
   hub .2           s0 .10           s1 .11            ...       sN-1 .(10+N-1)
-  10.60.0.1/22     10.61.0.1/24     10.62.0.1/24                10.(61+N-1).0.1/24
+  10.60.0.1/24     10.61.0.1/24     10.62.0.1/24                10.(61+N-1).0.1/24
   hub.test         s0.test          s1.test
   web :80 → 127.0.0.1:8000 in every cell; the hub also has `--services` more (bulk grants)
 
@@ -25,17 +25,30 @@ Measures:
   `GET /api/status` in the same run as the admin socket's own cost;
 - propagation again with all of that loaded.
 
+A linked cell's network is at most a /24 (DESIGN, identity policy), so a live hub holds at most
+~250 devices and services together: the live run loads `--devices` 50 and `--services` 200
+(10,000 grants with 50 links). `--reconcile-only` measures the hub's reconcile at the full
+figure instead: in a scratch namespace, one in-process cell (a /22) with real wireguard-go,
+nftables and Unbound, `--links` 50 links written to its store (WireGuard peers, routes, views,
+grant sets; no cell behind them), `--devices` 250 devices and `--services` 200 services shared
+with every link (10,000 grants): a no-op reconcile and one change (one link's list loses one
+service, and gets it back), with the processes each spawns.
+
 Run as root from the repo root:  .venv/bin/python bench/scale.py [--spokes 50] [--json]
+                                 .venv/bin/python bench/scale.py --reconcile-only --devices 250
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -215,7 +228,7 @@ def run(n_spokes: int, samples: int, devices: int, services: int) -> dict[str, A
                               "grants": n_spokes * services}  # fmt: skip
     with Topology() as topo:
         inet = topo.bridge("inet")
-        hub = make_cell(topo, inet, "hub", 2, "10.60.0.1/22")
+        hub = make_cell(topo, inet, "hub", 2, "10.60.0.1/24")
         hub_api = api(hub)
         hub_vip = hub_api.get("/api/services").json()[0]["vip"]
         time.sleep(2)  # settle: the first reconciles and Unbound's start are not a link's cost
@@ -227,7 +240,9 @@ def run(n_spokes: int, samples: int, devices: int, services: int) -> dict[str, A
             with api(spoke) as c:
                 invite = c.post("/api/cells/invites", json={}).json()["string"]
             t0 = time.monotonic()
-            hub_api.post("/api/cells", json={"invite": invite}).raise_for_status()
+            answer = hub_api.post("/api/cells", json={"invite": invite})
+            if answer.status_code != 201:
+                raise RuntimeError(f"connect {spoke.name}: {answer.status_code} {answer.text}")
             wait_until(lambda s=spoke: s.ns.ping(hub.ip, timeout_s=1), 60, "no tunnel")
             link_s.append(time.monotonic() - t0)
             spokes.append(spoke)
@@ -286,17 +301,128 @@ def run(n_spokes: int, samples: int, devices: int, services: int) -> dict[str, A
     return result
 
 
+def reconcile_inner(links: int, devices: int, services: int, reps: int) -> dict[str, Any]:
+    """Runs inside its scratch namespace (see `--reconcile-only`)."""
+    import secrets
+    import tempfile
+
+    from picell.cellinit import InitRequest
+    from picell.control import Control
+    from picell.paths import Paths
+    from picell.reconcile import Reconciler
+    from picell.store import links as link_table
+    from picell.store import peers as peer_table
+    from picell.store import services as service_table
+    from picell.store.db import Store
+    from picell.store.links import Link, LinkIdentity, LinkState, OwnerChoices
+    from picell.store.peers import Peer
+    from picell.store.services import Service
+    from picell.system.children import Child
+    from picell.system.run import Runner
+    from picell.wireguard import keys
+
+    out: dict[str, Any] = {"links": links, "devices": devices, "grants": links * services}
+    with tempfile.TemporaryDirectory(prefix="picell-bench-") as tmp:
+        paths = Paths(Path(tmp))
+        paths.run_dir.mkdir()
+        paths.unbound_dir.mkdir()
+
+        def make_child(name: str, argv: list[str]) -> Child:
+            return Child(name, argv, paths.run_dir / f"{name}.log")
+
+        store, runner = Store(paths.db), Runner()
+        reconciler = Reconciler(runner, paths, make_child)
+        control = Control(store, runner, reconciler)
+        control.init_cell(InitRequest(
+            name="hub", domain="hub.test", address="10.60.0.1/22", endpoint="127.0.0.1:51999",
+            interface=f"pcsc{secrets.token_hex(2)}", listen_port=51999,
+        ))  # fmt: skip
+        names = [f"x{j}" for j in range(services)]
+        try:
+            t0 = time.monotonic()
+            with store.transaction() as conn:
+                for d in range(devices):
+                    key = keys.public_from_private(keys.generate_private())
+                    peer_table.add(conn, Peer(f"d{d}", key, None, d + 2, None, time.time()))
+                local = ipaddress.IPv4Address("127.0.0.1")
+                for j, name in enumerate(names):
+                    service_table.add(conn, Service(name, j + 1, local, 9000 + j, "tcp", 80))
+                for i in range(links):
+                    ident = LinkIdentity(
+                        f"198.51.100.{10 + i}:51820", ipaddress.IPv4Network(f"10.{61 + i}.0.0/24"),
+                        ipaddress.IPv4Address(f"10.{61 + i}.0.1"), f"s{i}.test",
+                    )  # fmt: skip
+                    key = keys.public_from_private(keys.generate_private())
+                    link_table.save(conn, Link(f"s{i}", key, ident, LinkState.LINKED,
+                                               OwnerChoices(inbound=tuple(names))))  # fmt: skip
+            first = control.converge()
+            out["first_apply_s"] = time.monotonic() - t0
+            assert first is not None and len(reconciler._grants) == links * services
+
+            def timed_converge() -> tuple[float, int]:
+                t = time.monotonic()
+                report = control.converge()
+                assert report is not None
+                return time.monotonic() - t, len(report.commands)
+
+            noop = [timed_converge() for _ in range(reps)]
+            change = []
+            for k in range(reps):
+                kept = tuple(names[1:]) if k % 2 == 0 else tuple(names)
+                with store.transaction() as conn:
+                    link = link_table.get(conn, "s0")
+                    link_table.save(conn, replace(link, choices=replace(link.choices,
+                                                                        inbound=kept)))  # fmt: skip
+                change.append(timed_converge())
+            out["noop_s"] = quantiles([t for t, _ in noop])
+            out["noop_processes"] = sorted({n for _, n in noop})
+            out["one_change_s"] = quantiles([t for t, _ in change])
+            out["one_change_processes"] = sorted({n for _, n in change})
+            out["applied"] = dict(reconciler.applied)
+        finally:
+            reconciler.stop()
+            reconciler.unbound.stop()
+            if reconciler.wg_child is not None:
+                reconciler.wg_child.stop()
+            store.close()
+    return out
+
+
+def reconcile_only(links: int, devices: int, services: int, reps: int) -> dict[str, Any]:
+    from bench._netns import run_in_netns, scratch_netns
+
+    with scratch_netns("pcsc") as ns, tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "results.json"
+        argv = [sys.executable, __file__, "--inner", str(out), "--links", str(links)]
+        argv += ["--devices", str(devices), "--services", str(services), "--reps", str(reps)]
+        if run_in_netns(ns, argv) != 0:
+            sys.exit("the benchmark failed inside its namespace")
+        result: dict[str, Any] = json.loads(out.read_text())
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spokes", type=int, default=50)
     parser.add_argument("--samples", type=int, default=50, help="propagation samples per way")
-    parser.add_argument("--devices", type=int, default=250)
+    parser.add_argument("--devices", type=int, default=50)
     parser.add_argument("--services", type=int, default=200, help="bulk-granted to every spoke")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--reconcile-only", action="store_true")
+    parser.add_argument("--links", type=int, default=50, help="with --reconcile-only")
+    parser.add_argument("--reps", type=int, default=10, help="with --reconcile-only")
+    parser.add_argument("--inner", help=argparse.SUPPRESS)  # file for the results
     args = parser.parse_args()
+    if args.inner:
+        inner = reconcile_inner(args.links, args.devices, args.services, args.reps)
+        Path(args.inner).write_text(json.dumps(inner))
+        return
     with open("/proc/loadavg") as f:
         load_before = f.read().split()[:3]
-    result = run(args.spokes, args.samples, args.devices, args.services)
+    if args.reconcile_only:
+        result = reconcile_only(args.links, args.devices, args.services, args.reps)
+    else:
+        result = run(args.spokes, args.samples, args.devices, args.services)
     with open("/proc/loadavg") as f:
         result["loadavg_before_after"] = [load_before, f.read().split()[:3]]
     if args.json:
