@@ -43,11 +43,13 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -158,15 +160,20 @@ def ns_rss_kib(ns: Netns) -> dict[str, int]:
     return total
 
 
-def make_cell(topo: Topology, inet: Any, name: str, number: int, address: str) -> Cell:
+def new_cell(topo: Topology, inet: Any, name: str, number: int, address: str) -> Cell:
     ns = topo.add_ns(name)
     topo.attach(ns, inet, f"198.51.100.{number}/24")
-    cell = Cell(topo, ns, name, f"{name}.test", address, f"198.51.100.{number}:51820")
+    return Cell(topo, ns, name, f"{name}.test", address, f"198.51.100.{number}:51820")
+
+
+def boot(cell: Cell) -> Cell:
+    """Init, serve, and offer `web` (not yet shared)."""
     cell.init()
-    cell.start(timeout_s=120)
-    ns.serve_http("127.0.0.1", 8000, f"{name} web")
+    cell.start(timeout_s=300)
+    cell.ns.serve_http("127.0.0.1", 8000, f"{cell.name} web", timeout_s=60)
     with api(cell) as c:
-        c.post("/api/services", json={"name": "web", "backend": "127.0.0.1:8000", "port": 80})
+        body = {"name": "web", "backend": "127.0.0.1:8000", "port": 80}
+        c.post("/api/services", json=body).raise_for_status()
     return cell
 
 
@@ -228,15 +235,20 @@ def run(n_spokes: int, samples: int, devices: int, services: int) -> dict[str, A
                               "grants": n_spokes * services}  # fmt: skip
     with Topology() as topo:
         inet = topo.bridge("inet")
-        hub = make_cell(topo, inet, "hub", 2, "10.60.0.1/24")
+        hub = boot(new_cell(topo, inet, "hub", 2, "10.60.0.1/24"))
         hub_api = api(hub)
         hub_vip = hub_api.get("/api/services").json()[0]["vip"]
         time.sleep(2)  # settle: the first reconciles and Unbound's start are not a link's cost
         rss0 = ns_rss_kib(hub.ns)
 
-        spokes, link_s = [], []
-        for i in range(n_spokes):
-            spoke = make_cell(topo, inet, f"s{i}", 10 + i, f"10.{61 + i}.0.1/24")
+        # the spokes start a few at a time (their start-up is not what we measure); the links
+        # are made one after another
+        spokes = [new_cell(topo, inet, f"s{i}", 10 + i, f"10.{61 + i}.0.1/24")
+                  for i in range(n_spokes)]  # fmt: skip
+        with ThreadPoolExecutor(3) as pool:
+            list(pool.map(boot, spokes))
+        link_s = []
+        for i, spoke in enumerate(spokes):
             with api(spoke) as c:
                 invite = c.post("/api/cells/invites", json={}).json()["string"]
             t0 = time.monotonic()
@@ -245,7 +257,6 @@ def run(n_spokes: int, samples: int, devices: int, services: int) -> dict[str, A
                 raise RuntimeError(f"connect {spoke.name}: {answer.status_code} {answer.text}")
             wait_until(lambda s=spoke: s.ns.ping(hub.ip, timeout_s=1), 60, "no tunnel")
             link_s.append(time.monotonic() - t0)
-            spokes.append(spoke)
             print(f"linked {i + 1}/{n_spokes}", file=sys.stderr, flush=True)
         result["link_connect_to_ping_s"] = quantiles(link_s)
         time.sleep(5)  # settle: the last links' first documents and reconciles
@@ -425,6 +436,8 @@ def main() -> None:
         result = run(args.spokes, args.samples, args.devices, args.services)
     with open("/proc/loadavg") as f:
         result["loadavg_before_after"] = [load_before, f.read().split()[:3]]
+    result["machine"] = {"cpus": os.cpu_count(), "mem_total": Path("/proc/meminfo").read_text()
+                         .splitlines()[0].split(":")[1].strip()}  # fmt: skip
     if args.json:
         print(json.dumps(result, indent=2))
         return
