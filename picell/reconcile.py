@@ -2,11 +2,13 @@
 
 `Reconciler.set(state)` observes WireGuard, addresses, routes, the nft table and the other
 tables' chains (five read commands, one more per other table that may drop what we need),
-applies only what differs (at most `wg syncconf`, one `ip -batch`, one `nft -f` and one
-`unbound-control reload`; our accept rules in Docker's DOCKER-USER when they are missing),
-and returns a `Report`. Called twice with the same state the second call changes nothing,
-reports changed=False and resets no WireGuard session. The number of processes it spawns
-does not depend on the number of devices or services.
+applies only what differs (at most `wg syncconf`, one `ip -batch`, one `nft -f`, Unbound's
+changed records as `unbound-control` deltas (a remove and an add per view whose records
+changed, one per view zone changed) or else one `unbound-control reload`, and our accept rules
+in Docker's DOCKER-USER when they are missing), and returns a `Report`. Called twice with the
+same state the second call changes nothing, reports changed=False and resets no WireGuard
+session. The number of processes it spawns does not depend on the number of devices or
+services.
 
 What the observers could not read (`anomalies`) is drift that the apply repairs, and what the
 reconciler must not repair itself (`warnings`: a linked network the host routes itself, no
@@ -273,11 +275,13 @@ class Reconciler:
         self._relay_rules = set(state.relay.rules)
 
         conf = render_unbound(state.dns, self.paths.unbound_dir, self.paths.unbound_control)
-        dns_changes = self.unbound.needs(conf)
+        dns_changes = self.unbound.needs(conf, state.dns)
         if dns_changes:
-            self.unbound.apply(conf, dns_changes)
-            self.applied["unbound"] += 1
-            report.changes += [Change("dns", k, "unbound") for k in dns_changes]
+            how = self.unbound.apply(conf, dns_changes, state.dns)
+            # a record delta keeps Unbound answering (and its cache); "unbound" counts the rest
+            self.applied["unbound records" if how == "delta" else "unbound"] += 1
+            kinds = ["records"] if how == "delta" else dns_changes
+            report.changes += [Change("dns", k, "unbound") for k in kinds]
         self._converge_exit_resolvers(state, report)
 
     def _sync_wg(self, dev: WgDevice, conf_path: Path, report: Report) -> None:

@@ -14,7 +14,20 @@ from ipaddress import IPv4Address
 from pathlib import Path
 
 from picell.routing.exits import exit_dns_port
-from picell.state import DnsState, ExitTunnel, State
+from picell.state import DnsRecord, DnsState, DnsView, ExitTunnel, State
+
+
+def record_line(record: DnsRecord) -> str:
+    """One A record as Unbound reads it, in its config and from `unbound-control`."""
+    return f"{record.fqdn}. 60 IN A {record.address}"
+
+
+def view_zones(dns: DnsState, view: DnsView) -> list[tuple[str, str]]:
+    """The local zones of a linked cell's view, as (name with the root dot, type)."""
+    # while we relay their devices' internet, internet names resolve for them too (the
+    # lookups leave where the traffic leaves); names of the other linked cells never do
+    zones = [(f"{d}.", "refuse") for d in view.hidden] if view.internet else [(".", "refuse")]
+    return [*zones, (f"{dns.domain}.", "static")]
 
 
 def _server(workdir: Path, listen: IPv4Address, port: int) -> list[str]:
@@ -60,7 +73,7 @@ def render_unbound(dns: DnsState, workdir: Path, control_socket: Path) -> str:
         *(f"\taccess-control: {v.network} allow" for v in dns.views),
         *(f"\taccess-control-view: {v.network} link-{v.name}" for v in dns.views),
         f'\tlocal-zone: "{dns.domain}." static',
-        *(f'\tlocal-data: "{r.fqdn}. 60 IN A {r.address}"' for r in dns.records),
+        *(f'\tlocal-data: "{record_line(r)}"' for r in dns.records),
         # a linked domain under a zone Unbound serves itself by default (test., home.arpa.,
         # ...) must still be forwarded
         *(f'\tlocal-zone: "{f.domain}." transparent' for f in dns.forwards),
@@ -68,15 +81,8 @@ def render_unbound(dns: DnsState, workdir: Path, control_socket: Path) -> str:
     ]
     for view in dns.views:
         lines += ["", "view:", f'\tname: "link-{view.name}"']
-        # while we relay their devices' internet, internet names resolve for them too (the
-        # lookups leave where the traffic leaves); names of the other linked cells never do
-        lines += (
-            [f'\tlocal-zone: "{d}." refuse' for d in view.hidden]
-            if view.internet
-            else ['\tlocal-zone: "." refuse']
-        )
-        lines.append(f'\tlocal-zone: "{dns.domain}." static')
-        lines += [f'\tlocal-data: "{r.fqdn}. 60 IN A {r.address}"' for r in view.records]
+        lines += [f'\tlocal-zone: "{name}" {kind}' for name, kind in view_zones(dns, view)]
+        lines += [f'\tlocal-data: "{record_line(r)}"' for r in view.records]
     for fwd in dns.forwards:
         lines += ["", "forward-zone:", f'\tname: "{fwd.domain}."', f"\tforward-addr: {fwd.server}"]
     if dns.upstreams:

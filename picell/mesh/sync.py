@@ -237,7 +237,12 @@ class Sync:
             link_table.save(conn, updated)
             for name in sorted(tell):
                 link_table.mark_pending(conn, name)
-        self.control.converge_soon(flush=updated.identity.domain if before != after else None)
+        flush = updated.identity.domain if before != after else None
+        if flush is not None and self.control.reconciler is not None:
+            # what they let us resolve changed on their side before they sent this: forget our
+            # cached answers now, not after the coalesced converge (which flushes once more)
+            self.control.reconciler.unbound.flush_zone(flush)
+        self.control.converge_soon(flush=flush)
         if tell:
             self.wake_sender()
         return {"ok": True, "seq": body.seq}

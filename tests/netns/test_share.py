@@ -81,6 +81,15 @@ def world() -> Iterator[World]:
         yield World(topo, alpha, beta, nss["phone"], nss["laptop"], nss["lan"], nss["net"])
 
 
+def unbound_queries(cell: Cell) -> int:
+    """Queries the cell's Unbound answered since it started or last reloaded."""
+    conf = str(cell.data_dir / "unbound" / "unbound.conf")
+    out = cell.ns.run(["unbound-control", "-c", conf, "stats_noreset"]).stdout
+    return int(
+        next(ln for ln in out.splitlines() if ln.startswith("total.num.queries=")).split("=")[1]
+    )
+
+
 def outbound(cell: Cell, other: str) -> list[str]:
     return [s["name"] for s in cell.links()[other]["outbound"]]
 
@@ -89,10 +98,19 @@ def test_a_shared_service_is_reachable_by_name_from_the_other_cell(world: World)
     alpha, beta, laptop = world.alpha, world.beta, world.laptop
     assert laptop.dig_status("web.alpha.test") == "NXDOMAIN"
     assert not laptop.tcp_connect("10.61.0.254", 80)
+    for _ in range(20):  # more queries than the wait below makes: a reset would show
+        assert world.phone.dig("alpha.test") == ["10.61.0.1"]
+    queries, reloads = unbound_queries(alpha), alpha.cli("status")["applied"].get("unbound", 0)
+    assert queries > 20
     alpha.cli("share", "beta", "web")
     # beta's DNS may hold the earlier NXDOMAIN until alpha's push arrives and flushes it
     wait_until(lambda: laptop.http_get("http://web.alpha.test/") == "alpha web", 10,
                "beta's laptop cannot use web by name")  # fmt: skip
+    # the name went into alpha's running Unbound as a record delta: no reload, which would
+    # have reset Unbound's query count (and dropped its cache)
+    assert unbound_queries(alpha) > queries
+    applied = alpha.cli("status")["applied"]
+    assert applied.get("unbound", 0) == reloads and applied["unbound records"] >= 1
     wait_until(lambda: outbound(beta, "alpha") == ["web"], 10, "beta did not learn of web")
     seen = beta.links()["alpha"]["outbound"][0]
     assert seen["vip"] == "10.61.0.254" and seen["ports"] == [80]

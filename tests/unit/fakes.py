@@ -76,6 +76,7 @@ class FakeKernel(Runner):
     batches: list[str] = field(default_factory=list)  # every `ip -batch -` input, in order
     fail_on: str | None = None  # argv[0] of a command to fail
     handshake_resets: int = 0
+    stdins: list[tuple[tuple[str, ...], str | None]] = field(default_factory=list)  # argv, stdin
 
     def run(
         self,
@@ -87,6 +88,7 @@ class FakeKernel(Runner):
     ) -> Result:
         args = tuple(argv)
         self.history.append(args)
+        self.stdins.append((args, stdin))
         if self.fail_on and args[0] == self.fail_on and args[1] != "-j" and "show" not in args:
             raise CommandFailed(args, 1, f"{args[0]}: simulated failure")
         out = self._dispatch(args, stdin)
