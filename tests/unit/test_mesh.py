@@ -484,3 +484,24 @@ def test_a_linked_key_cannot_be_taken_over_by_an_invite_holder(control: Control)
     assert beta["name"] == "beta" and beta["vpn_subnet"] == "10.62.0.0/24"
     reasons = [e["detail"] for e in links.journal_entries(None) if e["event"] == "pairing refused"]
     assert any("key_proof" in r for r in reasons) and any("renames" in r for r in reasons)
+
+
+def test_a_heartbeat_converges_nothing_a_change_converges(control: Control) -> None:
+    from picell.mesh.sync import Sync
+
+    links, beta_private, _ = _linked_pair(control)
+    sync = Sync(links)
+    asked: list[str | None] = []
+    control.converge_soon = lambda flush=None: asked.append(flush)  # type: ignore[method-assign]
+    shared = [{"name": "files", "vip": "10.62.0.250", "ports": [445]}]
+    sync.receive_state(_state_from_beta(control, beta_private, 1, shared_services=shared),
+                       "10.62.0.1")  # fmt: skip
+    assert asked == ["beta.test"]  # their share changed: converge, and flush their zone
+    for seq in (2, 3):  # the same document again: only its counters move
+        sync.receive_state(_state_from_beta(control, beta_private, seq, shared_services=shared,
+                                            seen_at=f"198.51.100.{seq}:51820"), "10.62.0.1")  # fmt: skip
+    assert asked == ["beta.test"]
+    assert links.overview()[0]["remote_seq"] == 3 if "remote_seq" in links.overview()[0] else True
+    sync.receive_state(_state_from_beta(control, beta_private, 4, shared_services=shared,
+                                        exit_offered=True), "10.62.0.1")  # fmt: skip
+    assert asked == ["beta.test", None]
