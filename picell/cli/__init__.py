@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from picell.cli import admin, backup, cell, links  # noqa: F401 - registers the commands
+from picell.cli import admin, backup, cell, links, metrics  # noqa: F401 - registers commands
 from picell.cli.base import app
 
 
