@@ -19,8 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from picell.api.metrics import build_metrics_api
 from picell.app import build_api
 from picell.control import Control
-from picell.metrics import Metrics, MetricsToken, check_backends, scrape_refusal
 from picell.mesh.sync import Sync
+from picell.metrics import Metrics, MetricsToken, check_backends, scrape_refusal
 from picell.reconcile import Reconciler
 from tests.unit.fakes import FakeKernel
 from tests.unit.test_reconcile import state_with
