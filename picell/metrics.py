@@ -54,6 +54,7 @@ if TYPE_CHECKING:
 RECONCILE_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0)
 PUSH_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # a change with the same desired state that is not drift: a stale link trying its next endpoint
+# (`wg set`; a try that `wg syncconf` applies makes the reconciler pass same_state False)
 NOT_DRIFT = {("wireguard", "endpoint")}
 REFUSAL_ROUTES = ("permissions", "unlink", "rekey", "other")  # `api.peer.refusal_reason`
 

@@ -154,6 +154,7 @@ class Reconciler:
         self._swept_resolvers = False  # interfaces whose wireguard-go we looked for
         self.metrics = Metrics()  # the daemon puts its own in (picell/metrics.py)
         self._state: State | None = None  # the last state applied (drift: same state, changes)
+        self._endpoint_tries = 0  # this round: stale links given their next endpoint (not drift)
 
     @property
     def grants(self) -> frozenset[Grant]:
@@ -164,7 +165,7 @@ class Reconciler:
         with self._lock:
             self.runner.take_history()
             report = Report()
-            started = time.monotonic()
+            started, self._endpoint_tries = time.monotonic(), 0
             try:
                 self._converge(state, report)
             except CommandFailed as exc:
@@ -175,7 +176,8 @@ class Reconciler:
             if report.changed:
                 log.info("reconcile: %s", "; ".join(str(c) for c in report.changes))
             self._log_notes(report)
-            self.metrics.reconciled(time.monotonic() - started, report, state == self._state)
+            same = state == self._state and not self._endpoint_tries
+            self.metrics.reconciled(time.monotonic() - started, report, same)
             self.last, self._state = report, state
             return report
 
@@ -336,6 +338,7 @@ class Reconciler:
             if due:
                 index = (index + 1) % len(peer.candidates)
                 self._tries[peer.public_key] = (index, now)
+                self._endpoint_tries += got is not None
             chosen = replace(peer, endpoint=peer.candidates[index % len(peer.candidates)])
             peers.append(chosen)
             if due and got is not None and applied.get(peer.public_key) == chosen.endpoint:

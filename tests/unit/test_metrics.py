@@ -23,7 +23,7 @@ from picell.mesh.sync import Sync
 from picell.metrics import Metrics, MetricsToken, check_backends, scrape_refusal
 from picell.reconcile import Reconciler
 from tests.unit.fakes import FakeKernel
-from tests.unit.test_reconcile import state_with
+from tests.unit.test_reconcile import link_peer, state_with, state_with_link
 from tests.unit.test_sender import World, unreachable
 
 OWN = ipaddress.IPv4Network("10.61.0.0/24")  # the control fixture's network
@@ -140,6 +140,26 @@ def test_drift_is_counted_only_when_the_same_state_needed_repairing(
     assert value(text, "picell_reconcile_failures_total") == 1
     assert value(text, "picell_reconcile_total") == 4
     assert value(text, "picell_drift_repaired_total") == 1
+
+
+def test_a_stale_link_trying_its_endpoints_is_not_drift(
+    reconciler: Reconciler, kernel: FakeKernel
+) -> None:
+    from picell.constants import ENDPOINT_RETRY_S, LINK_STALE_S
+
+    now = [1_800_000_000.0]
+    reconciler.clock = lambda: now[0]
+    state = state_with_link(1, "home.beta.test:51820", "[2001:db8::2]:51820")
+    reconciler.set(state)
+    link_peer(kernel).update(endpoint="203.0.113.50:40001", handshake=int(now[0]))
+    for _ in range(3):  # each a `wg syncconf` (two candidates) or a `wg set` (the same one)
+        now[0] += LINK_STALE_S + ENDPOINT_RETRY_S
+        assert reconciler.set(state).changed
+    assert value(reconciler.metrics.exposition(), "picell_drift_repaired_total") == 0
+    link_peer(kernel)["allowed"] = ""  # someone narrowed the peer by hand
+    now[0] += 1  # no try due: the repair is drift
+    assert reconciler.set(state).changed
+    assert value(reconciler.metrics.exposition(), "picell_drift_repaired_total") == 1
 
 
 def test_backends_are_checked_together_within_the_timeout(backend: int) -> None:
