@@ -33,6 +33,7 @@ from fastapi import FastAPI
 
 from picell import __version__
 from picell.api import admin, cells, errors, web
+from picell.api import metrics as metrics_api
 from picell.api.auth import GENERATED_PASSWORD_FILE, Auth, password_router
 from picell.api.listen import (
     Limits,
@@ -54,6 +55,10 @@ from picell.constants import (
     LOCAL_REQUEST_S,
     MESH_CONNECTIONS,
     MESH_REQUEST_S,
+    METRICS_CONNECTIONS,
+    METRICS_PORT,
+    METRICS_REQUEST_S,
+    METRICS_TOKEN_FILE,
     PAIRING_CONNECTIONS,
     PAIRING_REQUEST_S,
     RECONCILE_PERIOD_S,
@@ -66,6 +71,7 @@ from picell.mesh.links import Links
 from picell.mesh.reach import init_warning
 from picell.mesh.sender import Sender
 from picell.mesh.sync import Sync
+from picell.metrics import Metrics, MetricsToken
 from picell.paths import Paths
 from picell.reconcile import Reconciler
 from picell.store import admin as admin_table
@@ -151,6 +157,7 @@ def build_api(
     auth: Auth | None = None,
     *,
     password_route: bool = True,
+    metrics: tuple[Metrics, MetricsToken] | None = None,
 ) -> FastAPI:
     """The admin API; served on the unix socket and, behind login, on the web port."""
     app = FastAPI(title="picell admin API", version=__version__)
@@ -167,6 +174,9 @@ def build_api(
     app.include_router(cells.router)
     if password_route:  # root on the cell host only: `picell admin password`
         app.include_router(password_router)
+    if metrics is not None:  # the daemon's own: /metrics and `picell metrics token`
+        app.state.metrics, app.state.metrics_token = metrics
+        app.include_router(metrics_api.router)
     return app
 
 
@@ -177,9 +187,11 @@ def build_web_api(
     sender: Sender | None = None,
     exits: Exits | None = None,
     auth: Auth | None = None,
+    metrics: tuple[Metrics, MetricsToken] | None = None,
 ) -> FastAPI:
     """The web listener: the pages and the same admin API, all behind login and CSRF checks."""
-    app = build_api(control, links, sync, sender, exits, auth, password_route=False)
+    app = build_api(control, links, sync, sender, exits, auth, password_route=False,
+                    metrics=metrics)  # fmt: skip
     # Swagger's pages load scripts from a CDN, which the UI's CSP forbids; /openapi.json stays
     app.router.routes = [
         r for r in app.router.routes if getattr(r, "path", "") not in (app.docs_url, app.redoc_url)
@@ -238,6 +250,11 @@ class Daemon:
             self.store, self.runner, on_change=self._endpoint_changed, repeats=self._repeats
         )
         self.control.port_mapping_error = lambda: self.portmap.last_error
+        # /metrics: the reconciler and the sender count into the daemon's own registry
+        self.metrics = Metrics()
+        self.metrics_token = MetricsToken(data_dir / METRICS_TOKEN_FILE)
+        self.reconciler.metrics = self.sender.metrics = self.metrics
+        self.metrics.observe(self.links)
 
     def _endpoint_changed(self) -> None:
         self.sender.wake()
@@ -346,8 +363,10 @@ class Daemon:
         # other files the daemon writes while it serves private
         old_umask = os.umask(0o077)
         apis = (self.control, self.links, self.sync, self.sender, self.exits, self.auth)
-        admin_api = build_api(*apis)
-        web_api = build_web_api(*apis)
+        metrics = (self.metrics, self.metrics_token)
+        metrics_app = metrics_api.build_metrics_api(*metrics, cell.network)
+        admin_api = build_api(*apis, metrics=metrics)
+        web_api = build_web_api(*apis, metrics=metrics)
         servers: list[tuple[Listener, list[socket.socket]]] = [
             (
                 Listener(_config(admin_api), Limits("admin", *ADMIN_CONNECTIONS, LOCAL_REQUEST_S)),
@@ -368,6 +387,15 @@ class Daemon:
                 # dual-stack: a cell whose only public address is IPv6 is paired with too
                 listen_tcp_any(cell.pair_port),
             ),
+            (
+                # our own devices' Prometheus: a listener of its own on the WireGuard address,
+                # opened by the firewall to our network only (docs/ARCHITECTURE.md, metrics)
+                Listener(
+                    _config(metrics_app),
+                    Limits("metrics", *METRICS_CONNECTIONS, METRICS_REQUEST_S),
+                ),
+                [listen_tcp(str(cell.ip), METRICS_PORT)],
+            ),
         ]
         # the web UI: loopback only; from elsewhere through an SSH tunnel. A port in use (a
         # service of the host on 8080, say) must not keep the cell itself from running.
@@ -385,6 +413,7 @@ class Daemon:
                 self.web_port(),
                 exc.strerror,
             )
+        self.metrics.gates = {server.limits.name: server.gate for server, _socks in servers}
         loop = threading.Thread(target=self._loop, name="reconcile", daemon=True)
         loop.start()
         self.sender.start()

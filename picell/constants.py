@@ -168,3 +168,11 @@ ADMIN_BODY_MAX = 1 << 20  # bytes; admin and web JSON bodies (a form or a servic
 JSON_MAX_DEPTH = 32  # nesting of any JSON body; our deepest message nests about 5 levels
 REPEAT_LOG_INTERVAL_S = 10.0  # an event repeating faster is logged once per interval, counted
 THREAD_BACKOFF_S = (1.0, 2.0, 5.0, 10.0)  # a daemon thread's step that raised: wait, go on
+
+# /metrics (issue 14): the owner's own devices scrape the cell's WireGuard address on a listener
+# of its own (never the mesh listener, whose routes and firewall rule are for linked cells).
+METRICS_PORT = 9469  # in the 9xxx range Prometheus exporters use; our own network only
+METRICS_CONNECTIONS = (16, 4)  # (total, per source): a scraper holds one connection
+METRICS_REQUEST_S = 10.0  # through the tunnel, like the mesh listener
+METRICS_TOKEN_FILE = "metrics-token.sha256"  # in the data dir, 0600: the token's hash only
+BACKEND_CHECK_S = 1.0  # a scrape's TCP connect check of all backends together, at most

@@ -41,6 +41,7 @@ from picell.firewall.apply import (
 from picell.firewall.host import HostFirewall
 from picell.firewall.render import grant_elements, render_grant_delta, render_ruleset
 from picell.mesh.relay import RelayRule
+from picell.metrics import Metrics
 from picell.paths import Paths
 from picell.routing.apply import (
     apply_link,
@@ -156,21 +157,33 @@ class Reconciler:
         self._notes: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())  # last logged
         self._adopt_tried: set[str] = set()
         self._swept_resolvers = False  # interfaces whose wireguard-go we looked for
+        self.metrics = Metrics()  # the daemon puts its own in (picell/metrics.py)
+        self._state: State | None = None  # the last state applied (drift: same state, changes)
+        self._endpoint_tries = 0  # this round: stale links given their next endpoint (not drift)
+
+    @property
+    def grants(self) -> frozenset[Grant]:
+        """The grants as last applied (the metrics read them)."""
+        return frozenset(self._grants)
 
     def set(self, state: State) -> Report:
         with self._lock:
             self.runner.take_history()
             report = Report()
+            started, self._endpoint_tries = time.monotonic(), 0
             try:
                 self._converge(state, report)
             except CommandFailed as exc:
+                self.metrics.reconciled(time.monotonic() - started, None, False)
                 raise ApplyFailed(f"applying the cell's state failed: {exc.message}") from exc
             finally:
                 report.commands = self.runner.take_history()
             if report.changed:
                 log.info("reconcile: %s", "; ".join(str(c) for c in report.changes))
             self._log_notes(report)
-            self.last = report
+            same = state == self._state and not self._endpoint_tries
+            self.metrics.reconciled(time.monotonic() - started, report, same)
+            self.last, self._state = report, state
             return report
 
     def _converge(self, state: State, report: Report) -> None:
@@ -337,6 +350,7 @@ class Reconciler:
             if due:
                 index = (index + 1) % len(peer.candidates)
                 self._tries[peer.public_key] = (index, now)
+                self._endpoint_tries += got is not None
             chosen = replace(peer, endpoint=peer.candidates[index % len(peer.candidates)])
             peers.append(chosen)
             if due and got is not None and applied.get(peer.public_key) == chosen.endpoint:

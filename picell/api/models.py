@@ -134,6 +134,10 @@ class PasswordSet(Request):
     password: str = Field(pattern=PASSWORD_PATTERN, min_length=10, max_length=1024)
 
 
+class MetricsTokenAsk(Request):
+    rotate: bool = Field(default=False, description="issue a new token; the old one stops working")
+
+
 # -- answers -----------------------------------------------------------------------------------
 class ReportOut(Answer):
     changed: bool
@@ -370,6 +374,13 @@ class InviteCreated(Answer):
 
 class PasswordChanged(Answer):
     changed: bool
+
+
+class MetricsTokenOut(Answer):
+    token: str  # shown this once: only its hash is kept
+    issued_at: float
+    port: int  # where the owner's devices scrape, on the cell's WireGuard address
+    url: str
 
 
 def dump(model: BaseModel | list[Any]) -> Any:

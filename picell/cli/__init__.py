@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from picell.cli import admin, backup, cell, doctor, links  # noqa: F401 - registers the commands
+from picell.cli import admin, backup, cell, doctor, links, metrics  # noqa: F401 - registers them
 from picell.cli.base import app
 
 

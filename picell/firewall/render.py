@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 
-from picell.constants import TABLE_NAME
+from picell.constants import METRICS_PORT, TABLE_NAME
 from picell.routing.exits import exit_dns_port, exit_port
 from picell.state import State
 
@@ -129,6 +129,7 @@ def render_table_body(
         "\tchain own_input {",
         f"\t\tip daddr {me} udp dport {state.dns.port} accept",
         f"\t\tip daddr {me} tcp dport {state.dns.port} accept",
+        f"\t\tip daddr {me} tcp dport {METRICS_PORT} accept",  # our devices' Prometheus
         f"\t\tip daddr {me} icmp type echo-request accept",
         "\t\t# services with a backend on the cell host (DNAT to loopback)",
         "\t\tct status dnat accept",

@@ -58,6 +58,7 @@ from picell.mesh.protocol import envelope_from
 from picell.mesh.rekey import Rekey
 from picell.mesh.relay import relay_fields, seen_from_peers
 from picell.mesh.wire import StateAnswer
+from picell.metrics import Metrics
 from picell.state import relay_reserved
 from picell.store import cell as cell_table
 from picell.store import exits as exit_table
@@ -123,6 +124,7 @@ class Sender:
         self.client = mesh_client or client.default
         self.rekey = Rekey(links)
         self.pushes = 0  # documents sent (benchmarks read it)
+        self.metrics = Metrics()  # the daemon puts its own in (picell/metrics.py)
         self.errors = RepeatLog(log, ERROR_LOG_INTERVAL_S, clock=self.clock.time)
         self._lock = threading.Lock()  # guards the fields below, written by the workers
         self._retry: dict[str, Retry] = {}  # link key -> backoff after failed pushes or jobs
@@ -302,7 +304,9 @@ class Sender:
             conn.execute("UPDATE links SET local_seq = ? WHERE name = ?", (seq, name))
         with self._lock:
             self.pushes += 1
+        started = time.monotonic()
         error = self._push_error(cell.ip, link, envelope, seq)
+        self.metrics.pushed(time.monotonic() - started, error is None)
         confirmed = False
         with self.store.transaction() as conn:
             if error is None:

@@ -109,7 +109,7 @@ class FakeKernel(Runner):
             for key, p in peers.items():
                 lines.append(
                     f"{key}\t(none)\t{p.get('endpoint') or '(none)'}\t{p['allowed'] or '(none)'}\t"
-                    f"{p['handshake']}\t0\t0\t"
+                    f"{p['handshake']}\t{p.get('rx', 0)}\t{p.get('tx', 0)}\t"
                     f"{p['keepalive'] or 'off'}"
                 )
             return "\n".join(lines) + "\n"
