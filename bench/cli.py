@@ -5,8 +5,9 @@ own start-up, in one run.
 A real cell runs in a namespace (tests/netns harness, `cell_on_bridge`). Its admin socket is a
 file, so the commands run from here. Each round times, in turn (alternated, so that load on the
 shared cores falls on every case alike), the wall time of:
-- `python3 -c pass` (the system interpreter) and `<venv python> -c pass` (the venv's: its site
-  runs the editable install's finder, which every `picell` pays too);
+- `python3 -c pass`, the interpreter the venv is made from (its real path, not a `python3` found
+  on PATH, which may be a pyenv shim script), and `<venv python> -c pass` (its site also runs
+  the editable install's finder, which every `picell` of this checkout pays too);
 - `python -m picell --data-dir D status`: `picell`'s entry point, which takes the fast path;
 - the Typer CLI on the same command (`picell.cli.commands.app`, what every command ran before);
 - the same two with `--json`.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -39,7 +41,7 @@ TYPER = "import sys; sys.argv[0] = 'picell'; from picell.cli.commands import app
 def cases(data_dir: Path) -> dict[str, list[str]]:
     py = sys.executable
     return {
-        "python3 -c pass": ["python3", "-c", "pass"],
+        "python3 -c pass": [os.path.realpath(py), "-c", "pass"],
         "venv python -c pass": [py, "-c", "pass"],
         "picell status (fast path)": [py, "-m", "picell", "--data-dir", str(data_dir), "status"],
         "picell status (Typer CLI)": [py, "-c", TYPER, "--data-dir", str(data_dir), "status"],
