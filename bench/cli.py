@@ -11,6 +11,9 @@ shared cores falls on every case alike), the wall time of:
 - `python -m picell --data-dir D status`: `picell`'s entry point, which takes the fast path;
 - the Typer CLI on the same command (`picell.cli.commands.app`, what every command ran before);
 - the same two with `--json`.
+Besides wall time, the CPU time (user + system) each command spent itself, which the load of
+other work on the shared cores changes much less than the wall time (the daemon's few
+milliseconds for the answer are not in it).
 Each command's output is checked once: both paths print the same. The commands run with
 bytecode caching on (PYTHONDONTWRITEBYTECODE removed from their environment, the first run
 writes `__pycache__`), as an installed picell runs: pip compiles a package when it installs it.
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -57,13 +61,17 @@ def cases(data_dir: Path) -> dict[str, list[str]]:
 ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
 
 
-def timed(argv: list[str]) -> tuple[float, str]:
+def timed(argv: list[str]) -> tuple[float, float, str]:
+    """Wall time, CPU time (user + system of the command alone) and output of one run."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=60, env=ENV)
     elapsed = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise RuntimeError(f"{argv} exited {proc.returncode}: {proc.stderr}")
-    return elapsed, proc.stdout
+    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+    return elapsed, cpu, proc.stdout
 
 
 def run(rounds: int) -> dict[str, Any]:
@@ -74,7 +82,7 @@ def run(rounds: int) -> dict[str, Any]:
         todo = cases(alpha.data_dir)
         outputs: dict[str, str] = {}
         for name, argv in todo.items():  # warm the page cache and the bytecode
-            outputs[name] = timed(argv)[1]
+            outputs[name] = timed(argv)[2]
         # the port mapping line counts seconds down; the rest must be the same text
         fast, full = (
             outputs[f"picell status ({p})"].splitlines() for p in ("fast path", "Typer CLI")
@@ -84,10 +92,14 @@ def run(rounds: int) -> dict[str, Any]:
         ]
         assert json.loads(outputs["status --json (fast path)"])["name"] == "alpha"
         samples: dict[str, list[float]] = {name: [] for name in todo}
+        cpu: dict[str, list[float]] = {name: [] for name in todo}
         for _ in range(rounds):
             for name, argv in todo.items():
-                samples[name].append(timed(argv)[0])
+                wall_s, cpu_s, _ = timed(argv)
+                samples[name].append(wall_s)
+                cpu[name].append(cpu_s)
     result: dict[str, Any] = {name: quantiles(s) for name, s in samples.items()}
+    result["cpu_s"] = {name: quantiles(s) for name, s in cpu.items()}
     med = {name: statistics.median(s) for name, s in samples.items()}
     result["fast_over_python3_pass_ms"] = (
         med["picell status (fast path)"] - med["python3 -c pass"]
@@ -108,10 +120,12 @@ def main() -> None:
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    print(f"{'command':<28} {'median ms':>10} {'p95 ms':>8}   (n)")
+    print(f"{'command':<28} {'median ms':>10} {'p95 ms':>8} {'CPU median ms':>14}   (n)")
     for key, q in result.items():
-        if isinstance(q, dict):
-            print(f"{key:<28} {q['median'] * 1000:>10.1f} {q['p95'] * 1000:>8.1f}   ({q['n']})")
+        if isinstance(q, dict) and key != "cpu_s":
+            c = result["cpu_s"][key]["median"] * 1000
+            print(f"{key:<28} {q['median'] * 1000:>10.1f} {q['p95'] * 1000:>8.1f} {c:>14.1f}"
+                  f"   ({q['n']})")  # fmt: skip
     print(f"fast path over python3 -c pass: {result['fast_over_python3_pass_ms']:.1f} ms (median)")
     print(f"fast path over venv python -c pass: {result['fast_over_venv_pass_ms']:.1f} ms (median)")
     print(f"Typer CLI / fast path: {result['typer_over_fast']:.2f}x (median)")
