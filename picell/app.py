@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import anyio.to_thread
 import uvicorn
 from fastapi import FastAPI
 
@@ -49,6 +50,7 @@ from picell.constants import (
     ADMIN_CONNECTIONS,
     CHILD_RESTART_BACKOFF_S,
     DOCUMENT_COALESCE_S,
+    HANDLER_THREADS,
     LOCAL_REQUEST_S,
     MESH_CONNECTIONS,
     MESH_REQUEST_S,
@@ -224,6 +226,8 @@ class Daemon:
         self.coalescer = Coalescer(self.control.converge_and_flush, DOCUMENT_COALESCE_S)
         self.control.coalescer = self.coalescer
         self.control.after_change = self.sender.wake
+        # the owner's concurrent changes share one apply, one commit and one push
+        self.group = self.control.batch_changes()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._failures = 0
@@ -401,6 +405,7 @@ class Daemon:
                 for server, _sockets in servers:
                     server.should_exit = True
 
+            anyio.to_thread.current_default_thread_limiter().total_tokens = HANDLER_THREADS
             running = asyncio.get_running_loop()
             running.set_exception_handler(loop_exception_handler(self._repeats))
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -430,6 +435,7 @@ class Daemon:
                     ("portmap", self.portmap.stop),
                     ("sender", self.sender.stop),
                     ("coalescer", self.coalescer.stop),
+                    ("group commit", self.group.stop),
                 ],
                 SHUTDOWN_S,
             )

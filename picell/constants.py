@@ -158,7 +158,10 @@ PAIRING_REQUEST_S = 5.0  # an 8 KiB body arrives in well under a second on any r
 MESH_CONNECTIONS = (128, 16)  # (total, per source): a linked cell pushes on one connection
 MESH_REQUEST_S = 10.0  # through a tunnel that may be slow or lossy
 WEB_CONNECTIONS = (64, 64)  # (total, per source): every browser comes from 127.0.0.1
-ADMIN_CONNECTIONS = (64, 64)  # (total, per source): the unix socket's callers are root
+ADMIN_CONNECTIONS = (128, 128)  # (total, per source): the unix socket's callers are root
+# threads running request handlers, all listeners together (anyio's default is 40): a handler
+# making a change waits for its batch's apply, and a burst of owner changes should fit in one
+HANDLER_THREADS = 160
 LOCAL_REQUEST_S = 30.0  # admin socket and web UI: local callers, generous
 ACCEPT_BACKOFF_S = (0.05, 0.2, 1.0)  # accept() failing (EMFILE): wait, then try again
 ADMIN_BODY_MAX = 1 << 20  # bytes; admin and web JSON bodies (a form or a service list)

@@ -24,6 +24,7 @@ from picell.addressing import (
     peer_address,
     vip_address,
 )
+from picell.batch import GroupCommit
 from picell.cellinit import InitRequest, check_links, plan_cell
 from picell.dns.unbound import read_upstreams
 from picell.errors import ApplyFailed, BadInput, Conflict
@@ -97,6 +98,12 @@ class Control:
         # set by the daemon: converge on a thread of its own, bursts coalesced; without it
         # (tests, one-shot commands) `converge_soon` converges at once
         self.coalescer: Coalescer | None = None
+        # set by the daemon (`batch_changes`): concurrent changes share one apply and commit;
+        # without it each change applies and commits on its own
+        self.group: GroupCommit | None = None
+        # held from reading the state to applying it (and, for a change, through its commit):
+        # two applies never interleave, and none applies a state older than the kernel's
+        self._apply_lock = threading.RLock()
         self._flush: set[str] = set()
         self._flush_lock = threading.Lock()
         # set by the daemon: a removed service stops being shared, and linked cells hear of it
@@ -117,11 +124,16 @@ class Control:
             observe_onlink(),
         )
 
+    def batch_changes(self) -> GroupCommit:
+        """From now on, concurrent changes are applied and committed together (the daemon)."""
+        self.group = GroupCommit(self.store, self._apply, self._restore, self._apply_lock)
+        return self.group
+
     def converge(self) -> Report | None:
         """Reconcile from the store (start-up, period, child exit)."""
-        if self.reconciler is None:
-            return None
-        with self.store.read() as conn:
+        if self.reconciler is None or self.store.writing():
+            return None  # inside a change: its own apply converges
+        with self._apply_lock, self.store.read() as conn:
             if not cell_table.exists(conn):
                 return None
             try:
@@ -156,21 +168,34 @@ class Control:
 
     @contextmanager
     def change(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction that commits only if the new state applies."""
-        with self.store.transaction() as conn:
-            yield conn
-            if self.reconciler is not None:
+        """A write transaction that commits only if the new state applies; it returns once
+        applied. Concurrent changes share one apply (`picell.batch`); inside a change it
+        nests, and the enclosing change applies."""
+        if self.store.writing():
+            with self.store.transaction() as conn:
+                yield conn
+        elif self.group is not None:
+            with self.group.change() as conn:
+                yield conn
+        else:
+            with self._apply_lock, self.store.transaction() as conn:
+                yield conn
                 try:
-                    self.reconciler.set(self.build(conn))
+                    self._apply(conn)
                 except ApplyFailed:
-                    self._restore_after_failure()
+                    self._restore()
                     raise
 
-    def _restore_after_failure(self) -> None:
-        # Runs while the failed transaction is still open: re-apply what the store held before.
-        # sqlite sees our own uncommitted writes, so read the committed state through a
-        # separate connection.
-        assert self.reconciler is not None
+    def _apply(self, conn: sqlite3.Connection) -> None:
+        if self.reconciler is not None:
+            self.reconciler.set(self.build(conn))
+
+    def _restore(self) -> None:
+        """After a failed apply, re-apply what the store held before. It may run while the
+        failed transaction is still open, so it reads the committed state through a
+        connection of its own (the write connection sees the uncommitted writes)."""
+        if self.reconciler is None:
+            return
         ro = sqlite3.connect(f"file:{self.store.path}?mode=ro", uri=True)
         ro.row_factory = sqlite3.Row
         try:

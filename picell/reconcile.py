@@ -32,6 +32,8 @@ from picell.firewall.apply import (
     apply_ruleset,
     cut_flows,
     cut_relay_flows,
+    has_flows,
+    list_flows,
     observe_table,
 )
 from picell.firewall.host import HostFirewall
@@ -75,8 +77,9 @@ from picell.wireguard.render import render_interface
 log = logging.getLogger(__name__)
 
 # Commands that only read the system; everything else a reconcile spawns is a write.
-READ_COMMANDS = {("wg", "show"), ("nft", "-j"), ("ip", "-j")}
-# Besides the constant set above, a reconcile runs one `conntrack -D` per revoked grant.
+READ_COMMANDS = {("wg", "show"), ("nft", "-j"), ("ip", "-j"), ("conntrack", "-L")}
+# Besides the constant set above, a reconcile that revokes grants runs one `conntrack -L`, and
+# one `conntrack -D` per revoked grant that has tracked flows.
 
 
 @dataclass(frozen=True)
@@ -255,9 +258,14 @@ class Reconciler:
         report.changes += [Change("host firewall", "add", rule) for rule in host.added]
         report.warnings += host.warnings
         report.anomalies += host.anomalies
-        for grant in sorted(self._grants - set(state.grants)):
-            cut_flows(self.runner, grant)  # a revoked grant: its established flows stop too
-            report.changes.append(Change("conntrack", "remove", grant.element))
+        revoked = sorted(self._grants - set(state.grants))
+        # a revoked grant: its established flows stop too. One `conntrack -L` first, so a
+        # burst of revocations costs one process, plus a `-D` per grant that has flows
+        flows = list_flows(self.runner) if revoked else None
+        for grant in revoked:
+            if has_flows(grant, flows):
+                cut_flows(self.runner, grant)
+                report.changes.append(Change("conntrack", "remove", grant.element))
         self._grants = set(state.grants)
         for rule in sorted(self._relay_rules - set(state.relay.rules)):
             cut_relay_flows(self.runner, rule)  # a withdrawn relay: its path ends at once

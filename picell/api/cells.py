@@ -32,6 +32,7 @@ from picell.api.models import (
     LinksImport,
     Permissions,
     RelayOffer,
+    Shares,
 )
 from picell.mesh.crypto import token_hash
 from picell.mesh.links import Links
@@ -167,7 +168,13 @@ def relay_offer(name: CellName, body: RelayOffer, sync: SyncDep) -> dict[str, An
 
 @router.post("/{name}/shares/{service}", response_model=CellOut)
 def share(name: CellName, service: ServiceName, sync: SyncDep) -> dict[str, Any]:
-    return sync.share(name, service)
+    return sync.share(name, [service])
+
+
+@router.post("/{name}/shares", response_model=CellOut)
+def share_many(name: CellName, body: Shares, sync: SyncDep) -> dict[str, Any]:
+    """Add several services to what cell `name` may use, as one change."""
+    return sync.share(name, body.services, field="services")
 
 
 @router.delete("/{name}/shares/{service}", response_model=CellOut)

@@ -99,6 +99,10 @@ class Permissions(Request):
     services: list[Name] = Field(max_length=256)
 
 
+class Shares(Request):
+    services: list[Name] = Field(min_length=1, max_length=256)
+
+
 class ExitOffer(Request):
     offered: bool
 

@@ -112,11 +112,15 @@ def connect(
 @app.command()
 def share(
     cell: Annotated[str, typer.Argument(help="The linked cell")],
-    service: Annotated[str, typer.Argument(help="One of this cell's services")],
+    services: Annotated[list[str], typer.Argument(help="One or more of this cell's services")],
     as_json: JsonOpt = False,
 ) -> None:
-    """Let a linked cell's network use one of our services (by name and address)."""
-    _link(call("POST", f"/api/cells/{cell}/shares/{service}", as_json), as_json)
+    """Let a linked cell's network use our services (by name and address): one change."""
+    if len(services) == 1:
+        _link(call("POST", f"/api/cells/{cell}/shares/{services[0]}", as_json), as_json)
+    else:
+        body = {"services": services}
+        _link(call("POST", f"/api/cells/{cell}/shares", as_json, json=body), as_json)
 
 
 @app.command()

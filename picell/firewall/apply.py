@@ -130,6 +130,45 @@ def apply_grant_delta(runner: Runner, lines: list[str]) -> None:
     runner.run(["nft", "-f", "-"], stdin="\n".join(lines) + "\n")
 
 
+# a tracked flow's original tuple: protocol, source, destination, destination port
+Flow = tuple[str, IPv4Address, IPv4Address, int]
+
+
+def list_flows(runner: Runner) -> set[Flow] | None:
+    """The original tuples of the tracked IPv4 TCP and UDP flows, in one `conntrack -L`; None
+    when they cannot be read (the caller then cuts as if every grant had flows)."""
+    try:
+        out = runner.run(["conntrack", "-L", "-f", "ipv4"]).stdout
+    except CommandFailed:
+        return None
+    flows: set[Flow] = set()
+    for line in out.splitlines():
+        words = line.split()
+        if not words or words[0] not in ("tcp", "udp"):
+            continue
+        first: dict[str, str] = {}
+        for word in words:  # the first src=, dst=, dport= are the original direction's
+            key, _, value = word.partition("=")
+            if key in ("src", "dst", "dport") and key not in first:
+                first[key] = value
+        try:
+            flows.add((words[0], IPv4Address(first["src"]), IPv4Address(first["dst"]),
+                       int(first["dport"])))  # fmt: skip
+        except (KeyError, ValueError):
+            continue
+    return flows
+
+
+def has_flows(grant: Grant, flows: set[Flow] | None) -> bool:
+    if flows is None:
+        return True
+    return any(
+        proto == grant.protocol and dst == grant.vip and port == grant.port
+        and src in grant.network
+        for proto, src, dst, port in flows
+    )  # fmt: skip
+
+
 def cut_flows(runner: Runner, grant: Grant) -> None:
     """Delete the conntrack entries of a revoked grant (original tuple: before DNAT), so that
     established flows stop too. Exit status 1 means there were none."""

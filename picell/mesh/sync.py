@@ -75,21 +75,44 @@ class Sync:
 
     # -- the owner's choices -------------------------------------------------------------------
     def set_permissions(self, name: str, services: list[str]) -> dict[str, Any]:
+        """The whole set of our services `name` may use: one change, however many."""
+        wanted = {validate.name(s, "services") for s in services}
+        return self._permissions(name, lambda _current: wanted)
+
+    def share(self, name: str, services: list[str], field: str = "service") -> dict[str, Any]:
+        """Add services to what `name` may use: one change, however many."""
+        added = {validate.name(s, field) for s in services}
+        return self._permissions(name, lambda current: current | added)
+
+    def unshare(self, name: str, service: str) -> dict[str, Any]:
+        validate.name(service, "service")
+
+        def without(current: set[str]) -> set[str]:
+            if service not in current:
+                raise NotFound(f"service: {service} is not shared with {name}", field="service")
+            return current - {service}
+
+        return self._permissions(name, without)
+
+    def _permissions(self, name: str, new: Callable[[set[str]], set[str]]) -> dict[str, Any]:
+        # `new` reads the current set inside the change's transaction: concurrent shares of
+        # different services to one cell (batched together) each add to what the last left
         validate.name(name, "cell")
-        wanted = tuple(sorted({validate.name(s, "services") for s in services}))
         with self.control.change() as conn:
             link = link_table.get(conn, name)
             if link.state == LinkState.UNLINKING:
                 raise Conflict(f"cell: the link with {name} is ending", field="cell")
+            current = tuple(sorted(link.choices.inbound))
+            wanted = tuple(sorted(new(set(current))))
             known = {s.name for s in service_table.all_services(conn)}
             for svc in wanted:
                 if svc not in known:
                     raise NotFound(f"services: no service named {svc!r}", field="services")
-            for svc in sorted(set(wanted) - set(link.choices.inbound)):
+            for svc in sorted(set(wanted) - set(current)):
                 journal.append(conn, name, f"shared {svc}", "local owner")
-            for svc in sorted(set(link.choices.inbound) - set(wanted)):
+            for svc in sorted(set(current) - set(wanted)):
                 journal.append(conn, name, f"unshared {svc}", "local owner")
-            if wanted != tuple(sorted(link.choices.inbound)):
+            if wanted != current:
                 link_table.save(conn, replace(link, choices=replace(link.choices, inbound=wanted)))
                 link_table.mark_pending(conn, name)
         self.wake_sender()
@@ -135,22 +158,6 @@ class Sync:
                 journal.append(conn, name, events[0] if offered else events[1], "local owner")
         self.wake_sender()
         return self.links.describe(name)
-
-    def share(self, name: str, service: str) -> dict[str, Any]:
-        current = self._inbound(name)
-        return self.set_permissions(name, [*current, validate.name(service, "service")])
-
-    def unshare(self, name: str, service: str) -> dict[str, Any]:
-        validate.name(service, "service")
-        current = self._inbound(name)
-        if service not in current:
-            raise NotFound(f"service: {service} is not shared with {name}", field="service")
-        return self.set_permissions(name, [s for s in current if s != service])
-
-    def _inbound(self, name: str) -> tuple[str, ...]:
-        validate.name(name, "cell")
-        with self.store.read() as conn:
-            return link_table.get(conn, name).choices.inbound
 
     def forget_service(self, conn: Any, service: str) -> None:
         """A removed service stops being shared (called inside the removal's transaction)."""

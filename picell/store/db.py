@@ -8,6 +8,7 @@ Records written by an older version load with column defaults, never by a manual
 from __future__ import annotations
 
 import os
+import queue
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -191,22 +192,37 @@ MIGRATIONS: tuple[str, ...] = (
 
 
 class Store:
-    """A serialised SQLite connection. Writers use `transaction()` (BEGIN IMMEDIATE)."""
+    """The SQLite store. One write connection, serialised by `lock`: writers use
+    `transaction()` (BEGIN IMMEDIATE). Readers use `read()`: a pooled connection of their own in
+    one read transaction, a consistent snapshot of the last commit (WAL), so a reader never
+    waits for a writer or for an apply that holds the write transaction open.
+
+    Group commit (`picell.batch`) lends the open write transaction to the threads whose changes
+    it batches, one at a time (`lend`): on the borrowing thread, `transaction()` nests as a
+    savepoint and `read()` sees the uncommitted writes, as on the writer's own thread."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fresh = not path.exists()
-        self.conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self.conn = self._connect()
         if fresh:
             os.chmod(path, 0o600)  # holds private keys: root only
-        self.conn.row_factory = sqlite3.Row
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=FULL")
-        self.conn.execute("PRAGMA foreign_keys=ON")
-        self.conn.execute("PRAGMA busy_timeout=5000")
         self.lock = threading.RLock()
+        self._writer: int | None = None  # the thread inside `transaction()` or lent it
+        self._readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
+        self._opened: list[sqlite3.Connection] = []
+        self._pool_lock = threading.Lock()
         self.migrate()
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA busy_timeout=5000")
+        return conn
 
     @property
     def version(self) -> int:
@@ -225,24 +241,77 @@ class Store:
                     self.conn.execute("ROLLBACK")
                     raise
 
+    def writing(self) -> bool:
+        """True on the thread that holds the write transaction (or borrows it)."""
+        return self._writer == threading.get_ident()
+
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction; rolled back if the block raises."""
+        """One write transaction; rolled back if the block raises. Inside the write
+        transaction (a borrowed one included) it nests as a savepoint."""
+        if self.writing():
+            with self._savepoint() as conn:
+                yield conn
+            return
         with self.lock:
             self.conn.execute("BEGIN IMMEDIATE")
+            self._writer = threading.get_ident()
             try:
                 yield self.conn
             except BaseException:
                 self.conn.execute("ROLLBACK")
                 raise
+            finally:
+                self._writer = None
             self.conn.execute("COMMIT")
 
     @contextmanager
-    def read(self) -> Iterator[sqlite3.Connection]:
-        with self.lock:
+    def _savepoint(self) -> Iterator[sqlite3.Connection]:
+        self.conn.execute("SAVEPOINT nested")
+        try:
             yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK TO nested")
+            self.conn.execute("RELEASE nested")
+            raise
+        self.conn.execute("RELEASE nested")
+
+    @contextmanager
+    def lend(self) -> Iterator[sqlite3.Connection]:
+        """Runs the calling thread's block inside the write transaction another thread holds
+        open (group commit, which lets one block at a time borrow it), as a savepoint that is
+        rolled back alone if the block raises."""
+        owner, self._writer = self._writer, threading.get_ident()
+        try:
+            with self._savepoint() as conn:
+                yield conn
+        finally:
+            self._writer = owner
+
+    @contextmanager
+    def read(self) -> Iterator[sqlite3.Connection]:
+        """A consistent snapshot of the last commit, without waiting for any writer."""
+        if self.writing():
+            yield self.conn
+            return
+        try:
+            conn = self._readers.get_nowait()
+        except queue.Empty:
+            conn = self._connect()
+            with self._pool_lock:  # never the write lock: a reader does not wait for writers
+                self._opened.append(conn)
+        conn.execute("BEGIN")
+        try:
+            yield conn
+        finally:
+            conn.execute("ROLLBACK")
+            self._readers.put(conn)
 
     def close(self) -> None:
+        with self._pool_lock:
+            for conn in self._opened:
+                conn.close()
+            self._opened.clear()
         self.conn.close()
 
 

@@ -72,6 +72,7 @@ class FakeKernel(Runner):
     nft_extra: list[object] = field(default_factory=list)  # objects someone else added
     grants: dict[str, set[str]] = field(default_factory=dict)
     flows_cut: list[tuple[str, ...]] = field(default_factory=list)
+    flows: list[str] = field(default_factory=list)  # `conntrack -L` lines
     batches: list[str] = field(default_factory=list)  # every `ip -batch -` input, in order
     fail_on: str | None = None  # argv[0] of a command to fail
     handshake_resets: int = 0
@@ -218,6 +219,8 @@ class FakeKernel(Runner):
             return ""
         if a[0] == "unbound-control":
             return "ok\n"
+        if a[:2] == ("conntrack", "-L"):
+            return "".join(f"{line}\n" for line in self.flows)
         if a[:2] == ("conntrack", "-D"):
             self.flows_cut.append(a)
             return ""

@@ -345,14 +345,14 @@ def test_sharing_marks_the_link_for_a_push_and_grants_it(control: Control) -> No
     control.add_service("web", "127.0.0.1:8080", 80)
     links, _, _ = _linked_pair(control)
     sync = Sync(links)
-    out = sync.share("beta", "web")
+    out = sync.share("beta", ["web"])
     assert [s["name"] for s in out["inbound"]] == ["web"] and out["pending_push"] >= 1
     with control.store.read() as conn:
         state = control.build(conn)
     assert [g.element for g in state.grants] == ["10.62.0.0/24 . 10.61.0.254 . 80"]
     assert "web.alpha.test" in [r.fqdn for r in state.dns.views[0].records]
     with pytest.raises(NotFound) as err:
-        sync.share("beta", "nope")
+        sync.share("beta", ["nope"])
     assert err.value.field == "services"
     control.remove_service("web")  # a removed service stops being shared
     assert links.overview()[0]["inbound"] == []

@@ -158,11 +158,30 @@ def test_a_grant_change_is_one_set_delta_and_a_revoke_cuts_flows(
     assert kernel.grants["grants_tcp"] == {"10.62.0.0/24 . 10.61.3.254 . 80",
                                            "10.62.0.0/24 . 10.61.3.253 . 80"}  # fmt: skip
     assert kernel.flows_cut == []
-    reconciler.set(_with_link(("s1",)))
+    # a flow of the linked network to s0 (its original tuple first, then the reply's), and
+    # flows no revoked grant covers: another port, another network, another protocol
+    kernel.flows = [
+        "tcp      6 431999 ESTABLISHED src=10.62.0.2 dst=10.61.3.254 sport=40000 dport=80 "
+        "src=127.0.0.1 dst=10.62.0.2 sport=8000 dport=40000 [ASSURED] mark=0 use=1",
+        "tcp      6 431999 ESTABLISHED src=10.62.0.2 dst=10.61.3.254 sport=40001 dport=81 "
+        "src=127.0.0.1 dst=10.62.0.2 sport=8000 dport=40001 [ASSURED] mark=0 use=1",
+        "udp      17 29 src=10.62.0.2 dst=10.61.3.253 sport=5353 dport=80 [UNREPLIED] "
+        "src=10.61.3.253 dst=10.62.0.2 sport=80 dport=5353 mark=0 use=1",
+    ]
+    report = reconciler.set(_with_link(("s1",)))
     assert kernel.grants["grants_tcp"] == {"10.62.0.0/24 . 10.61.3.253 . 80"}
     cut = "conntrack -D -p tcp -s 10.62.0.0 --mask-src 255.255.255.0 -d 10.61.3.254 --dport 80"
     assert kernel.flows_cut == [tuple(cut.split())]
+    assert ("conntrack", "-L", "-f", "ipv4") in report.commands
     assert not reconciler.set(_with_link(("s1",))).changed
+    # revoking a grant with no tracked flow: one `conntrack -L`, no `-D`
+    reconciler.set(_with_link(("s1", "s0")))
+    kernel.flows = [line.replace("dport=80 ", "dport=82 ", 1) for line in kernel.flows]
+    report = reconciler.set(_with_link(("s1",)))
+    assert [c for c in report.commands if c[0] == "conntrack"] == [
+        ("conntrack", "-L", "-f", "ipv4")
+    ]
+    assert len(kernel.flows_cut) == 1
 
 
 # -- endpoints follow reality (NAT issue) ---------------------------------------------------------
