@@ -8,8 +8,6 @@ admin API over its unix socket.
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
@@ -17,6 +15,7 @@ import httpx
 import typer
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
+from picell.cli import show
 from picell.constants import DEFAULT_DATA_DIR
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Personal Internet Cell")
@@ -46,10 +45,7 @@ def main_options(
 
 
 def fail(message: str, as_json: bool, body: Any = None) -> NoReturn:
-    if as_json:
-        print(json.dumps(body or {"code": "error", "message": message, "field": None}))
-    else:
-        print(f"error: {message}", file=sys.stderr)
+    show.error(message, as_json, body)
     raise typer.Exit(1)
 
 
@@ -65,17 +61,9 @@ def call(method: str, path: str, as_json: bool, **kwargs: Any) -> httpx.Response
         with admin_client() as client:
             resp = client.request(method, path, **kwargs)
     except (httpx.ConnectError, httpx.TransportError, FileNotFoundError):
-        fail(
-            f"the picell daemon is not running (no answer on {CTX.data_dir / 'admin.sock'}); "
-            "start it with `picell serve`",
-            as_json,
-        )
+        fail(show.not_running(CTX.data_dir / "admin.sock"), as_json)
     if resp.status_code >= 400:
-        try:
-            body = resp.json()
-            message = body.get("message") or str(body)
-        except ValueError:
-            body, message = None, resp.text
+        message, body = show.refusal(resp.content)
         fail(message, as_json, body)
     return resp
 
@@ -104,7 +92,7 @@ def out(data: Any, as_json: bool, human: str) -> None:
         data = data.model_dump(mode="json")
     elif isinstance(data, list):
         data = [d.model_dump(mode="json") if isinstance(d, BaseModel) else d for d in data]
-    print(json.dumps(data, indent=2) if as_json else human)
+    show.emit(data, as_json, human)
 
 
 def qr_terminal(text: str) -> None:

@@ -5,14 +5,14 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import httpx
 import typer
 
-from picell.api.models import PeerCreated, PeerLive, ReportOut, ServiceOut, StatusOut
+from picell.api.models import PeerCreated, PeerLive, ReportOut, ServiceOut, StatusOut, dump
+from picell.cli import show
 from picell.cli.base import (
     CTX,
     JsonOpt,
@@ -144,57 +144,11 @@ def serve(
     os._exit(0)
 
 
-def _port_mapping(data: StatusOut) -> str:
-    m = data.port_mapping
-    if m is None:
-        why = f" ({data.port_mapping_error})" if data.port_mapping_error else ""
-        return f"port mapping: none{why}"
-    pair = f", pairing TCP {m.pair_external_port}" if m.pair_external_port else ""
-    left = max(0, round(m.expires_at - time.time()))
-    line = f"port mapping: {m.protocol} {m.external_address}:{m.external_port}{pair}, {left} s left"
-    return line + (f"\nwarning: {m.warning}" if m.warning else "")
-
-
 @app.command()
 def status(as_json: JsonOpt = False) -> None:
     """The cell's identity and health."""
     data = read(call("GET", "/api/status", as_json), StatusOut, as_json)
-    keys = ("name", "domain", "address", "endpoint", "interface", "public_key", "dns")
-    lines = [f"{k}: {getattr(data, k)}" for k in keys]
-    if len(data.endpoints) > 1:
-        lines.append(f"endpoints: {', '.join(data.endpoints)}")
-    lines += _reach_lines(data)
-    lines.append(f"devices: {data.devices}  services: {data.services}")
-    lines.append(f"dns running: {'yes' if data.dns_running else 'NO'}")
-    if data.last_error:
-        lines.append(f"last error: {data.last_error}")
-    for c in data.conflicts:
-        lines.append(f"CONFLICT: link {c.cell} ({c.network}) overlaps {c.overlaps}")
-    lines.append(_port_mapping(data))
-    for fw in data.host_firewall:
-        lines.append(f"host firewall: {fw.owner} ({fw.table} {fw.chain}) {fw.what}: {fw.action}")
-    rot = data.key_rotation
-    if rot is not None and rot.in_flight:
-        lines.append("key rotation: in flight, waiting for " + (", ".join(rot.waiting_for) or "?")
-                     + " (run `picell keys rotate` again once they are online)")  # fmt: skip
-    elif rot is not None and rot.rotated_at:
-        lines.append(
-            f"key rotated: {time.strftime('%Y-%m-%d %H:%M', time.localtime(rot.rotated_at))}"
-        )
-    if data.restored_at:
-        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(data.restored_at))
-        lines.append(f"restored from a backup: {when}")
-    for warning in data.last_reconcile.warnings if data.last_reconcile else []:
-        if not warning.startswith("host firewall: "):  # said just above
-            lines.append(f"warning: {warning}")
-    out(data, as_json, "\n".join(lines))
-
-
-def _reach_lines(data: StatusOut) -> list[str]:
-    lines = [f"warning: {w}" for w in data.endpoint_warnings]
-    if data.device_endpoint_note:
-        lines.append(f"note: {data.device_endpoint_note}")
-    return lines
+    out(data, as_json, show.status_text(dump(data)))
 
 
 @app.command()
@@ -209,7 +163,7 @@ def endpoint(
     data = read(call("PUT", "/api/cell/endpoint", as_json, json={"endpoints": endpoints}),
                 StatusOut, as_json)  # fmt: skip
     lines = [f"endpoint: {', '.join(data.endpoints)} (pushed to every linked cell)"]
-    out(data, as_json, "\n".join(lines + _reach_lines(data)))
+    out(data, as_json, "\n".join(lines + show.reach_lines(dump(data))))
 
 
 @app.command()
@@ -244,14 +198,7 @@ def peers_add(
 def peers_list(as_json: JsonOpt = False) -> None:
     """The devices, with their address and last handshake."""
     data = read_list(call("GET", "/api/peers", as_json), PeerLive, as_json)
-    rows = [
-        f"{p.name:<20} {p.address:<16} "
-        f"{'never' if p.handshake_age_s is None else str(p.handshake_age_s) + 's ago':<12} "
-        f"rx {p.rx_bytes} tx {p.tx_bytes}"
-        + (f"  internet via {p.route_via}" if p.route_via else "")
-        for p in data
-    ]
-    out(data, as_json, "\n".join(rows) or "no devices")
+    out(data, as_json, show.peers_text(dump(data)))
 
 
 @peers_app.command("remove")
@@ -316,8 +263,7 @@ def services_add(
 def services_list(as_json: JsonOpt = False) -> None:
     """The services, with their names and addresses."""
     data = read_list(call("GET", "/api/services", as_json), ServiceOut, as_json)
-    rows = [f"{s.name:<20} {s.vip}:{s.port}/{s.protocol:<4} -> {s.backend}" for s in data]
-    out(data, as_json, "\n".join(rows) or "no services")
+    out(data, as_json, show.services_text(dump(data)))
 
 
 @services_app.command("remove")

@@ -4,9 +4,7 @@ own models (`picell.api.models`), and `--json` prints them."""
 
 from __future__ import annotations
 
-import json
 import sys
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -19,19 +17,17 @@ from picell.api.models import (
     InviteRow,
     JournalEntryOut,
     RouteViaOut,
-    SharedServiceOut,
+    dump,
 )
+from picell.cli import show
 from picell.cli.base import JsonOpt, app, call, out, qr_terminal, read, read_list
 
 
 def _duration(text: str) -> float:
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     try:
-        if text and text[-1] in units:
-            return float(text[:-1]) * units[text[-1]]
-        return float(text)
-    except ValueError:
-        raise typer.BadParameter(f"{text!r}: use e.g. 3600, 30m, 24h or 7d") from None
+        return show.duration(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 @app.command()
@@ -46,25 +42,9 @@ def invite(
     if as_json:
         out(data, True, "")
         return
-    print(json.dumps(data.invite.model_dump(mode="json"), indent=2))
-    print()
-    print("Copy-paste string (give it to the other cell's owner: picell connect STRING):")
-    print(data.string)
-    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(data.expires_at))
-    print(f"\ninvite {data.id}, single use, expires {when}; end it with "
-          f"`picell invites revoke {data.id}`")  # fmt: skip
+    print(show.invite_text(dump(data)))
     if qr:
         qr_terminal(data.string)
-
-
-def _show_invite(row: InviteRow) -> str:
-    def when(ts: float) -> str:
-        return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
-
-    state = {"open": f"open until {when(row.expires_at)}",
-             "expired": f"expired {when(row.expires_at)}",
-             "used": f"used {when(row.used_at or 0)} by {row.used_by}"}[row.state]  # fmt: skip
-    return f"{row.id:>4}  created {when(row.created_at)}  {state}"
 
 
 @app.command()
@@ -76,7 +56,7 @@ def invites(
     """The invites this cell handed out (open, used, expired); `invites revoke ID` ends one."""
     if action is None:
         rows = read_list(call("GET", "/api/cells/invites", as_json), InviteRow, as_json)
-        out(rows, as_json, "\n".join(_show_invite(r) for r in rows) or "no invites")
+        out(rows, as_json, show.invites_text(dump(rows)))
         return
     if action != "revoke" or invite_id is None:
         raise typer.BadParameter("use `picell invites` or `picell invites revoke ID`")
@@ -84,61 +64,9 @@ def invites(
     out({"revoked": invite_id}, as_json, f"revoked invite {invite_id}: it can no longer be used")
 
 
-def _services(items: list[SharedServiceOut]) -> str:
-    return (
-        ", ".join(
-            f"{s.name} ({s.vip}:{','.join(map(str, s.ports))})" if s.vip else s.name for s in items
-        )
-        or "nothing"
-    )
-
-
-def _show_link(c: CellOut) -> str:
-    hs = "never" if c.handshake_age_s is None else f"{c.handshake_age_s}s ago"
-    state = c.state
-    if state == "linked":
-        state = "linked, online" if c.online else "linked, offline"
-    at = ", ".join(c.endpoints or [c.endpoint])
-    lines = [
-        f"{c.name}  [{state}]  {c.domain}  {c.vpn_subnet}  at {at}",
-        f"  handshake {hs}  rx {c.rx_bytes} tx {c.tx_bytes}"
-        + (f"  they see us at {c.seen_at}" if c.seen_at else ""),
-        f"  authentication string: {c.auth_string} (compare it with {c.name}'s owner)",
-        f"  we share: {_services(c.inbound)}",
-    ]
-    lines.append(f"  path: {c.path}" + (f" ({c.relay_note})" if c.relay_note else ""))
-    if c.orphan:
-        lines.append(f"  orphan: {c.orphan_reason}")
-    if c.rekey_state == "pending":
-        lines.append("  key rotation: waiting for it to take our new key")
-    exits = [
-        "we offer them our relay" if c.relay_offered else "",
-        "they offer us their relay" if c.remote_relay_offered else "",
-        "we offer them our exit" if c.exit_offered else "",
-        "they offer us their exit" if c.remote_exit_offered else "",
-        "some of our devices use their exit" if c.exit_relay_active else "",
-        "their devices use our exit" if c.relaying else "",
-    ]
-    if any(exits):
-        lines.append("  " + "; ".join(x for x in exits if x))
-    lines.append(f"  they share: {_services(c.outbound)}")
-    if c.last_push_at:
-        when = time.strftime("%H:%M:%S", time.localtime(c.last_push_at))
-        lines.append(f"  last push: {c.last_push_status} at {when}")
-    if c.last_remote_update_at:
-        when = time.strftime("%H:%M:%S", time.localtime(c.last_remote_update_at))
-        lines.append(f"  they last told us their state at {when}")
-    if c.last_push_error:
-        lines.append(f"  {c.last_push_error}")
-    if c.pending_message:
-        err = f": {c.pending_error}" if c.pending_error else ""
-        lines.append(f"  telling {c.name}: {c.pending_message} pending{err}")
-    return "\n".join(lines)
-
-
 def _link(resp: Any, as_json: bool) -> None:
     cell = read(resp, CellOut, as_json)
-    out(cell, as_json, _show_link(cell))
+    out(cell, as_json, show.link_text(dump(cell)))
 
 
 def _invite_text(invite: str) -> str:
@@ -245,15 +173,10 @@ def _cells(journal: str | None, as_json: bool) -> None:
     if journal is not None:
         resp = call("GET", "/api/cells/journal", as_json, params={"cell": journal})
         entries = read_list(resp, JournalEntryOut, as_json)
-        rows = [
-            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(e.at))}  {e.event}"
-            f"  by {e.actor}" + (f"  ({e.detail})" if e.detail else "")
-            for e in entries
-        ]
-        out(entries, as_json, "\n".join(rows) or f"no journal entries for {journal}")
+        out(entries, as_json, show.journal_text(dump(entries), journal))
         return
     cells = read_list(call("GET", "/api/cells", as_json), CellOut, as_json)
-    out(cells, as_json, "\n".join(_show_link(c) for c in cells) or "no linked cells")
+    out(cells, as_json, show.cells_text(dump(cells)))
 
 
 JournalOpt = Annotated[

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from picell.app import build_api
 from picell.cli import base as cli_base
-from picell.cli.base import app as cli_app
+from picell.cli.commands import app as cli_app
 from picell.control import Control
 from picell.errors import Forbidden
 from picell.mesh.crypto import mac, pairing_key
