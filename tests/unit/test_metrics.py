@@ -77,7 +77,7 @@ def test_a_scrape_shows_reconciles_pushes_refusals_and_each_link(
     control.add_service("web", f"127.0.0.1:{backend}", port=80)
     control.add_service("gone", f"127.0.0.1:{closed_port()}", port=81)
     control.add_service("dns", "127.0.0.1:5353", port=53, protocol="udp")
-    Sync(world.links).share("beta", "web")
+    Sync(world.links).share("beta", ["web"])
     beta = world.link()
     peer = kernel.wg["pctest0"]["peers"][beta.public_key]  # type: ignore[index]
     peer.update(handshake=int(world.clock.time()) - 30, rx=1234, tx=5678)

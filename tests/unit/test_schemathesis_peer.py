@@ -109,6 +109,7 @@ def narrowed(document: dict[str, Any], beta_public: str, alpha_public: str) -> d
              "seen_at": {"enum": ["198.51.100.1:51820", "[2001:DB8::1]:51820"]},
              "vip": {"enum": ["10.62.0.254"]}, "from_public_key": {"enum": [beta_public]},
              "to_public_key": {"enum": [alpha_public]}}  # fmt: skip
+    fixed["endpoints"] = {"type": "array", "items": fixed["endpoint"], "maxItems": 4}
     for model in schemas.values():
         for name, prop in model.get("properties", {}).items():
             if name in fixed:
