@@ -7,4 +7,6 @@ scripts/install.sh --test
 .venv/bin/ruff check picell tests bench
 .venv/bin/ruff format --check picell tests bench
 .venv/bin/mypy picell
-.venv/bin/python -m pytest -q -p no:cacheprovider tests/unit tests/netns "$@"
+# two workers, a test module each (module-scoped topologies stay whole): the netns tests spend
+# most of their time waiting for handshakes and daemons, not on the CPU
+.venv/bin/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile tests/unit tests/netns "$@"
