@@ -2,7 +2,9 @@
 nothing else of alpha is; unsharing cuts live flows; beta learns of every change through signed
 state documents, also after a partition; forged, replayed, re-targeted and misplaced messages
 are refused. alpha's phone scrapes alpha's /metrics through its tunnel with the token
-(`picell metrics token`); without it, or from beta with it, the scrape is refused.
+(`picell metrics token`); without it, or from beta with it, the scrape is refused. 20 shares
+sent at once are group-committed: each answered once applied, fewer nft transactions than
+changes.
 
 Topology (module scope):
 
@@ -24,6 +26,7 @@ import ipaddress
 import sqlite3
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +38,7 @@ from picell.store import cell as cell_table
 from picell.store import links as link_table
 from picell.wireguard import keys
 from tests.netns.cells import Cell, cell_on_bridge, post_json, start_upstream_dns
+from tests.netns.faults import api
 from tests.netns.harness import PYTHON, Netns, Topology, wait_until
 
 MESH = "http://10.61.0.1:3000/api/cells/peer-sync/permissions"
@@ -353,3 +357,49 @@ def test_our_devices_scrape_metrics_with_the_token_and_a_linked_cell_is_refused(
     assert (sample(local, "picell_reconcile_total") or 0) > 0
     rotated = alpha.cli("metrics", "token", "--rotate")["token"]
     assert scrape(phone, token)[0] == 401 and scrape(phone, rotated)[0] == 200
+
+
+def test_concurrent_shares_are_batched_each_answered_once_enforced(world: World) -> None:
+    """20 shares sent at once on alpha's admin socket (group commit): every request answered
+    200 only once applied (alpha's grant set holds its element when it answers), fewer nft
+    transactions than changes, and beta's view ends with all of them; then 20 concurrent
+    unshares take them all away again, in alpha's kernel and in beta's view."""
+    alpha = world.alpha
+    names = [f"burst{i}" for i in range(20)]
+    for i, name in enumerate(names):
+        status, _ = api(alpha, "POST", "/api/services",
+                        {"name": name, "backend": f"127.0.0.1:{9100 + i}", "port": 80})  # fmt: skip
+        assert status == 201
+    vips = {s["name"]: s["vip"] for s in alpha.cli("services", "list")}
+
+    def granted() -> set[str]:
+        text = alpha.ns.run(["nft", "list", "set", "inet", "picell", "grants_tcp"]).stdout
+        return {n for n in names if f"{vips[n]} . 80" in text}
+
+    def nft_transactions() -> int:
+        applied = api(alpha, "GET", "/api/status")[1]["applied"]
+        return int(applied.get("nft grant delta", 0)) + int(applied.get("nft table", 0))
+
+    def at_once(method: str) -> list[tuple[int, set[str]]]:
+        def one(name: str) -> tuple[int, set[str]]:
+            status, _ = api(alpha, method, f"/api/cells/beta/shares/{name}")
+            return status, granted()  # what the kernel holds once we have the answer
+
+        with ThreadPoolExecutor(max_workers=len(names)) as pool:
+            return list(pool.map(one, names))
+
+    before = nft_transactions()
+    results = at_once("POST")
+    for name, (status, kernel) in zip(names, results, strict=True):
+        assert status == 200 and name in kernel, (name, status)
+    assert nft_transactions() - before < len(names)  # one each without group commit
+    wait_until(lambda: set(names) <= set(outbound(world.beta, "alpha")), 20,
+               "beta never saw every share")  # fmt: skip
+    results = at_once("DELETE")
+    for name, (status, kernel) in zip(names, results, strict=True):
+        assert status == 200 and name not in kernel, (name, status)
+    assert granted() == set()
+    wait_until(lambda: not set(names) & set(outbound(world.beta, "alpha")), 20,
+               "beta still sees a share")  # fmt: skip
+    for name in names:
+        assert api(alpha, "DELETE", f"/api/services/{name}")[0] == 204
