@@ -9,6 +9,7 @@ the compatibility test): its daemon and its CLI then both import that tree's `pi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -219,3 +220,14 @@ def cell_on_bridge(
     cell.init()
     cell.start()
     return cell
+
+
+def pids_of(ns: Netns, program: str) -> list[int]:
+    """Running processes named `program` in `ns` (zombies left out), sorted."""
+    found = []
+    for pid in ns.pids():
+        with contextlib.suppress(OSError):
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            if Path(f"/proc/{pid}/comm").read_text().strip() == program and state != "Z":
+                found.append(pid)  # a zombie waits for the harness's reaper: not running
+    return sorted(found)

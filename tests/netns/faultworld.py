@@ -45,10 +45,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from tests.netns.cells import Cell
+from tests.netns.cells import Cell, pids_of
 from tests.netns.faults import (
     Faults,
     api,
@@ -68,16 +67,6 @@ CONVERGE_S = 90  # generous: a push may wait out a backoff, WireGuard a rekey, o
 
 def other(name: str) -> str:
     return "beta" if name == "alpha" else "alpha"
-
-
-def pids_of(ns: Netns, program: str) -> list[int]:
-    found = []
-    for pid in ns.pids():
-        with contextlib.suppress(OSError):
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            if Path(f"/proc/{pid}/comm").read_text().strip() == program and state != "Z":
-                found.append(pid)
-    return sorted(found)
 
 
 @dataclass

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns.cells import Cell, cell_on_bridge, start_upstream_dns
+from tests.netns.cells import Cell, cell_on_bridge, pids_of, start_upstream_dns
 from tests.netns.harness import Bridge, Netns, Topology, wait_until
 
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -75,16 +75,6 @@ def world() -> Iterator[World]:
         wait_until(lambda: nss["laptop"].http_get("http://files.alpha.test/") == "alpha files",
                    30, "beta's laptop cannot use alpha's shared files")  # fmt: skip
         yield World(topo, inet, alpha, beta, nss["phone"], nss["laptop"], vips)
-
-
-def pids_of(ns: Netns, program: str) -> list[int]:
-    found = []
-    for pid in ns.pids():
-        with contextlib.suppress(OSError):
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            if Path(f"/proc/{pid}/comm").read_text().strip() == program and state != "Z":
-                found.append(pid)  # a zombie waits for the harness's reaper: not running
-    return sorted(found)
 
 
 def sigterm(cell: Cell) -> int:
