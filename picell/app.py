@@ -238,6 +238,7 @@ class Daemon:
         self.coalescer = Coalescer(self.control.converge_and_flush, DOCUMENT_COALESCE_S)
         self.control.coalescer = self.coalescer
         self.control.after_change = self.sender.wake
+        self.sync.heard_from = self.sender.heard_from
         # the owner's concurrent changes share one apply, one commit and one push
         self.group = self.control.batch_changes()
         self._wake = threading.Event()

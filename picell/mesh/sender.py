@@ -269,6 +269,17 @@ class Sender:
         message = f"sender: {where}: {kind}: {exc}"
         self.errors.note(f"sender {where} {kind}", logging.ERROR, message, exc_info=True)
 
+    def heard_from(self, key: str) -> None:
+        """The cell with link key `key` just reached us through the tunnel (its document was
+        accepted): whatever we hold for it and backed off while it was away is due now, not
+        after the rest of a backoff of up to `OUTBOX_MAX_BACKOFF_S`."""
+        with self._lock:
+            retry = self._retry.get(key)
+            if retry is None:
+                return
+            retry.at = min(retry.at, self.clock.time())
+        self._wake.set()
+
     def _note(self, key: str, error: str | None) -> None:
         with self._lock:
             if error is None:

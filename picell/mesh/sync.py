@@ -83,6 +83,9 @@ class Sync:
         self.control = links.control
         self.store = links.store
         self.wake_sender = wake_sender
+        # set by the daemon (`Sender.heard_from`): a cell we just heard from is reachable, so
+        # what we backed off for it is due now
+        self.heard_from: Callable[[str], None] = lambda _key: None
 
     # -- the owner's choices -------------------------------------------------------------------
     def set_permissions(self, name: str, services: list[str]) -> dict[str, Any]:
@@ -253,6 +256,7 @@ class Sync:
             # what they let us resolve changed on their side before they sent this: forget our
             # cached answers now, not after the coalesced converge (which flushes once more)
             self.control.reconciler.unbound.flush_zone(flush)
+        self.heard_from(link.public_key)
         if tell or _counters_off(updated) != _counters_off(link):
             self.control.converge_soon(flush=flush)
         # else a heartbeat: only its counters moved, and nothing the kernel holds comes from

@@ -493,6 +493,8 @@ def test_a_heartbeat_converges_nothing_a_change_converges(control: Control) -> N
     sync = Sync(links)
     asked: list[str | None] = []
     control.converge_soon = lambda flush=None: asked.append(flush)  # type: ignore[method-assign]
+    heard: list[str] = []
+    sync.heard_from = heard.append  # every accepted document: the sender's backoff ends
     shared = [{"name": "files", "vip": "10.62.0.250", "ports": [445]}]
     sync.receive_state(_state_from_beta(control, beta_private, 1, shared_services=shared),
                        "10.62.0.1")  # fmt: skip
@@ -505,3 +507,4 @@ def test_a_heartbeat_converges_nothing_a_change_converges(control: Control) -> N
     sync.receive_state(_state_from_beta(control, beta_private, 4, shared_services=shared,
                                         exit_offered=True), "10.62.0.1")  # fmt: skip
     assert asked == ["beta.test", None]
+    assert heard == [links.overview()[0]["public_key"]] * 4

@@ -173,6 +173,22 @@ def test_failures_retry_at_1_2_4_up_to_the_cap(world: World) -> None:
     assert world.round() == []
 
 
+def test_hearing_from_a_backed_off_cell_makes_its_push_due_at_once(world: World) -> None:
+    world.cells.policy[BETA] = unreachable
+    for _ in range(6):  # 1, 2, 4, 8, 16 s: the next retry is 30 s away
+        world.round()
+        world.clock.advance(16)
+    world.round()
+    assert world.link().sync.pending_push >= 1
+    del world.cells.policy[BETA]
+    world.clock.advance(1)
+    assert world.round() == []  # still backed off
+    world.sender.heard_from(world.link().public_key)  # beta's document just reached us
+    assert len(world.round()) == 1 and world.link().sync.pending_push == 0
+    world.sender.heard_from(world.link().public_key)  # nothing backed off: nothing due
+    assert world.round() == []
+
+
 def test_an_idle_link_is_sent_again_after_the_heartbeat(world: World) -> None:
     world.round()
     world.clock.advance(HEARTBEAT_S - 1)
