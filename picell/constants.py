@@ -124,7 +124,9 @@ DEFAULT_INVITE_TTL_S = 24 * 3600.0  # an invite's token expires after a day unle
 INVITE_MIN_TTL_S = 60.0
 INVITE_MAX_TTL_S = 30 * 24 * 3600.0
 HEARTBEAT_S = 45.0  # DESIGN §6: every link's state is re-sent at least this often (<= 60 s)
-COALESCE_S = 0.05  # a burst of sharing changes within this window becomes one push
+# changes made within this window become one push. The owner's concurrent changes are already
+# one commit (group commit), so this only gathers what other threads mark at about the same time
+COALESCE_S = 0.01
 DOCUMENT_COALESCE_S = 0.2  # documents from linked cells within this window: one reconcile
 OUTBOX_MAX_BACKOFF_S = 30.0  # DESIGN §6: failed deliveries retry at least this often
 UNLINK_GIVE_UP_S = 30 * 24 * 3600.0  # an unlink undelivered this long is dropped with our side
