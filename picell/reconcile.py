@@ -144,6 +144,8 @@ class Reconciler:
         self._endpoints: dict[str, dict[str, str]] = {}
         # stale links: which candidate endpoint we tried last, and when (by peer key)
         self._tries: dict[str, tuple[int, float]] = {}
+        # each link peer's declared endpoints as we last saw them: a change is a move
+        self._declared: dict[str, tuple[str, ...]] = {}
         self.observed: dict[str, ObservedWg] = {}  # the last `wg show` of each interface
         self.clock: Callable[[], float] = time.time
         self._grants: set[Grant] = set()  # grants as we last applied them
@@ -328,6 +330,7 @@ class Reconciler:
         keeps the endpoint WireGuard learned (roaming, a NAT's address): its config line is
         left out, so `wg syncconf` keeps it. A stale one gets its declared endpoints in turn,
         one every `ENDPOINT_RETRY_S`, each applied again so a host name is resolved anew.
+        When its declared endpoints change, the first new one is applied at once, fresh or not.
         Returns the device to sync and the stale peers whose next try is due now (`wg set`)."""
         now = self.clock()
         have = observed.peers if observed else {}
@@ -337,6 +340,18 @@ class Reconciler:
                 peers.append(peer)
                 continue
             got = have.get(peer.public_key)
+            before = self._declared.get(peer.public_key)
+            self._declared[peer.public_key] = peer.candidates
+            if before is not None and before != peer.candidates:
+                # the other cell told us it moved (its signed document, a new pairing): try
+                # its new endpoint at once, fresh or not; if only the old address worked
+                # (a NAT), its next packet roams us back
+                self._tries[peer.public_key] = (0, now)
+                chosen = replace(peer, endpoint=peer.candidates[0])
+                peers.append(chosen)
+                if got is not None and applied.get(peer.public_key) == chosen.endpoint:
+                    retry.append(chosen)
+                continue
             if (
                 got is not None
                 and got.latest_handshake
@@ -358,6 +373,8 @@ class Reconciler:
         live = {p.public_key for p in dev.peers}
         for key in set(self._tries) - live:
             del self._tries[key]
+        for key in set(self._declared) - live:
+            del self._declared[key]
         return replace(dev, peers=tuple(peers)), retry
 
     def _log_notes(self, report: Report) -> None:

@@ -222,6 +222,24 @@ def test_a_fresh_link_keeps_the_endpoint_wireguard_learned_through_a_syncconf(
     assert link_peer(kernel)["endpoint"] == "203.0.113.50:40001"  # ... and kept the roamed one
 
 
+def test_a_fresh_link_that_announces_a_move_gets_its_new_endpoint_at_once(
+    reconciler: Reconciler, kernel: FakeKernel
+) -> None:
+    now = 1_800_000_000.0
+    reconciler.clock = lambda: now
+    reconciler.set(state_with_link(1, "198.51.100.2:51820"))
+    link_peer(kernel).update(endpoint="198.51.100.2:51820", handshake=int(now) - 10)
+    reconciler.set(state_with_link(1, "198.51.100.2:51820"))
+    assert link_peer(kernel)["endpoint"] == "198.51.100.2:51820"
+    # it tells us it moved (a new pairing, its signed document) while the session is fresh
+    reconciler.set(state_with_link(1, "198.51.100.22:51820"))
+    assert link_peer(kernel)["endpoint"] == "198.51.100.22:51820"
+    # from then on, what WireGuard learns wins again (its NAT, say)
+    link_peer(kernel).update(endpoint="203.0.113.50:40001", handshake=int(now) - 5)
+    reconciler.set(state_with_link(2, "198.51.100.22:51820"))
+    assert link_peer(kernel)["endpoint"] == "203.0.113.50:40001"
+
+
 def test_a_stale_link_tries_its_endpoints_in_turn_and_resolves_a_name_again(
     reconciler: Reconciler, kernel: FakeKernel
 ) -> None:
