@@ -149,8 +149,8 @@ class GroupCommit:
                     with self._cond:  # changes that came while the blocks ran join this batch
                         room = MAX_BATCH - len(batch)
                         more, self._queue = self._queue[:room], self._queue[room:]
+                    batch.extend(more)  # first: whatever happens, `_run` answers them too
                     self._run_blocks(more)
-                    batch.extend(more)
                     if not any(t.ok for t in batch):
                         return  # every block refused: nothing to apply, an empty commit
                     self.apply(conn)  # raises: the whole batch rolls back
