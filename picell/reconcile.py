@@ -22,10 +22,10 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from picell.constants import ENDPOINT_RETRY_S, EXIT_MAX_SLOTS, LINK_STALE_S
+from picell.constants import EXIT_MAX_SLOTS
 from picell.dns.render import render_exit_resolver, render_unbound
 from picell.dns.unbound import Unbound
 from picell.errors import ApplyFailed, CommandFailed
@@ -62,7 +62,7 @@ from picell.routing.exits import (
     plan_exit_routing,
 )
 from picell.routing.host import default_uplinks
-from picell.state import ExitTunnel, Grant, PeerState, State, WgDevice
+from picell.state import ExitTunnel, Grant, State, WgDevice
 from picell.system.children import Child, write_sysctl
 from picell.system.run import Runner
 from picell.wireguard.apply import (
@@ -75,6 +75,7 @@ from picell.wireguard.apply import (
     start_userspace,
     wg_needs_sync,
 )
+from picell.wireguard.follow import EndpointFollower
 from picell.wireguard.render import render_interface
 
 log = logging.getLogger(__name__)
@@ -142,12 +143,10 @@ class Reconciler:
         self.exit_resolvers: dict[int, Unbound] = {}  # resolvers of routed devices, by slot
         # peer endpoints as we last applied them, by interface
         self._endpoints: dict[str, dict[str, str]] = {}
-        # stale links: which candidate endpoint we tried last, and when (by peer key)
-        self._tries: dict[str, tuple[int, float]] = {}
-        # each link peer's declared endpoints as we last saw them: a change is a move
-        self._declared: dict[str, tuple[str, ...]] = {}
         self.observed: dict[str, ObservedWg] = {}  # the last `wg show` of each interface
         self.clock: Callable[[], float] = time.time
+        # which endpoint each linked cell's peer gets (tests replace `clock`: read it late)
+        self.endpoints = EndpointFollower(lambda: self.clock())
         self._grants: set[Grant] = set()  # grants as we last applied them
         self._relay_rules: set[RelayRule] = set()  # relayed flows as we last applied them
         self._nft_seen: tuple[str, str] | None = None  # (digest, kernel fingerprint) we applied
@@ -161,7 +160,6 @@ class Reconciler:
         self._swept_resolvers = False  # interfaces whose wireguard-go we looked for
         self.metrics = Metrics()  # the daemon puts its own in (picell/metrics.py)
         self._state: State | None = None  # the last state applied (drift: same state, changes)
-        self._endpoint_tries = 0  # this round: stale links given their next endpoint (not drift)
 
     @property
     def grants(self) -> frozenset[Grant]:
@@ -172,7 +170,7 @@ class Reconciler:
         with self._lock:
             self.runner.take_history()
             report = Report()
-            started, self._endpoint_tries = time.monotonic(), 0
+            started, self.endpoints.tries = time.monotonic(), 0
             try:
                 self._converge(state, report)
             except CommandFailed as exc:
@@ -183,7 +181,7 @@ class Reconciler:
             if report.changed:
                 log.info("reconcile: %s", "; ".join(str(c) for c in report.changes))
             self._log_notes(report)
-            same = state == self._state and not self._endpoint_tries
+            same = state == self._state and not self.endpoints.tries
             self.metrics.reconciled(time.monotonic() - started, report, same)
             self.last, self._state = report, state
             return report
@@ -307,7 +305,7 @@ class Reconciler:
         else:
             self.observed.pop(dev.interface, None)
         applied = self._endpoints.setdefault(dev.interface, {})
-        dev, retry = self._follow_endpoints(dev, observed, applied)
+        dev, retry = self.endpoints.follow(dev, observed, applied)
         changes = wg_needs_sync(dev, observed, applied)
         if changes:
             apply_wg(self.runner, dev.interface, render_interface(dev), conf_path)
@@ -322,60 +320,6 @@ class Reconciler:
                              peer.endpoint], ok_codes=(0, 1))  # fmt: skip
             applied[peer.public_key] = peer.endpoint
             report.changes.append(Change("wireguard", "endpoint", f"{peer.name} {peer.endpoint}"))
-
-    def _follow_endpoints(
-        self, dev: WgDevice, observed: ObservedWg | None, applied: dict[str, str]
-    ) -> tuple[WgDevice, list[PeerState]]:
-        """Endpoints follow reality (DESIGN §5). A linked cell's peer with a fresh handshake
-        keeps the endpoint WireGuard learned (roaming, a NAT's address): its config line is
-        left out, so `wg syncconf` keeps it. A stale one gets its declared endpoints in turn,
-        one every `ENDPOINT_RETRY_S`, each applied again so a host name is resolved anew.
-        When its declared endpoints change, the first new one is applied at once, fresh or not.
-        Returns the device to sync and the stale peers whose next try is due now (`wg set`)."""
-        now = self.clock()
-        have = observed.peers if observed else {}
-        peers, retry = [], []
-        for peer in dev.peers:
-            if not peer.candidates:
-                peers.append(peer)
-                continue
-            got = have.get(peer.public_key)
-            before = self._declared.get(peer.public_key)
-            self._declared[peer.public_key] = peer.candidates
-            if before is not None and before != peer.candidates:
-                # the other cell told us it moved (its signed document, a new pairing): try
-                # its new endpoint at once, fresh or not; if only the old address worked
-                # (a NAT), its next packet roams us back
-                self._tries[peer.public_key] = (0, now)
-                chosen = replace(peer, endpoint=peer.candidates[0])
-                peers.append(chosen)
-                if got is not None and applied.get(peer.public_key) == chosen.endpoint:
-                    retry.append(chosen)
-                continue
-            if (
-                got is not None
-                and got.latest_handshake
-                and now - got.latest_handshake < LINK_STALE_S
-            ):
-                self._tries.pop(peer.public_key, None)
-                peers.append(replace(peer, endpoint=None))
-                continue
-            index, at = self._tries.get(peer.public_key, (-1, 0.0))
-            due = got is None or index < 0 or now - at >= ENDPOINT_RETRY_S
-            if due:
-                index = (index + 1) % len(peer.candidates)
-                self._tries[peer.public_key] = (index, now)
-                self._endpoint_tries += got is not None
-            chosen = replace(peer, endpoint=peer.candidates[index % len(peer.candidates)])
-            peers.append(chosen)
-            if due and got is not None and applied.get(peer.public_key) == chosen.endpoint:
-                retry.append(chosen)  # syncconf sees no change: set it again by hand
-        live = {p.public_key for p in dev.peers}
-        for key in set(self._tries) - live:
-            del self._tries[key]
-        for key in set(self._declared) - live:
-            del self._declared[key]
-        return replace(dev, peers=tuple(peers)), retry
 
     def _log_notes(self, report: Report) -> None:
         """Count anomalies; log warnings and anomalies when they change, not every period."""
