@@ -66,9 +66,9 @@ def check_links(cell: Cell, links: list[Link], old: Cell | None = None) -> None:
             )
     for link in links:
         theirs = link.identity
-        if cell.network.overlaps(theirs.vpn_subnet):
+        if cell.network.overlaps(theirs.network):
             raise Conflict(
-                f"address: {cell.network} overlaps the network {theirs.vpn_subnet} of linked cell "
+                f"address: {cell.network} overlaps the network {theirs.network} of linked cell "
                 f"{link.name}",
                 field="address",
             )

@@ -456,12 +456,12 @@ class Control:
         host = observe_host(self.runner, cell.interface)
         out = []
         for link in links:
-            overlap = host_overlap(link.identity.vpn_subnet, host)
+            overlap = host_overlap(link.identity.network, host)
             if overlap:
                 out.append(
                     {
                         "cell": link.name,
-                        "network": str(link.identity.vpn_subnet),
+                        "network": str(link.identity.network),
                         "overlaps": overlap,
                     }
                 )

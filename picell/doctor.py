@@ -398,8 +398,8 @@ class Doctor:
             name,
             "fail",
             f"no echo crosses the tunnel to {link.name} "
-            f"({link.identity.dns_ip}) although the handshake is fresh",
-            f"check the routes to {link.identity.vpn_subnet} (`picell reconcile`) and "
+            f"({link.identity.address}) although the handshake is fresh",
+            f"check the routes to {link.identity.network} (`picell reconcile`) and "
             f"{link.name}'s firewall",
         )
 
@@ -418,7 +418,7 @@ class Doctor:
             str(PING_WAIT_S),
             "-I",
             str(cell.ip),
-            str(link.identity.dns_ip),
+            str(link.identity.address),
         ]
         try:
             res = self.runner.run(argv, ok_codes=(0, 1, 2), timeout_s=PING_WAIT_S + 3)
@@ -574,8 +574,9 @@ class Doctor:
         if asker is not None and service is not None:
             with self.store.read() as conn:
                 allowed = decide(conn, asker, service.name).allowed
-            vip = vip_address(cell.network, service.vip_index)
-            element = f"{asker.identity.dns_ip} . {vip} . {service.port}"
+            # the grant as the kernel holds it: their network and our VIP as they present them
+            vip = asker.seen(vip_address(cell.network, service.vip_index), cell.network)
+            element = f"{asker.identity.network} . {vip} . {service.port}"
             argv = [
                 "nft",
                 "get",

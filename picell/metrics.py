@@ -165,7 +165,7 @@ class CellCollector:
                 tx.add_metric([link.name], peer.tx_bytes)
             if link.sync.last_push_at is not None:
                 lag.add_metric([link.name], max(0.0, now - link.sync.last_push_at))
-            net = link.identity.vpn_subnet
+            net = link.identity.network
             granted.add_metric([link.name], sum(1 for g in grants if g.network == net))
         yield from (age, rx, tx, lag, granted)
 

@@ -62,6 +62,9 @@ class ExitTunnel:
     cell: str = ""
     devices: tuple[ipaddress.IPv4Address, ...] = ()
     relayed: tuple[ipaddress.IPv4Network, ...] = ()
+    # where the exit cell presents our network (`mesh.mapping`): our devices' packets enter
+    # the tunnel with their addresses moved there; None: as they are
+    seen_as: ipaddress.IPv4Network | None = None
     dns_server: ipaddress.IPv4Address | None = None  # exit cell's resolver, through the link
     mtu: int = EXIT_MTU
 
@@ -123,6 +126,16 @@ class DnsForward:
 
 
 @dataclass(frozen=True, order=True)
+class DnsZone:
+    """A linked cell's domain that we present ourselves (its network is mapped, so its own
+    answers would name addresses we do not route): its cell and the services it shares with
+    us, at the addresses we present them, from its signed document."""
+
+    domain: str
+    records: tuple[DnsRecord, ...]
+
+
+@dataclass(frozen=True, order=True)
 class DnsView:
     """What a linked cell's network may resolve here: only `records` of our domain, and
     internet names only while we relay its devices' internet (`internet`), never the domains
@@ -145,6 +158,12 @@ class DnsState:
     upstreams: tuple[ipaddress.IPv4Address, ...]
     forwards: tuple[DnsForward, ...] = ()
     views: tuple[DnsView, ...] = ()
+    zones: tuple[DnsZone, ...] = ()  # linked domains we present (mapped links)
+
+    @property
+    def linked_domains(self) -> tuple[str, ...]:
+        """Every linked cell's domain: forwarded or presented."""
+        return tuple(sorted([*(f.domain for f in self.forwards), *(z.domain for z in self.zones)]))
 
 
 @dataclass(frozen=True, order=True)
@@ -159,6 +178,9 @@ class LinkState:
     mesh_port: int
     unlinking: bool  # only the other cell's address stays reachable, to deliver `unlink`
     candidates: tuple[str, ...] = ()  # endpoints to try while stale, `endpoint` first
+    # translation (`mesh.mapping`): `network` and `dns_ip` are as we present them; `seen_as` is
+    # where the other cell presents our network (None: as it is)
+    seen_as: ipaddress.IPv4Network | None = None
 
     @property
     def routed(self) -> ipaddress.IPv4Network:
@@ -217,10 +239,11 @@ def build_state(
                 # the relay (a link via a cell), introductions, then the declared endpoints
                 endpoint=next(iter(relaying.peer_candidates(link, links)), None),
                 candidates=relaying.peer_candidates(link, links),
-                network=link.identity.vpn_subnet,
-                dns_ip=link.identity.dns_ip,
+                network=link.identity.network,
+                dns_ip=link.identity.address,
                 mesh_port=link.identity.mesh_port,
                 unlinking=link.state == Phase.UNLINKING,
+                seen_as=link.mirror.seen_as,
             )
             for link in links
         )
@@ -267,7 +290,7 @@ def build_state(
     grants = tuple(
         sorted(
             (
-                Grant(svc.protocol, link.identity.vpn_subnet, svc.vip, svc.port)
+                Grant(svc.protocol, link.identity.network, link.seen(svc.vip, net), svc.port)
                 for link in links
                 if link.state != Phase.UNLINKING
                 for svc in shared[link.name]
@@ -297,16 +320,23 @@ def build_state(
             sorted(
                 DnsForward(ln.identity.domain, ln.identity.dns_ip)
                 for ln in links
-                if ln.state != Phase.UNLINKING
+                if ln.state != Phase.UNLINKING and ln.identity.mapped is None
+            )
+        ),
+        zones=tuple(
+            sorted(
+                _presented_zone(ln)
+                for ln in links
+                if ln.state != Phase.UNLINKING and ln.identity.mapped is not None
             )
         ),
         views=tuple(
             sorted(
                 DnsView(
                     link.name,
-                    link.identity.vpn_subnet,
-                    _view_records(cell, shared[link.name]),
-                    internet=link.identity.vpn_subnet in relayed,
+                    link.identity.network,
+                    _view_records(cell, shared[link.name], link),
+                    internet=link.identity.network in relayed,
                     hidden=tuple(d for d in live_domains if d != link.identity.domain),
                 )
                 for link in links
@@ -348,8 +378,8 @@ def _exits(
             PeerState(
                 public_key=str(ln.mirror.exit_client_key),
                 name=f"exit client {ln.name}",
-                allowed_ips=(ln.identity.vpn_subnet,),
-                endpoint=f"{ln.identity.dns_ip}:{ln.mirror.exit_client_port}",
+                allowed_ips=(ln.identity.network,),
+                endpoint=f"{ln.identity.address}:{ln.mirror.exit_client_port}",
                 keepalive_s=LINK_KEEPALIVE_S,
             )
             for ln in links
@@ -388,13 +418,16 @@ def _exits(
                 public_key=str(link.mirror.exit_relay_key),
                 name=f"exit {via}",
                 allowed_ips=(ANY,),
-                endpoint=f"{link.identity.dns_ip}:{link.mirror.exit_relay_port}",
+                endpoint=f"{link.identity.address}:{link.mirror.exit_relay_port}",
                 keepalive_s=LINK_KEEPALIVE_S,
             )
             wg = WgDevice(ifname, exit_private_key(cell, link.public_key),
                           exit_port(cell.listen_port, slot), (peer,))  # fmt: skip
-        dns = link.identity.dns_ip if link is not None and link.state != Phase.UNLINKING else None
-        tunnels.append(ExitTunnel(slot, ifname, wg, cell=via, devices=devices, dns_server=dns))
+        live = link is not None and link.state != Phase.UNLINKING
+        dns = link.identity.address if live and link is not None else None
+        seen = link.mirror.seen_as if link is not None else None
+        tunnels.append(ExitTunnel(slot, ifname, wg, cell=via, devices=devices, dns_server=dns,
+                                  seen_as=seen))  # fmt: skip
     return tuple(tunnels)
 
 
@@ -413,13 +446,29 @@ def _not_internet(
     """Where an exit (ours as home exit, or as relay) never leads: private and reserved ranges,
     our network, linked networks and the host's own on-link networks (its LANs)."""
     ours = {cell.interface, *(t.interface for t in exits)}
-    nets = [*NOT_INTERNET, cell.network, *(ln.identity.vpn_subnet for ln in links)]
+    nets = [*NOT_INTERNET, cell.network, *(ln.identity.network for ln in links)]
     nets += [n for dev, n in onlink if dev not in ours]
     return tuple(ipaddress.collapse_addresses(nets))
 
 
-def _view_records(cell: Cell, shared: Sequence[ServiceState]) -> tuple[DnsRecord, ...]:
-    """What a linked cell may resolve in our domain: the cell itself and what we share."""
-    records = {DnsRecord(cell.domain, cell.ip), DnsRecord(f"{cell.name}.{cell.domain}", cell.ip)}
-    records |= {DnsRecord(f"{s.name}.{cell.domain}", s.vip) for s in shared}
+def _view_records(cell: Cell, shared: Sequence[ServiceState], link: Link) -> tuple[DnsRecord, ...]:
+    """What a linked cell may resolve in our domain: the cell itself and what we share, at
+    the addresses where it presents our network."""
+    me = link.seen(cell.ip, cell.network)
+    records = {DnsRecord(cell.domain, me), DnsRecord(f"{cell.name}.{cell.domain}", me)}
+    records |= {DnsRecord(f"{s.name}.{cell.domain}", link.seen(s.vip, cell.network))
+                for s in shared}  # fmt: skip
     return tuple(sorted(records))
+
+
+def _presented_zone(link: Link) -> DnsZone:
+    """A mapped link's domain as we present it: from its signed document (its cell's name and
+    the services it shares with us), never from its resolver's answers, which name addresses
+    of its own network (DESIGN §3, `mesh.mapping`)."""
+    ident = link.identity
+    records = {DnsRecord(ident.domain, ident.address),
+               DnsRecord(f"{link.name}.{ident.domain}", ident.address)}  # fmt: skip
+    for svc in link.mirror.outbound:
+        vip = ipaddress.IPv4Address(str(svc["vip"]))
+        records.add(DnsRecord(f"{svc['name']}.{ident.domain}", ident.view(vip)))
+    return DnsZone(ident.domain, tuple(sorted(records)))

@@ -297,6 +297,9 @@ class CellOut(Answer):
     pending_error: str | None
     endpoints: list[str] = []  # every endpoint it announced, best first
     seen_at: str | None = None  # where it sees us (its WireGuard's view of our address)
+    # translation (issue 15): where we present its network, and where it presents ours
+    mapped_subnet: str | None = None
+    seen_as: str | None = None
     # introductions and the relay (issue 12)
     relay_offered: bool = False  # we relay between it and our other cells we offer it to
     remote_relay_offered: bool = False  # it would relay for us

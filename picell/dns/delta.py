@@ -51,7 +51,13 @@ class Command:
 def _frame(dns: DnsState) -> tuple[object, ...]:
     """What only a reload changes."""
     views = tuple((v.name, v.network) for v in dns.views)
-    return (dns.domain, dns.listen, dns.port, dns.allow, dns.upstreams, dns.forwards, views)
+    zones = tuple(z.domain for z in dns.zones)
+    return (dns.domain, dns.listen, dns.port, dns.allow, dns.upstreams, dns.forwards, views, zones)
+
+
+def _global(dns: DnsState) -> tuple[DnsRecord, ...]:
+    """The records outside views: our zone's and the linked zones we present."""
+    return (*dns.records, *(r for z in dns.zones for r in z.records))
 
 
 def plan(old: DnsState, new: DnsState) -> list[Command] | None:
@@ -60,7 +66,7 @@ def plan(old: DnsState, new: DnsState) -> list[Command] | None:
     if _frame(old) != _frame(new):
         return None
     names = [
-        r.fqdn for d in (old, new) for r in (*d.records, *(r for v in d.views for r in v.records))
+        r.fqdn for d in (old, new) for r in (*_global(d), *(r for v in d.views for r in v.records))
     ]
     names += [h for d in (old, new) for v in d.views for h in v.hidden]
     views = [v.name for d in (old, new) for v in d.views]
@@ -68,7 +74,7 @@ def plan(old: DnsState, new: DnsState) -> list[Command] | None:
         VIEW_RE.fullmatch(f"link-{v}") for v in views
     ):
         return None  # checked on the values: a line break would be a valid record of its own
-    commands = _data(old.records, new.records, None)
+    commands = _data(_global(old), _global(new), None)
     for before, after in zip(old.views, new.views, strict=True):
         view = f"link-{after.name}"
         zones_before = dict(view_zones(old, before))

@@ -77,6 +77,9 @@ def render_unbound(dns: DnsState, workdir: Path, control_socket: Path) -> str:
         # a linked domain under a zone Unbound serves itself by default (test., home.arpa.,
         # ...) must still be forwarded
         *(f'\tlocal-zone: "{f.domain}." transparent' for f in dns.forwards),
+        # a mapped linked cell's domain, presented from its signed document (`mesh.mapping`)
+        *(f'\tlocal-zone: "{z.domain}." static' for z in dns.zones),
+        *(f'\tlocal-data: "{record_line(r)}"' for z in dns.zones for r in z.records),
         *_remote_control(control_socket),
     ]
     for view in dns.views:
@@ -99,7 +102,7 @@ def render_exit_resolver(
     through the link, so that their lookups leave where their traffic leaves. Without a tunnel
     (no offer, no link) it answers only our names: it never asks our upstreams."""
     dns = state.dns
-    local = [dns.domain, *(f.domain for f in dns.forwards)]
+    local = [dns.domain, *dns.linked_domains]
     lines = [
         *_server(workdir, dns.listen, exit_dns_port(tunnel.slot)),
         *(f"\taccess-control: {d}/32 allow" for d in tunnel.devices),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 
 from picell.constants import METRICS_PORT, TABLE_NAME
+from picell.mesh.mapping import translate
 from picell.routing.exits import exit_dns_port, exit_port
 from picell.state import State
 
@@ -41,6 +42,7 @@ def render_table_body(
     linked = ", ".join(str(n) for n in state.linked_networks)
     ex = _exit_rules(state, uplink)
     rl = _relay_rules(state)
+    tr = _translation_rules(state)
     grant_sets: list[str] = []
     for name, elements in grant_elements(state).items():
         grant_sets += [
@@ -74,6 +76,7 @@ def render_table_body(
         "\t\t# before DNAT: a linked cell's traffic to anything but this cell's own address",
         "\t\t# passes only for services granted to it (established flows too, so that a",
         "\t\t# revoked grant stops them)",
+        *tr["gate"],
         f'\t\tiifname "{wg}" ip saddr @linked_nets ip daddr != {me} jump link_pre',
         "\t}",
         "\tchain link_pre {",
@@ -88,6 +91,7 @@ def render_table_body(
         "\t\ttype nat hook prerouting priority dstnat; policy accept;",
         *ex["dns"],
         *rl["dnat"],
+        *tr["dnat"],
         *dnat,
         "\t}",
         "\tchain postrouting {",
@@ -101,6 +105,7 @@ def render_table_body(
         ),
         *ex["masquerade"],
         *rl["snat"],
+        *tr["snat"],
         "\t}",
         "\tchain input {",
         "\t\ttype filter hook input priority filter; policy accept;",
@@ -284,13 +289,17 @@ def _relay_rules(state: State) -> dict[str, list[str]]:
     """
     wg, me = state.interface, state.address.ip
     out: dict[str, list[str]] = {k: [] for k in ("dnat", "snat", "link_input", "vpn_forward")}
+    net = state.network
     for r in state.relay.rules:
+        # translation: each cell reaches us, and hears from us, where it presents our network
+        arrives = translate(me, net, r.arrives) if r.arrives else me
+        leaves = translate(me, net, r.leaves) if r.leaves else me
         out["dnat"].append(
-            f'\t\tiifname "{wg}" ip saddr {r.source} ip daddr {me} udp dport {r.port} '
+            f'\t\tiifname "{wg}" ip saddr {r.source} ip daddr {arrives} udp dport {r.port} '
             f'dnat ip to {r.target}:{r.target_port} comment "relay {r.label}"'
         )
         match = f"ip saddr {r.source} ip daddr {r.target} udp dport {r.target_port} ct status dnat"
-        out["snat"].append(f'\t\tiifname "{wg}" oifname "{wg}" {match} snat ip to {me}')
+        out["snat"].append(f'\t\tiifname "{wg}" oifname "{wg}" {match} snat ip to {leaves}')
         out["vpn_forward"].append(f'\t\toifname "{wg}" {match} accept')
     if state.relay.rules:
         out["vpn_forward"].insert(0, "\t\t# the relay: one linked cell's WireGuard to another's")
@@ -300,6 +309,44 @@ def _relay_rules(state: State) -> dict[str, list[str]]:
             "\t\t# WireGuard relayed by a linked cell that offers us its relay",
             f"\t\tip saddr {sources} ip daddr {me} udp dport {state.listen_port} accept",
         ]
+    return out
+
+
+def _translation_rules(state: State) -> dict[str, list[str]]:
+    """The lines per-link translation adds (issue 15, `picell.mesh.mapping`), by where they go.
+
+    For a link that presents our network at `seen_as`: what it sends us arrives addressed
+    there, so the gate lets its packets to our address there by (as to our own address), and
+    DNAT moves them to our own addresses, the granted VIPs straight to their backends (one NAT
+    per connection: the first NAT rule that matches is the only one); what we send it leaves
+    with our source moved there (SNAT), the exit tunnels' too. Conntrack undoes both for the
+    replies. Its own network needs nothing here: the kernel already holds it where we present
+    it (AllowedIPs, routes, grants)."""
+    wg, me, net = state.interface, state.address.ip, state.network
+    out: dict[str, list[str]] = {k: [] for k in ("gate", "dnat", "snat")}
+    for ln in state.links:
+        seen = ln.seen_as
+        if seen is None:
+            continue
+        src = f'iifname "{wg}" ip saddr {ln.routed}'
+        out["gate"].append(f"\t\t{src} ip daddr {translate(me, net, seen)} accept")
+        out["dnat"] += [
+            f"\t\t{src} ip daddr {translate(s.vip, net, seen)} {s.protocol} dport {s.port} "
+            f"dnat ip to {s.backend_host}:{s.backend_port}"
+            for s in state.services
+        ]
+        out["dnat"].append(f'\t\t{src} ip daddr {seen} dnat ip prefix to {net} comment "{ln.name}"')
+        out["snat"].append(
+            f'\t\toifname "{wg}" ip saddr {net} ip daddr {ln.routed} snat ip prefix to {seen} '
+            f'comment "{ln.name}"'
+        )
+    for t in state.exits:
+        if t.seen_as is not None and not t.relay:
+            out["snat"].append(
+                f'\t\toifname "{t.interface}" ip saddr {net} snat ip prefix to {t.seen_as}'
+            )
+    if out["dnat"]:
+        out["dnat"].insert(0, "\t\t# linked cells that present our network elsewhere")
     return out
 
 

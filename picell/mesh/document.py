@@ -61,6 +61,8 @@ def document(
         # spends the invite of theirs we imported, if our pairing with it never happened
         **({"invite_proof": link.sync.invite_proof} if link.sync.invite_proof else {}),
         **({"seen_at": seen_at} if seen_at else {}),
+        # where we present their network (`mesh.mapping`): they translate their side with it
+        **({"mapped_subnet": str(link.identity.mapped)} if link.identity.mapped else {}),
         **(reach or {}),
         "identity": {
             "endpoint": cell.primary_endpoint,

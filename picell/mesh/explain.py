@@ -129,7 +129,7 @@ class Explain:
             envelope = envelope_from(cell, link, "explain", seq, extra)
         try:
             status, data = client.send(
-                cell.ip, link.identity.dns_ip, link.identity.mesh_port, "explain", envelope
+                cell.ip, link.identity.address, link.identity.mesh_port, "explain", envelope
             )
         except client.Unreachable as exc:
             raise ExplainFailed(str(exc)) from None

@@ -28,7 +28,7 @@ from picell import validate
 from picell.constants import INVITE_MAX_TTL_S, INVITE_MIN_TTL_S
 from picell.control import Control
 from picell.errors import BadInput, Forbidden, NotFound, PicellError
-from picell.mesh import client, policy, relay, wire
+from picell.mesh import client, mapping, policy, relay, wire
 from picell.mesh.crypto import (
     link_key,
     mac,
@@ -51,6 +51,26 @@ from picell.store.links import Link, LinkIdentity, LinkState
 from picell.wireguard import keys
 
 REFUSED = "pairing refused"  # all a redeemer on our pairing port ever learns
+
+
+class Keep:
+    """`_link_from`'s "no word on `seen_as`": keep the link's own."""
+
+
+KEEP = Keep()
+
+
+def _signed_mapping(signed: dict[str, Any], payload: Any) -> dict[str, Any]:
+    """`signed` with the sender's `mapped_subnet` as sent, when it sent one: the MAC covers it
+    (a cell that maps nothing sends none, so cells before translation verify as before)."""
+    if isinstance(payload, dict) and "mapped_subnet" in payload:
+        return {**signed, "mapped_subnet": payload["mapped_subnet"]}
+    return signed
+
+
+def seen_as(cell: Cell, announced: ipaddress.IPv4Network | None, field: str) -> Any:
+    """The other cell's word on where it presents our network, checked (`mesh.mapping`)."""
+    return mapping.check_seen_as(announced, cell.network, policy.LINKABLE_RANGES, field)
 
 
 def identity_of(cell: Cell) -> Identity:
@@ -88,8 +108,16 @@ def _tell_linked(conn: sqlite3.Connection, but: str) -> None:
             link_table.mark_pending(conn, other.name)
 
 
-def _link_from(other: Identity, existing: Link | None, state: LinkState) -> Link:
-    """The link row for `other`: a new one, or `existing` updated in place (a re-pairing)."""
+def _link_from(
+    other: Identity,
+    existing: Link | None,
+    state: LinkState,
+    mapped: ipaddress.IPv4Network | None = None,
+    seen_as: ipaddress.IPv4Network | None | Keep = KEEP,
+) -> Link:
+    """The link row for `other`: a new one, or `existing` updated in place (a re-pairing).
+    `mapped`: where we present its network (`Links.admit`); `seen_as`: where it presents ours,
+    as its pairing message said (KEEP: no word from it, keep what we had)."""
     identity = LinkIdentity(
         endpoint=other.endpoint,
         endpoints=announced_endpoints(other.endpoint, other.endpoints),
@@ -99,12 +127,15 @@ def _link_from(other: Identity, existing: Link | None, state: LinkState) -> Link
         mesh_port=other.mesh_port,
         api_url=f"http://{other.dns_ip}:{other.mesh_port}",
         versions=other.speaks(),
+        mapped=mapped,
     )
     if existing is None:
         link = Link(other.cell_name, other.public_key, identity, state, created_at=time.time())
     else:
         state = existing.state.to(state, existing.name)
         link = replace(existing, name=other.cell_name, state=state, identity=identity)
+    if not isinstance(seen_as, Keep):
+        link = replace(link, mirror=replace(link.mirror, seen_as=seen_as))
     return replace(
         link,
         linked_at=link.linked_at or (time.time() if state == LinkState.LINKED else None),
@@ -165,17 +196,20 @@ class Links:
         *,
         trusted_domain: bool = False,
         host: policy.HostNets | None = None,
-    ) -> None:
-        """Refuse `other` unless the policy, our links and a common version allow it."""
+    ) -> ipaddress.IPv4Network | None:
+        """Refuse `other` unless the policy, our links and a common version allow it; answer
+        where we present its network (`policy.plan_mapping`; None: as it is)."""
         existing = link_table.by_key(conn, other.public_key)
         if existing is None or existing.identity.domain != other.domain:
             policy.check_domain(other.domain, f"{prefix}domain", trusted=trusted_domain)
         if existing is None or existing.identity.vpn_subnet != other.vpn_subnet:
-            if host is None:
-                host = policy.observe_host(self.control.runner, cell.interface)
-            policy.check_network(other.vpn_subnet, f"{prefix}vpn_subnet", other.cell_name, host)
-        policy.check_conflicts(cell, link_table.all_links(conn), other, prefix)
+            policy.check_network(other.vpn_subnet, f"{prefix}vpn_subnet", other.cell_name)
+        links = link_table.all_links(conn)
+        policy.check_conflicts(cell, links, other, prefix)
         wire.common_version(other.speaks(), other.cell_name, f"{prefix}versions")
+        if host is None:
+            host = policy.observe_host(self.control.runner, cell.interface)
+        return policy.plan_mapping(cell, links, other, host, prefix)
 
     # -- invites -------------------------------------------------------------------------------
     def invite(self, expires_s: float) -> Invite:
@@ -224,7 +258,8 @@ class Links:
             cell = cell_table.load(conn)
             # the host is read once: the check before pairing and the one at storing share it
             nets = policy.observe_host(self.control.runner, cell.interface)
-            self.admit(conn, cell, other, "invite.", trusted_domain=trust_domain, host=nets)
+            mapped = self.admit(conn, cell, other, "invite.", trusted_domain=trust_domain,
+                                host=nets)  # fmt: skip
             if via is not None:
                 relay.check_via(link_table.all_links(conn), via, other.public_key)
         our_public = keys.public_from_private(cell.private_key)
@@ -234,7 +269,10 @@ class Links:
                         (trust_domain, nets), proof, via)  # fmt: skip
             return self.describe(other.cell_name)
         key = pairing_key(inv.pairing.token)
-        signed = {"identity": identity_of(cell).as_dict(), "nonce": secrets.token_hex(16)}
+        signed: dict[str, Any] = {"identity": identity_of(cell).as_dict(),
+                                  "nonce": secrets.token_hex(16)}  # fmt: skip
+        if mapped is not None:  # "we see you as": they translate their side with it
+            signed["mapped_subnet"] = str(mapped)
         request = {
             **signed,
             "mac": mac(key, signed),
@@ -256,7 +294,9 @@ class Links:
                 field="invite",
             )
         answer = wire.parse(wire.PairingAnswer, data, "answer")
-        signed_answer = {"identity": data["identity"], "nonce": answer.nonce, "role": "accepted"}
+        signed_answer = _signed_mapping(
+            {"identity": data["identity"], "nonce": answer.nonce, "role": "accepted"}, data
+        )
         if answer.nonce != signed["nonce"] or not mac_ok(key, signed_answer, answer.mac):
             raise Forbidden(
                 f"cell {name}'s answer does not verify: not the invite's cell", field="invite"
@@ -266,8 +306,9 @@ class Links:
         for f in same:
             if getattr(confirmed, f) != getattr(other, f):
                 raise Forbidden(f"answer.{f}: differs from the invite's", field=f"answer.{f}")
+        theirs = seen_as(cell, answer.mapped_subnet, "answer.mapped_subnet")
         self._store(confirmed, LinkState.LINKED, "linked", "paired with their pairing listener",
-                    (trust_domain, nets), proof)  # fmt: skip
+                    (trust_domain, nets), proof, seen=theirs)  # fmt: skip
         return self.describe(confirmed.cell_name)
 
     def _store(
@@ -279,17 +320,19 @@ class Links:
         checked: tuple[bool, policy.HostNets],
         proof: str,
         via: str | None = None,
+        seen: ipaddress.IPv4Network | None | Keep = KEEP,
     ) -> None:
         """Store our side of the link, admitting `other` again inside the write transaction
         (a link made meanwhile may conflict) with the owner's word and the host as read."""
         trust_domain, host = checked
         with self.control.change() as conn:
             cell = cell_table.load(conn)
-            self.admit(conn, cell, other, "invite.", trusted_domain=trust_domain, host=host)
+            mapped = self.admit(conn, cell, other, "invite.", trusted_domain=trust_domain,
+                                host=host)  # fmt: skip
             existing = link_table.by_key(conn, other.public_key)
             if existing is not None and existing.state == LinkState.LINKED:
                 state = LinkState.LINKED  # re-pairing an established link: keep it established
-            link = _link_from(other, existing, state)
+            link = _link_from(other, existing, state, mapped, seen)
             if via is not None:  # checked again: the relay's offer may have gone meanwhile
                 relay.check_via(link_table.all_links(conn), via, other.public_key)
                 link = replace(link, choices=replace(link.choices, via=via))
@@ -309,7 +352,8 @@ class Links:
     def accept(self, payload: Any) -> dict[str, Any]:
         request = wire.parse(wire.PairingRequest, payload, "body")
         other = request.identity
-        signed = {"identity": payload["identity"], "nonce": request.nonce}
+        signed = _signed_mapping({"identity": payload["identity"], "nonce": request.nonce},
+                                 payload)  # fmt: skip
         refusal: PicellError | None = None
         with self.control.change() as conn:
             match = next(
@@ -324,7 +368,8 @@ class Links:
                 raise Forbidden(REFUSED, field="mac")
             cell = cell_table.load(conn)
             try:
-                self.admit(conn, cell, other, "identity.")  # never a trusted domain here
+                mapped = self.admit(conn, cell, other, "identity.")  # never a trusted domain
+                theirs = seen_as(cell, request.mapped_subnet, "mapped_subnet")
                 existing = link_table.by_key(conn, other.public_key)
                 if existing is not None:
                     proof = _key_proof(cell.private_key, other.public_key, signed)
@@ -336,7 +381,7 @@ class Links:
                             "without proof that the redeemer holds it",
                             field="key_proof",
                         )
-                link = _link_from(other, existing, LinkState.LINKED)
+                link = _link_from(other, existing, LinkState.LINKED, mapped, theirs)
             except PicellError as exc:
                 refusal = exc
                 journal.append(conn, other.cell_name, "pairing refused",
@@ -349,7 +394,9 @@ class Links:
         if refusal is not None:
             raise Forbidden(REFUSED, field="identity")
         self.wake_sender()
-        answer = {"identity": identity_of(cell).as_dict(), "nonce": request.nonce}
+        answer: dict[str, Any] = {"identity": identity_of(cell).as_dict(), "nonce": request.nonce}
+        if link.identity.mapped is not None:  # "we see you as"
+            answer["mapped_subnet"] = str(link.identity.mapped)
         return {**answer, "mac": mac(match.mac_key, {**answer, "role": "accepted"})}
 
     def spend_invite(self, conn: sqlite3.Connection, cell: Cell, link: Link, proof: str) -> None:

@@ -44,6 +44,10 @@ def link_overview(store: Store, runner: Runner) -> list[dict[str, Any]]:
                 "domain": link.identity.domain,
                 "vpn_subnet": str(link.identity.vpn_subnet),
                 "dns_ip": str(link.identity.dns_ip),
+                # translation (`mesh.mapping`): where we present its network, where it
+                # presents ours; None: as it is
+                "mapped_subnet": str(link.identity.mapped) if link.identity.mapped else None,
+                "seen_as": str(link.mirror.seen_as) if link.mirror.seen_as else None,
                 "endpoint": link.identity.endpoint,
                 "endpoints": list(link.identity.candidates),
                 "seen_at": link.mirror.seen_at,

@@ -6,13 +6,15 @@ document), after the wire models accepted the syntax:
   the `publicsuffixlist` package), and under a private-use suffix. Any other domain would capture
   that name for our devices (a linked `com` would receive every `*.com` lookup): it needs the
   importing owner's explicit `connect --trust-domain`, and never arrives through pairing.
-- **Network**: at most a /24, inside 10/8, 172.16/12, 192.168/16 or 100.64/10, and overlapping
-  no address of our host and no route but the default route and picell's own. Otherwise the link
-  route would pull the host's own traffic (its LAN, often its DNS) into the tunnel.
+- **Network**: at most a /24, inside 10/8, 172.16/12, 192.168/16 or 100.64/10. One that
+  overlaps our network, another link's, an address of our host or a route but the default and
+  picell's own (a route to it would pull the host's own traffic, its LAN, into the tunnel), or
+  that lies outside the mesh range, is not refused: it is mapped (`plan_mapping`,
+  `mesh.mapping`), and refused only when no free block is left.
 
-- **Conflicts** with this cell and its other links (`check_conflicts`): an overlapping network,
-  a clashing domain or name is refused naming the cell in conflict; the link with the same key
-  (a re-pairing) is no conflict with itself, but may not rename itself.
+- **Conflicts** with this cell and its other links (`check_conflicts`): a clashing domain or
+  name is refused naming the cell in conflict; the link with the same key (a re-pairing) is no
+  conflict with itself, but may not rename itself.
 
 Reads the host (`ip -j`) through the runner; decides nothing else and changes nothing.
 """
@@ -29,6 +31,7 @@ from publicsuffixlist import PublicSuffixList
 
 from picell.constants import ROUTE_PROTO
 from picell.errors import BadInput, Conflict
+from picell.mesh.mapping import choose, overlap_reason
 from picell.mesh.wire import Identity
 from picell.store.cell import Cell
 from picell.store.links import Link
@@ -147,7 +150,7 @@ def host_overlap(net: ipaddress.IPv4Network, host: HostNets) -> str | None:
     return None
 
 
-def check_network(net: ipaddress.IPv4Network, field: str, cell: str, host: HostNets) -> None:
+def check_network(net: ipaddress.IPv4Network, field: str, cell: str) -> None:
     if not any(net.subnet_of(r) for r in LINKABLE_RANGES):
         raise BadInput(
             f"{field}: cell {cell}'s network {net} lies outside 10.0.0.0/8, 172.16.0.0/12, "
@@ -159,13 +162,29 @@ def check_network(net: ipaddress.IPv4Network, field: str, cell: str, host: HostN
             f"{field}: cell {cell}'s network {net} is larger than a /{LINK_PREFIX_MIN}",
             field=field,
         )
-    overlap = host_overlap(net, host)
-    if overlap:
-        raise Conflict(
-            f"{field}: cell {cell}'s network {net} overlaps {overlap}; linking it would pull "
-            "the host's own traffic into the tunnel",
-            field=field,
-        )
+
+
+def plan_mapping(
+    cell: Cell, links: list[Link], other: Identity, host: HostNets, prefix: str = "invite."
+) -> ipaddress.IPv4Network | None:
+    """Where this cell presents `other`'s network (`mesh.mapping`), or None to use it as it
+    is. A re-pairing keeps its block while that is still free. Conflict naming the cell when
+    the network must be mapped and no block is left."""
+    existing = next((ln for ln in links if ln.public_key == other.public_key), None)
+    rest = [ln for ln in links if ln.public_key != other.public_key]
+    views = [(ln.name, ln.identity.network) for ln in rest]
+    reason = overlap_reason(other.vpn_subnet, cell.network, cell.mesh_range, views,
+                            host_overlap(other.vpn_subnet, host))  # fmt: skip
+    if reason is None:
+        return None
+    taken = [cell.network, *(n for _, n in views), *(a.network for _, a in host.addresses),
+             *(r for _, r in host.routes)]  # fmt: skip
+    keep = existing.identity.mapped if existing else None
+    try:
+        return choose(other.vpn_subnet, other.public_key, taken, cell.mesh_range,
+                      other.cell_name, keep=keep)  # fmt: skip
+    except Conflict as exc:
+        raise Conflict(f"{prefix}{exc.message}", field=f"{prefix}vpn_subnet") from None
 
 
 def _domains_clash(a: str, b: str) -> bool:
@@ -181,12 +200,6 @@ def check_conflicts(
     if other.public_key == keys.public_from_private(cell.private_key):
         raise Conflict(
             f"{prefix}public_key: that is this cell's own invite", field=f"{prefix}public_key"
-        )
-    if other.vpn_subnet.overlaps(cell.network):
-        raise Conflict(
-            f"{prefix}vpn_subnet: cell {name}'s network {other.vpn_subnet} overlaps this cell's "
-            f"network {cell.network}",
-            field=f"{prefix}vpn_subnet",
         )
     if _domains_clash(other.domain, cell.domain):
         raise Conflict(
@@ -211,12 +224,6 @@ def check_conflicts(
             raise Conflict(
                 f"{prefix}cell_name: a cell named {name} is already linked with another key",
                 field=f"{prefix}cell_name",
-            )
-        if other.vpn_subnet.overlaps(link.identity.vpn_subnet):
-            raise Conflict(
-                f"{prefix}vpn_subnet: cell {name}'s network {other.vpn_subnet} overlaps the "
-                f"network {link.identity.vpn_subnet} of linked cell {link.name}",
-                field=f"{prefix}vpn_subnet",
             )
         if _domains_clash(other.domain, link.identity.domain):
             raise Conflict(

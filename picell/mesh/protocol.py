@@ -105,7 +105,7 @@ def check_envelope(
     our_public: str,
 ) -> None:
     """Raise Forbidden unless the message is authentic, fresh and addressed to us."""
-    if link is None or source is None or source != link.identity.dns_ip:
+    if link is None or source is None or source != link.identity.address:
         # WireGuard's cryptokey routing makes the source address proof of the sending cell;
         # only the cell's own address speaks for it, not its devices
         raise Forbidden("message: not from the linked cell's own address", field="source")

@@ -121,7 +121,7 @@ class Rekey:
                      "switch": switch}  # fmt: skip
             envelope = envelope_from(cell, link, "rekey", seq, extra)
         try:
-            status, data = client.send(cell.ip, link.identity.dns_ip, link.identity.mesh_port,
+            status, data = client.send(cell.ip, link.identity.address, link.identity.mesh_port,
                                        "rekey", envelope)  # fmt: skip
         except client.Unreachable as exc:
             return str(exc)

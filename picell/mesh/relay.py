@@ -63,6 +63,10 @@ class RelayRule:
     target: ipaddress.IPv4Address
     target_port: int
     label: str  # "alpha -> gamma", for the rule's comment
+    # translation (`mesh.mapping`): where the source cell presents our network (it sends to our
+    # address there) and where the target cell does (we send from our address there)
+    arrives: ipaddress.IPv4Network | None = None
+    leaves: ipaddress.IPv4Network | None = None
 
 
 @dataclass(frozen=True)
@@ -239,16 +243,18 @@ def relay_state(links: Sequence[Link], reserved: set[int]) -> RelayState:
         for src, dst in ((a, b), (b, a)):
             rules.append(
                 RelayRule(
-                    src.identity.dns_ip,
+                    src.identity.address,
                     port,
-                    dst.identity.dns_ip,
+                    dst.identity.address,
                     dst.identity.listen_port or validate.endpoint(dst.identity.endpoint).port,
                     f"{src.name} -> {dst.name}",
+                    src.mirror.seen_as,
+                    dst.mirror.seen_as,
                 )
             )
     sources = sorted(
         {
-            ln.identity.dns_ip
+            ln.identity.address
             for ln in links
             if ln.state == LinkState.LINKED and ln.mirror.relay_offered
         }  # fmt: skip
@@ -332,7 +338,7 @@ def relay_endpoint(link: Link, links: Sequence[Link]) -> str | None:
     via = next((ln for ln in links if ln.name == link.choices.via), None)
     if via is None or via.state != LinkState.LINKED or link.mirror.via_port is None:
         return None
-    return f"{via.identity.dns_ip}:{link.mirror.via_port}"
+    return f"{via.identity.address}:{link.mirror.via_port}"
 
 
 def peer_candidates(link: Link, links: Sequence[Link]) -> tuple[str, ...]:

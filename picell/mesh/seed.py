@@ -160,9 +160,9 @@ def import_links(links: Links, content: str) -> dict[str, Any]:
         cell = cell_table.load(conn)
         for identity, seeded, unknown in parsed:
             # the owner's own file: their word for each domain, as `connect --trust-domain`
-            links.admit(conn, cell, identity, "links.", trusted_domain=True)
+            mapped = links.admit(conn, cell, identity, "links.", trusted_domain=True)
             existing = link_table.by_key(conn, identity.public_key)
-            link = seeded.onto(_link_from(identity, existing, LinkState.LINKED))
+            link = seeded.onto(_link_from(identity, existing, LinkState.LINKED, mapped))
             link_table.save(conn, replace(link, linked_at=link.linked_at or time.time()))
             journal.append(conn, link.name, "imported", "local owner", "from cell_links.json")
             if unknown:

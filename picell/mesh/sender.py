@@ -348,7 +348,7 @@ class Sender:
     ) -> str | None:
         try:
             status, data = self.client.send(
-                our_ip, link.identity.dns_ip, link.identity.mesh_port, "state", envelope
+                our_ip, link.identity.address, link.identity.mesh_port, "state", envelope
             )
         except client.Unreachable as exc:  # BadAnswer included
             return str(exc)
@@ -375,7 +375,7 @@ class Sender:
         error: str | None = None
         try:
             theirs = link.identity
-            status, data = self.client.send(cell.ip, theirs.dns_ip, theirs.mesh_port, message.kind,
+            status, data = self.client.send(cell.ip, theirs.address, theirs.mesh_port, message.kind,
                                             body)  # fmt: skip
         except client.BadAnswer as exc:
             # the status line settles a delivery; the body carries nothing we need

@@ -17,7 +17,7 @@ from typing import Any, Literal
 from picell import validate
 from picell.errors import BadInput, Conflict, NotFound
 from picell.mesh import relay, wire
-from picell.mesh.links import Links, announced_endpoints
+from picell.mesh.links import Links, announced_endpoints, seen_as
 from picell.mesh.protocol import check_fresh, parse_envelope, retire
 from picell.store import journal
 from picell.store import links as link_table
@@ -196,6 +196,8 @@ class Sync:
             restarted = check_fresh(body, link)  # authenticated: fresh; is it a new epoch?
             everyone = link_table.all_links(conn)
             mirror = _mirror(body, link, {ln.public_key for ln in everyone})
+            seen = seen_as(cell, body.mapped_subnet, "body.mapped_subnet")
+            mirror = replace(mirror, seen_as=seen)
             versions = tuple(body.versions or (body.v,))
             updated = replace(
                 link, identity=replace(link.identity, versions=versions), mirror=mirror
@@ -217,6 +219,8 @@ class Sync:
                     sync=replace(updated.sync, last_push_error=None),
                 )
                 events.append("linked: confirmed by their signed state")
+            if seen != link.mirror.seen_as:
+                events.append(f"they present our network at {seen or cell.network}")
             if body.invite_proof is not None:
                 self.links.spend_invite(conn, cell, link, body.invite_proof)
             before = {s["name"] for s in link.mirror.outbound}

@@ -187,12 +187,15 @@ class PairingRequest(Wire):
     nonce: Nonce
     mac: Mac
     key_proof: Mac | None = None
+    # where the redeemer presents our network (`mesh.mapping`): it overlaps its own or its links'
+    mapped_subnet: Network | None = None
 
 
 class PairingAnswer(Wire):
     identity: Identity
     nonce: Nonce
     mac: Mac
+    mapped_subnet: Network | None = None  # where the answering cell presents ours
 
 
 class SharedService(Wire):
@@ -271,6 +274,9 @@ class StateBody(Header):
     wanted: list[WgKey] = Field(default=[], max_length=WANTED_MAX)
     introductions: list[Introduction] = Field(default=[], max_length=WANTED_MAX)
     relay_ports: list[RelayPort] = Field(default=[], max_length=WANTED_MAX)
+    # translation (overlap issue, `mesh.mapping`): where the sender presents our network; absent
+    # when it presents it as it is
+    mapped_subnet: Network | None = None
 
     @model_validator(mode="after")
     def _unique_services(self) -> StateBody:

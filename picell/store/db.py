@@ -188,6 +188,12 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE links ADD COLUMN remote_next_key TEXT;
     ALTER TABLE links ADD COLUMN rekey_state TEXT;
     """,
+    # 9: per-link translation (`picell/mesh/mapping.py`): where we present the other cell's
+    # network (our choice) and where it presents ours (its word); NULL: as it is
+    """
+    ALTER TABLE links ADD COLUMN mapped_subnet TEXT;
+    ALTER TABLE links ADD COLUMN remote_mapped_subnet TEXT;
+    """,
 )
 
 

@@ -19,6 +19,7 @@ from enum import StrEnum
 from typing import Any
 
 from picell.errors import Conflict, NotFound
+from picell.mesh.mapping import translate
 from picell.validate import printable
 
 
@@ -70,6 +71,26 @@ class LinkIdentity:
     endpoints: tuple[str, ...] = ()
     # its WireGuard listen port, as its documents say (a relay forwards to it); None: unknown
     listen_port: int | None = None
+    # where we present its network (`mesh.mapping`: it overlaps ours, another link's or the
+    # host's); None: as it is
+    mapped: ipaddress.IPv4Network | None = None
+
+    @property
+    def network(self) -> ipaddress.IPv4Network:
+        """Its network as this cell presents it: what the kernel holds (AllowedIPs, routes,
+        grants, views) and what our devices reach."""
+        return self.mapped or self.vpn_subnet
+
+    @property
+    def address(self) -> ipaddress.IPv4Address:
+        """Its DNS and mesh API address as this cell reaches it."""
+        return self.view(self.dns_ip)
+
+    def view(self, address: ipaddress.IPv4Address) -> ipaddress.IPv4Address:
+        """An address of its network (as it told us) as this cell presents it."""
+        if self.mapped is None:
+            return address
+        return translate(address, self.vpn_subnet, self.mapped)
 
     @property
     def candidates(self) -> tuple[str, ...]:
@@ -116,6 +137,8 @@ class Mirror:
     retired_epochs: tuple[str, ...] = ()
     # the key they rotate to (`mesh.rekey`), proven by them, until the link moves to it
     next_key: str | None = None
+    # where they present our network (their `mapped_subnet`); None: as it is
+    seen_as: ipaddress.IPv4Network | None = None
 
 
 @dataclass(frozen=True)
@@ -148,6 +171,14 @@ class Link:
     # after a restore; None when both hold it
     orphan: str | None = None
 
+    def seen(
+        self, address: ipaddress.IPv4Address, ours: ipaddress.IPv4Network
+    ) -> ipaddress.IPv4Address:
+        """Our `address` (of our network `ours`) as the other cell presents it."""
+        if self.mirror.seen_as is None:
+            return address
+        return translate(address, ours, self.mirror.seen_as)
+
 
 def _row(r: sqlite3.Row) -> Link:
     return Link(
@@ -163,6 +194,7 @@ def _row(r: sqlite3.Row) -> Link:
             versions=tuple(json.loads(r["remote_versions"])),
             endpoints=tuple(json.loads(r["endpoints"])),
             listen_port=r["listen_port"],
+            mapped=_net(r["mapped_subnet"]),
         ),
         state=LinkState(r["state"]),
         choices=OwnerChoices(
@@ -189,6 +221,7 @@ def _row(r: sqlite3.Row) -> Link:
             epoch=r["remote_epoch"],
             retired_epochs=tuple(json.loads(r["retired_epochs"])),
             next_key=r["remote_next_key"],
+            seen_as=_net(r["remote_mapped_subnet"]),
         ),
         sync=SyncMarks(
             pending_push=r["pending_push"],
@@ -203,6 +236,10 @@ def _row(r: sqlite3.Row) -> Link:
         linked_at=r["linked_at"],
         orphan=r["orphan"],
     )
+
+
+def _net(text: str | None) -> ipaddress.IPv4Network | None:
+    return ipaddress.IPv4Network(text) if text else None
 
 
 def all_links(conn: sqlite3.Connection) -> list[Link]:
@@ -239,9 +276,9 @@ def save(conn: sqlite3.Connection, link: Link) -> None:
                remote_exit_client_key, remote_exit_client_port, remote_versions, invite_proof,
                endpoints, remote_seen_at, relay_offered, remote_relay_offered, via, via_port,
                introduced, listen_port, remote_epoch, retired_epochs, orphan,
-               remote_next_key, rekey_state)
+               remote_next_key, rekey_state, mapped_subnet, remote_mapped_subnet)
            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,
-                   ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                   ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
         (
             link.name,
             link.public_key,
@@ -286,6 +323,8 @@ def save(conn: sqlite3.Connection, link: Link) -> None:
             link.orphan,
             theirs.next_key,
             marks.rekey_state,
+            str(ident.mapped) if ident.mapped else None,
+            str(theirs.seen_as) if theirs.seen_as else None,
         ),
     )
 

@@ -62,6 +62,7 @@ def test_a_link_keeps_each_part_in_its_own_columns(tmp_path: Path) -> None:
             versions=(1, 2),
             endpoints=("198.51.100.2:51820", "[2001:db8::2]:51820"),
             listen_port=51820,
+            mapped=ipaddress.IPv4Network("10.201.7.0/24"),
         ),
         links.LinkState.LINKED,
         choices=ours(
@@ -88,6 +89,7 @@ def test_a_link_keeps_each_part_in_its_own_columns(tmp_path: Path) -> None:
             epoch="e" * 32,
             retired_epochs=("d" * 32,),
             next_key="N" * 43 + "=",
+            seen_as=ipaddress.IPv4Network("10.201.9.0/24"),
         ),
         sync=links.SyncMarks(
             pending_push=3,
@@ -145,6 +147,8 @@ def test_a_link_keeps_each_part_in_its_own_columns(tmp_path: Path) -> None:
         "remote_relay_offered": 1,
         "remote_seen_at": "203.0.113.9:40000",
         "via_port": 52000,
+        "mapped_subnet": "10.201.7.0/24",
+        "remote_mapped_subnet": "10.201.9.0/24",
         "introduced": '{"at": 1}',
         "listen_port": 51820,
         "remote_epoch": "e" * 32,

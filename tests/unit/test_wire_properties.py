@@ -53,8 +53,9 @@ _HEADER = {**hostile.header("state", "beta", _PUB[0], _PUB[1], 7), "epoch": "e" 
 FULL: dict[str, dict[str, Any]] = {
     "invite": {**_IDENT, "pairing": {"port": 51821, "token": "t" * 32, "expires_at": 1.0}},
     "pairing_request": {"identity": _IDENT, "nonce": "ab" * 16, "mac": "0" * 64,
-                        "key_proof": "1" * 64},
-    "pairing_answer": {"identity": _IDENT, "nonce": "ab" * 16, "mac": "0" * 64},
+                        "key_proof": "1" * 64, "mapped_subnet": "10.201.7.0/24"},
+    "pairing_answer": {"identity": _IDENT, "nonce": "ab" * 16, "mac": "0" * 64,
+                       "mapped_subnet": "10.201.9.0/24"},
     "state": {**_HEADER,
               "shared_services": [{"name": "web", "vip": "10.62.0.254", "ports": [80, 443],
                                    "protocol": "tcp"},
@@ -70,7 +71,8 @@ FULL: dict[str, dict[str, Any]] = {
               "seen_at": "203.0.113.7:40000", "relay_offered": True,
               "wanted": [_PUB[1]],
               "introductions": [{"public_key": _PUB[1], "seen_at": "192.0.2.9:51820"}],
-              "relay_ports": [{"public_key": _PUB[1], "port": 52001}]},
+              "relay_ports": [{"public_key": _PUB[1], "port": 52001}],
+              "mapped_subnet": "10.201.9.0/24"},
     "unlink": {**_HEADER, "type": "unlink"},
     "rekey": {**_HEADER, "type": "rekey", "new_public_key": _PUB[1], "proof": "4" * 64,
               "switch": True},
@@ -280,12 +282,13 @@ def _check_rendered(control: Control, kernel: FakeKernel, paths: Paths) -> None:
     peers = _peer_sections(paths.wg_conf.read_text()) if links else {}
     assert set(peers) == set(links)
     for key, link in links.items():
-        assert peers[key]["AllowedIPs"] == str(link.identity.vpn_subnet)
+        # where we present its network: its own, or the block we map it to
+        assert peers[key]["AllowedIPs"] == str(link.identity.network)
         assert peers[key]["Endpoint"] == link.identity.endpoint
     kernel_peers = kernel.wg.get("pctest0", {}).get("peers", {})
     assert isinstance(kernel_peers, dict)
     assert {k: p["allowed"] for k, p in kernel_peers.items()} == {
-        k: str(ln.identity.vpn_subnet) for k, ln in links.items()
+        k: str(ln.identity.network) for k, ln in links.items()
     }
 
 
