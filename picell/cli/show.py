@@ -190,13 +190,17 @@ def link_text(c: Json) -> str:
         state = "linked, online" if c["online"] else "linked, offline"
     at = ", ".join(c["endpoints"] or [c["endpoint"]])
     name = c["name"]
+    # translation (issue 15): where we present its network, and where it presents ours
+    net = c["vpn_subnet"] + (f" as {c['mapped_subnet']}" if c.get("mapped_subnet") else "")
     lines = [
-        f"{name}  [{state}]  {c['domain']}  {c['vpn_subnet']}  at {at}",
+        f"{name}  [{state}]  {c['domain']}  {net}  at {at}",
         f"  handshake {hs}  rx {c['rx_bytes']} tx {c['tx_bytes']}"
         + (f"  they see us at {c['seen_at']}" if c["seen_at"] else ""),
         f"  authentication string: {c['auth_string']} (compare it with {name}'s owner)",
         f"  we share: {_services(c['inbound'])}",
     ]
+    if c.get("seen_as"):
+        lines.append(f"  it presents our network at {c['seen_as']}")
     lines.append(f"  path: {c['path']}" + (f" ({c['relay_note']})" if c["relay_note"] else ""))
     if c["orphan"]:
         lines.append(f"  orphan: {c['orphan_reason']}")
