@@ -176,6 +176,7 @@ class Doctor:
             path_links = route.links
         if path_links:
             steps += [self.endpoint(cell, all_links, ln) for ln in path_links]
+            steps += [t for ln in path_links if (t := translation(cell, ln)) is not None]
             steps.append(self.port_mapping(mapping))
             steps.append(self.host_firewall())
             shakes = [self.handshake(cell, ln) for ln in path_links]
@@ -476,7 +477,8 @@ class Doctor:
                 f"{server.name} has not told us it shares {service}",
                 f"wait for {server.name}'s next state document (at most 45 s)",
             )
-        return self._dns_step(cell, fqdn, ipaddress.IPv4Address(told["vip"]))
+        # where we present it (`mesh.mapping`): its own address, moved when its network is mapped
+        return self._dns_step(cell, fqdn, server.identity.view(ipaddress.IPv4Address(told["vip"])))
 
     def local_dns(self, cell: Cell, asker: Link | None, service: Service) -> Step:
         fqdn = f"{service.name}.{cell.domain}"
@@ -488,6 +490,7 @@ class Doctor:
             return Step("dns", "skip", "no Unbound to ask")
         # what Unbound answers to that cell's queries: its view's records, as Unbound holds them
         view = f"link-{asker.name}"
+        vip = asker.seen(vip, cell.network)  # where that cell presents our network
         argv = ["unbound-control", "-c", str(rec.unbound.conf_path), "view_list_local_data", view]
         try:
             out = self.runner.run(argv, timeout_s=DNS_PROBE_S + 2).stdout
@@ -651,6 +654,33 @@ def _skip_name(data: bytes, pos: int) -> int:
         if n == 0:
             return pos + 1
         pos += 1 + n
+
+
+def translation(cell: Cell, link: Link) -> Step | None:
+    """Where each side presents the other (`mesh.mapping`); None for a link with nothing to
+    translate. Fails where the other cell's network overlaps ours but it has not told us where
+    it presents ours: our packets to it would carry our own addresses, which its WireGuard
+    drops (it cannot take a linked cell's word for its own devices' addresses)."""
+    ident, seen = link.identity, link.mirror.seen_as
+    if ident.mapped is None and seen is None and not ident.vpn_subnet.overlaps(cell.network):
+        return None
+    name = f"translation {link.name}"
+    if seen is None and ident.vpn_subnet.overlaps(cell.network):
+        return Step(
+            name,
+            "fail",
+            f"{link.name}'s network {ident.vpn_subnet} overlaps ours ({cell.network}), and "
+            f"{link.name} has not told us where it presents ours",
+            "it tells us in its pairing answer or its state document: import a fresh invite of "
+            f"{link.name}'s (`picell connect`) while one of the two pairing ports is reachable",
+        )
+    ours = f"at {ident.mapped}" if ident.mapped else "as it is"
+    theirs = f"at {seen}" if seen else "as it is"
+    return Step(
+        name,
+        "pass",
+        f"we present {link.name}'s network {ident.vpn_subnet} {ours}; it presents ours {theirs}",
+    )
 
 
 def parse_answer(data: bytes, qid: int) -> tuple[int, list[ipaddress.IPv4Address]]:

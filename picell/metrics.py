@@ -156,7 +156,15 @@ class CellCollector:
             "Our services the linked cell may open (grants applied)",
             labels=labels,
         )
+        translated = GaugeMetricFamily(
+            "picell_link_translated",
+            "1 where a side presents the other's network elsewhere (issue 15): side=ours, we "
+            "present the linked cell's; side=theirs, it presents ours",
+            labels=["cell", "side"],
+        )
         for link in links:
+            translated.add_metric([link.name, "ours"], float(link.identity.mapped is not None))
+            translated.add_metric([link.name, "theirs"], float(link.mirror.seen_as is not None))
             peer = peers.get(link.public_key)
             if peer is not None:
                 if peer.latest_handshake:
@@ -167,7 +175,7 @@ class CellCollector:
                 lag.add_metric([link.name], max(0.0, now - link.sync.last_push_at))
             net = link.identity.network
             granted.add_metric([link.name], sum(1 for g in grants if g.network == net))
-        yield from (age, rx, tx, lag, granted)
+        yield from (age, rx, tx, lag, granted, translated)
 
         refused = CounterMetricFamily(
             "picell_messages_refused",

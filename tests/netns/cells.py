@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from picell.routing.exits import exit_ifname
-from tests.netns.harness import Bridge, Netns, Proc, Topology, wait_until
+from tests.netns.harness import PYTHON, Bridge, Netns, Proc, Topology, wait_until
 
 PICELL = [sys.executable, "-m", "picell"]
 
@@ -231,3 +231,40 @@ def pids_of(ns: Netns, program: str) -> list[int]:
             if Path(f"/proc/{pid}/comm").read_text().strip() == program and state != "Z":
                 found.append(pid)  # a zombie waits for the harness's reaper: not running
     return sorted(found)
+
+
+# GET argv[1] with the bearer token read from stdin (never in argv); prints the status (0: no
+# answer at all) and the body
+_SCRAPE = r"""
+import sys, urllib.error, urllib.request
+token = sys.stdin.read().strip()
+request = urllib.request.Request(sys.argv[1])
+if token:
+    request.add_header("Authorization", "Bearer " + token)
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+try:
+    with opener.open(request, timeout=2) as response:
+        status, body = response.status, response.read()
+except urllib.error.HTTPError as exc:
+    status, body = exc.code, exc.read()
+except OSError as exc:
+    status, body = 0, repr(exc).encode()
+print(status)
+sys.stdout.write(body.decode("utf-8", "replace"))
+"""
+
+
+def scrape_metrics(ns: Netns, url: str, token: str = "") -> tuple[int, str]:
+    """(status, body) of a /metrics scrape from `ns` with `token` (0: no answer at all)."""
+    proc = ns.run([PYTHON, "-I", "-c", _SCRAPE, url], input=token, timeout=20)
+    status, _, body = proc.stdout.partition("\n")
+    return int(status), body
+
+
+def sample(body: str, series: str) -> float | None:
+    """The value of `series` (name and labels exactly as exposed) in a scrape's text."""
+    for line in body.splitlines():
+        name, _, number = line.rpartition(" ")
+        if name == series:
+            return float(number)
+    return None

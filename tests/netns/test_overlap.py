@@ -24,6 +24,7 @@ Topology (module scope):
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -33,7 +34,7 @@ import pytest
 
 from picell.constants import LAB_INTERNET_ENV
 from picell.mesh.mapping import translate
-from tests.netns.cells import Cell
+from tests.netns.cells import Cell, sample, scrape_metrics
 from tests.netns.harness import Netns, Topology, wait_until
 
 ORACLE = "192.0.2.80"
@@ -214,3 +215,21 @@ def test_an_exit_through_an_overlapping_cell_fails_closed(world: World) -> None:
     assert pad.http_get(f"http://{ORACLE}/pad-closed", timeout_s=2) is None
     # and what beta shares with alpha still works for alpha's other devices
     assert world.devices["phone"].http_get("http://wiki.beta.test/") == "beta wiki"
+
+
+def test_doctor_and_metrics_know_the_translation(world: World) -> None:
+    alpha, beta = world.cells["alpha"], world.cells["beta"]
+    proc = alpha.run("doctor", "--from", "phone", "--to", "beta/wiki", "--json", check=False,
+                     timeout=120)  # fmt: skip
+    report = json.loads(proc.stdout)
+    assert proc.returncode == 0 and report["ok"], report
+    [step] = [s for s in report["steps"] if s["name"] == "translation beta"]
+    assert step["status"] == "pass" and str(world.presented("alpha", "beta")) in step["finding"]
+    proc = beta.run("doctor", "--from", "alpha", "--to", "wiki", "--json", check=False,
+                    timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout  # the grant and the view, as alpha presents beta
+    token = alpha.cli("metrics", "token", "--rotate")["token"]
+    status, body = scrape_metrics(world.devices["phone"], "http://10.60.0.1:9469/metrics", token)
+    assert status == 200, body
+    for side in ("ours", "theirs"):
+        assert sample(body, f'picell_link_translated{{cell="beta",side="{side}"}}') == 1

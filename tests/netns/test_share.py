@@ -37,31 +37,19 @@ from picell.mesh.protocol import make_envelope
 from picell.store import cell as cell_table
 from picell.store import links as link_table
 from picell.wireguard import keys
-from tests.netns.cells import Cell, cell_on_bridge, post_json, start_upstream_dns
+from tests.netns.cells import (
+    Cell,
+    cell_on_bridge,
+    post_json,
+    sample,
+    scrape_metrics,
+    start_upstream_dns,
+)
 from tests.netns.faults import api
-from tests.netns.harness import PYTHON, Netns, Topology, wait_until
+from tests.netns.harness import Netns, Topology, wait_until
 
 MESH = "http://10.61.0.1:3000/api/cells/peer-sync/permissions"
 METRICS = "http://10.61.0.1:9469/metrics"  # alpha's WireGuard address, METRICS_PORT
-# GET argv[1] with the bearer token read from stdin (never in argv); prints the status (0: no
-# answer at all) and the body
-_SCRAPE = r"""
-import sys, urllib.error, urllib.request
-token = sys.stdin.read().strip()
-request = urllib.request.Request(sys.argv[1])
-if token:
-    request.add_header("Authorization", "Bearer " + token)
-opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-try:
-    with opener.open(request, timeout=2) as response:
-        status, body = response.status, response.read()
-except urllib.error.HTTPError as exc:
-    status, body = exc.code, exc.read()
-except OSError as exc:
-    status, body = 0, repr(exc).encode()
-print(status)
-sys.stdout.write(body.decode("utf-8", "replace"))
-"""
 
 
 @dataclass
@@ -309,18 +297,7 @@ def test_an_exit_offer_reaches_the_other_cell(world: World) -> None:
 
 
 def scrape(ns: Netns, token: str = "") -> tuple[int, str]:
-    proc = ns.run([PYTHON, "-I", "-c", _SCRAPE, METRICS], input=token, timeout=20)
-    status, _, body = proc.stdout.partition("\n")
-    return int(status), body
-
-
-def sample(body: str, series: str) -> float | None:
-    """The value of `series` (name and labels exactly as exposed) in a scrape's text."""
-    for line in body.splitlines():
-        name, _, number = line.rpartition(" ")
-        if name == series:
-            return float(number)
-    return None
+    return scrape_metrics(ns, METRICS, token)
 
 
 def test_our_devices_scrape_metrics_with_the_token_and_a_linked_cell_is_refused(
