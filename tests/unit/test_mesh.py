@@ -41,10 +41,16 @@ def identity(name: str, subnet: str, domain: str, public: str | None = None) -> 
 
 
 def redeem(
-    token: str, ident: dict[str, Any], proof_for: tuple[str, str] | None = None
+    token: str,
+    ident: dict[str, Any],
+    proof_for: tuple[str, str] | None = None,
+    mapped: str | None = None,
 ) -> dict[str, Any]:
-    """A redemption; `proof_for` (our private key, their public key) adds the key proof."""
-    request = {"identity": ident, "nonce": secrets.token_hex(16)}
+    """A redemption; `proof_for` (our private key, their public key) adds the key proof;
+    `mapped`, where the redeemer presents our network (the MAC covers it)."""
+    request: dict[str, Any] = {"identity": ident, "nonce": secrets.token_hex(16)}
+    if mapped is not None:
+        request["mapped_subnet"] = mapped
     out = {**request, "mac": mac(pairing_key(token), request)}
     if proof_for:
         out["key_proof"] = mac(link_key(*proof_for), request)
@@ -506,3 +512,50 @@ def test_a_heartbeat_converges_nothing_a_change_converges(control: Control) -> N
                                         exit_offered=True), "10.62.0.1")  # fmt: skip
     assert asked == ["beta.test", None]
     assert heard == [links.overview()[0]["public_key"]] * 4
+
+
+def test_a_cell_on_our_own_network_is_mapped_and_both_sides_told(control: Control) -> None:
+    """beta redeems our invite from our own network 10.61.0.0/24, telling us where it presents
+    ours: we link it at a free block, keep its word, and answer with ours under the MAC."""
+    from picell.mesh.sync import Sync
+
+    links = Links(control)
+    inv = links.invite(3600)
+    assert inv.pairing is not None
+    beta_private, beta_public = keypair()
+    ident = identity("beta", "10.61.0.0/24", "beta.test", beta_public)
+    answer = links.accept(redeem(inv.pairing.token, ident, mapped="10.201.9.0/24"))
+    [shown] = links.overview()
+    mapped = ipaddress.IPv4Network(shown["mapped_subnet"])
+    assert not mapped.overlaps(ipaddress.IPv4Network("10.61.0.0/24"))
+    assert shown["seen_as"] == "10.201.9.0/24" and shown["vpn_subnet"] == "10.61.0.0/24"
+    assert answer["mapped_subnet"] == str(mapped)
+    signed = {k: answer[k] for k in ("identity", "nonce", "mapped_subnet")}
+    assert answer["mac"] == mac(pairing_key(inv.pairing.token), {**signed, "role": "accepted"})
+    # its documents carry its word too; a changed one is followed and journalled
+    sync = Sync(links)
+    sync.receive_state(_state_from_beta(control, beta_private, 1, mapped_subnet="10.202.0.0/24"),
+                       str(mapped.network_address + 1))  # fmt: skip
+    assert links.overview()[0]["seen_as"] == "10.202.0.0/24"
+    assert any("present our network at 10.202.0.0/24" in e["detail"]
+               for e in links.journal_entries("beta"))  # fmt: skip
+    # one that is not a private block of our size is refused, naming the field
+    for bad in ("8.8.8.0/24", "10.203.0.0/25"):
+        with pytest.raises(BadInput) as err:
+            sync.receive_state(_state_from_beta(control, beta_private, 2, mapped_subnet=bad),
+                               str(mapped.network_address + 1))  # fmt: skip
+        assert err.value.field == "body.mapped_subnet"
+    # and a document from its real address (our own!) is not from beta
+    with pytest.raises(Forbidden):
+        sync.receive_state(_state_from_beta(control, beta_private, 3), "10.61.0.1")
+
+
+def test_a_mapping_altered_after_the_mac_is_refused(control: Control) -> None:
+    links = Links(control)
+    inv = links.invite(3600)
+    assert inv.pairing is not None
+    payload = redeem(inv.pairing.token, identity("beta", "10.61.0.0/24", "beta.test",
+                                                 keypair()[1]), mapped="10.201.9.0/24")  # fmt: skip
+    with pytest.raises(Forbidden):
+        links.accept({**payload, "mapped_subnet": "10.201.10.0/24"})
+    assert links.overview() == []

@@ -284,6 +284,23 @@ def test_the_relay_offer_and_the_path_are_shown_and_controlled(
     assert links.describe("beta")["relay_offered"] is False
 
 
+def test_a_translated_link_says_where_each_side_presents_the_other(
+    client: TestClient, control: Control
+) -> None:
+    from picell.mesh.links import Links
+    from tests.unit.test_mesh import identity, keypair, redeem
+
+    links = Links(control)
+    inv = links.invite(3600)
+    assert inv.pairing is not None
+    ident = identity("beta", "10.61.0.0/24", "beta.test", keypair()[1])  # our own network
+    links.accept(redeem(inv.pairing.token, ident, mapped="10.201.9.0/24"))
+    mapped = links.describe("beta")["mapped_subnet"]
+    html = client.get("/cells").text
+    assert (f"beta's network 10.61.0.0/24 is presented here at {mapped}; beta presents ours at "
+            "10.201.9.0/24") in html  # fmt: skip
+
+
 def test_connecting_through_a_cell_that_offers_no_relay_names_it(client: TestClient) -> None:
     key = keys.public_from_private(keys.generate_private())
     ident = {"cell_name": "gamma", "domain": "gamma.test", "public_key": key,
