@@ -36,9 +36,11 @@ from picell.constants import LAB_INTERNET_ENV
 from picell.mesh.mapping import translate
 from tests.netns.cells import Cell, sample, scrape_metrics
 from tests.netns.harness import Netns, Topology, wait_until
+from tests.netns.hostile import lan_link
 
 ORACLE = "192.0.2.80"
 NET = "10.60.0.0/24"
+LAN_VPN = "192.168.77.1/24"  # delta's VPN network: alpha's LAN, outside the 10/8 devices route
 UPLINK = {"alpha": "198.51.100.1", "beta": "198.51.100.65", "gamma": "198.51.100.129"}
 VIP_TOP, VIP_NEXT = 254, 253  # the first and second service of a cell (from the top down)
 
@@ -50,22 +52,30 @@ class World:
     devices: dict[str, Netns]
 
     def presented(self, at: str, other: str) -> ipaddress.IPv4Network:
-        """Where cell `at` presents `other`'s network (its `mapped_subnet`)."""
-        return ipaddress.IPv4Network(self.cells[at].links()[other]["mapped_subnet"])
+        """Where cell `at` presents `other`'s network (its `mapped_subnet`, else as it is)."""
+        shown = self.cells[at].links()[other]
+        return ipaddress.IPv4Network(shown["mapped_subnet"] or shown["vpn_subnet"])
 
     def address(self, at: str, other: str, host: int) -> str:
         """Host `host` of `other`'s network, as cell `at` (and its devices) reach it."""
-        real = ipaddress.IPv4Network(NET)
+        real = ipaddress.IPv4Interface(self.cells[other].address).network
         return str(translate(real.network_address + host, real, self.presented(at, other)))
 
 
-def _cell(topo: Topology, inet: Netns, role: str, n: int) -> Cell:
+def _cell(
+    topo: Topology,
+    inet: Netns,
+    role: str,
+    n: int,
+    net: str = "198.51.100",
+    vpn: str = "10.60.0.1/24",
+) -> Cell:
     ns = topo.add_ns(role)
     base = 64 * (n - 1)
-    topo.link(ns, f"198.51.100.{base + 1}/26", inet, f"198.51.100.{base + 62}/26")
-    ns.run(["ip", "route", "add", "default", "via", f"198.51.100.{base + 62}"])
+    topo.link(ns, f"{net}.{base + 1}/26", inet, f"{net}.{base + 62}/26")
+    ns.run(["ip", "route", "add", "default", "via", f"{net}.{base + 62}"])
     ns.set_resolver("192.0.2.53")
-    cell = Cell(topo, ns, role, f"{role}.test", "10.60.0.1/24", f"198.51.100.{base + 1}:51820")
+    cell = Cell(topo, ns, role, f"{role}.test", vpn, f"{net}.{base + 1}:51820")
     cell.init()
     cell.start()
     return cell
@@ -114,12 +124,21 @@ def _world() -> Iterator[World]:
         cells = {name: _cell(topo, inet, name, n + 1)
                  for n, name in enumerate(("alpha", "beta", "gamma"))}  # fmt: skip
         alpha, beta, gamma = cells["alpha"], cells["beta"], cells["gamma"]
+        # alpha's LAN, and delta, whose network is that LAN (and outside 10/8)
+        lan = topo.add_ns("lan")
+        lan_link(topo, alpha.ns, "192.168.77.1/24", lan, "192.168.77.5/24")
+        lan.run(["ip", "route", "replace", "default", "via", "192.168.77.1"])
+        lan.serve_http("192.168.77.5", 80, "alpha lan")
+        cells["delta"] = delta = _cell(topo, inet, "delta", 1, "203.0.113", LAN_VPN)
+        delta.ns.serve_http("127.0.0.1", 8000, "delta photos")
+        delta.cli("services", "add", "photos", "--backend", "127.0.0.1:8000", "--port", "80")
         alpha.ns.serve_http("127.0.0.1", 8000, "@caller")
         alpha.ns.serve_tcp_echo("127.0.0.1", 7)
         beta.ns.serve_http("127.0.0.1", 8000, "beta wiki")
         gamma.ns.serve_http("127.0.0.1", 8000, "gamma files")
         alpha.cli("services", "add", "web", "--backend", "127.0.0.1:8000", "--port", "80")
         alpha.cli("services", "add", "echo", "--backend", "127.0.0.1:7")
+        alpha.cli("services", "add", "nas", "--backend", "192.168.77.5:80")  # on alpha's LAN
         beta.cli("services", "add", "wiki", "--backend", "127.0.0.1:8000", "--port", "80")
         gamma.cli("services", "add", "files", "--backend", "127.0.0.1:8000", "--port", "80")
         devices["phone"].device(alpha.add_device("phone"), hint="phone").up()
@@ -128,9 +147,10 @@ def _world() -> Iterator[World]:
         devices["tablet"].device(gamma.add_device("tablet"), hint="tablet").up()
         alpha.cli("connect", beta.invite()["string"])
         alpha.cli("connect", gamma.invite()["string"])
+        alpha.cli("connect", delta.invite()["string"])
         beta.cli("connect", gamma.invite()["string"])
         w = World(topo, cells, devices)
-        for a, b in (("alpha", "beta"), ("alpha", "gamma"), ("beta", "gamma")):
+        for a, b in (("alpha", "beta"), ("alpha", "gamma"), ("beta", "gamma"), ("alpha", "delta")):
             for x, y in ((a, b), (b, a)):
                 wait_until(lambda x=x, y=y: cells[x].ns.ping(w.address(x, y, 1)), 30,
                            f"{x} cannot reach {y} where it presents it")  # fmt: skip
@@ -139,13 +159,15 @@ def _world() -> Iterator[World]:
         beta.cli("share", "alpha", "wiki")
         beta.cli("share", "gamma", "wiki")
         gamma.cli("share", "alpha", "files")
+        delta.cli("share", "alpha", "photos")
         yield w
 
 
 def test_three_cells_on_one_network_each_present_the_others_apart(world: World) -> None:
     own = ipaddress.IPv4Network(NET)
-    for name, cell in world.cells.items():
-        shown = cell.links()
+    for name in ("alpha", "beta", "gamma"):
+        cell = world.cells[name]
+        shown = {k: v for k, v in cell.links().items() if k != "delta"}
         blocks = [ipaddress.IPv4Network(c["mapped_subnet"]) for c in shown.values()]
         assert len(blocks) == 2 and not blocks[0].overlaps(blocks[1]), (name, blocks)
         assert all(b.subnet_of(ipaddress.IPv4Network("10.0.0.0/8")) for b in blocks)
@@ -233,3 +255,21 @@ def test_doctor_and_metrics_know_the_translation(world: World) -> None:
     assert status == 200, body
     for side in ("ours", "theirs"):
         assert sample(body, f'picell_link_translated{{cell="beta",side="{side}"}}') == 1
+
+
+def test_a_cell_on_our_hosts_lan_is_mapped_and_the_lan_stays_ours(world: World) -> None:
+    """delta's network is alpha's LAN (192.168.77.0/24, outside the 10/8 devices route): alpha
+    presents it inside 10/8, its LAN route stays on the LAN, and alpha's phone reaches both
+    delta's photos and alpha's own LAN service."""
+    alpha, phone = world.cells["alpha"], world.devices["phone"]
+    presented = world.presented("alpha", "delta")
+    assert presented.subnet_of(ipaddress.IPv4Network("10.0.0.0/8"))
+    assert alpha.links()["delta"]["vpn_subnet"] == "192.168.77.0/24"
+    routes = alpha.ns.run(["ip", "-4", "route", "show", "192.168.77.0/24"]).stdout
+    assert routes.count("\n") == 1 and "proto 77" not in routes, routes  # the LAN's own
+    wait_until(lambda: phone.http_get("http://photos.delta.test/") == "delta photos", 15,
+               "alpha's phone cannot use delta's photos by name")  # fmt: skip
+    assert phone.http_get("http://nas.alpha.test/") == "alpha lan"
+    # delta does not map alpha (10.60.0.0/24 is free there): it sees alpha as it is
+    assert world.cells["delta"].links()["alpha"]["mapped_subnet"] is None
+    assert alpha.links()["delta"]["seen_as"] is None
