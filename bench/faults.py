@@ -1,13 +1,16 @@
 """The long runs of the fault and crash suites (issue 14), with their timings.
 
 Same world, faults and invariants as tests/netns/test_faults.py (tests/netns/faultworld.py): two
-real cells behind a router namespace, one device each (wg-quick). Two runs, one topology:
+real cells behind a router namespace, one device each (wg-quick), both on 10.61.0.0/24, so their
+link is translated (each presents the other at a mapped /24 of 10/8, and the mapping must not
+move). Two runs, one topology:
 - `--cycles` random cycles (default 100): a change (share, unshare, device add) made while one
   fault is on (nft loss 1-30 %, a 50-500 ms delay relay, a partition, kill -9 and restart of a
   daemon, a ±10 min clock skew), then the fault healed and every invariant waited for;
 - `--changes` changes on alpha (default 100), `--kills` of them (default 30) with alpha's daemon
   killed (SIGKILL) at a random point; after each kill: integrity_check, restart, one reconcile
-  converges, the kernel matches the store, no acknowledged change is lost.
+  converges, the kernel matches the store, no acknowledged change is lost, and no name of an
+  unacknowledged change resolves.
 Figures: cycles passed; time to converge after healing each fault kind (median, p95: from the
 heal to every invariant observed, one poll of all of them takes about a second); for crashes,
 restart to every check passed. This kernel has no netem: see tests/netns/faults.py.

@@ -289,18 +289,36 @@ for t in targets: print(t, ok[t])
 """
 
 
-def reachable(probes: dict[Netns, list[str]], timeout_s: float = 1.0) -> dict[str, bool]:
+def resolve(ns: Netns, names: list[str], timeout_s: int = 1) -> dict[str, list[str]]:
+    """The A records of each name as `ns`'s resolver answers them ([] for NXDOMAIN, REFUSED or
+    no answer), every name asked by one `dig` (one process, however many names)."""
+    argv = ["dig", "+noall", "+answer", f"+time={timeout_s}", "+tries=1"]
+    for name in names:
+        argv += [name, "A"]
+    out = ns.run(argv, check=False, timeout=len(names) * (timeout_s + 1) + 10).stdout
+    got: dict[str, list[str]] = {name: [] for name in names}
+    for line in out.splitlines():
+        words = line.split()
+        if len(words) == 5 and words[2:4] == ["IN", "A"] and words[0].rstrip(".") in got:
+            got[words[0].rstrip(".")].append(words[4])
+    return {name: sorted(addrs) for name, addrs in got.items()}
+
+
+def reachable(
+    probes: dict[Netns, list[str]], timeout_s: float = 1.0
+) -> dict[Netns, dict[str, bool]]:
     """Which `host:port` targets accept a TCP connection from their namespace, every target of
-    every namespace probed at once (one process per namespace)."""
+    every namespace probed at once (one process per namespace). By namespace: two namespaces
+    may reach different things at one address (each cell presents the other where it likes)."""
     running = {}
     for ns, targets in probes.items():
         argv = ns.argv([PYTHON, "-I", "-c", _PROBE, str(timeout_s), *targets])
         running[ns] = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                        stdin=subprocess.DEVNULL, text=True)  # fmt: skip
-    got: dict[str, bool] = {}
-    for proc in running.values():
+    got: dict[Netns, dict[str, bool]] = {}
+    for ns, proc in running.items():
         out, err = proc.communicate(timeout=timeout_s + 30)
         if proc.returncode != 0:
             raise AssertionError(f"probe failed: {err}")
-        got.update((t, v == "1") for t, v in (line.split() for line in out.splitlines()))
+        got[ns] = {t: v == "1" for t, v in (line.split() for line in out.splitlines())}
     return got

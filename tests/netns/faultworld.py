@@ -1,6 +1,11 @@
 """The world of the fault and crash suites: two linked cells behind a router namespace, a model of
 what their owners were told succeeded, random cycles of change and fault, and the invariants.
 
+Both cells use the same network, 10.61.0.0/24, so their link is translated (`picell.mesh.mapping`):
+each presents the other at a free /24 of 10/8 (`mapped_subnet`) and learns where the other
+presents it (`seen_as`); every packet between them, and every name one cell's devices resolve in
+the other's domain, goes through that translation, so every fault cycle and every kill -9 does.
+
 Topology:
 
                            ┌────────── wan ns (router; faults live here) ──────────┐
@@ -12,7 +17,11 @@ Topology:
                           │ alpha │      │ beta  │       │ phone │        │laptop │
                           │picell │      │picell │       │alpha's│        │beta's │
                           └───────┘      └───────┘       │device │        │device │
-            a1 a2 a3: HTTP on 127.0.0.1  b1 b2 likewise  └───────┘        └───────┘
+            10.61.0.1/24 alpha.test      10.61.0.1/24    └───────┘        └───────┘
+            a1 a2 a3: HTTP on 127.0.0.1  beta.test, b1 b2 likewise
+            alpha presents beta at its mapped_subnet M_a (beta's seen_as), beta presents alpha
+            at M_b (alpha's seen_as): beta's laptop reaches alpha's a1 (VIP 10.61.0.254) at
+            M_b.254, never at 10.61.0.254, which is beta's own b1
 
 Faults touch only datagrams between the two cells' addresses: a device and its own cell are never
 hit. Changes go through the CLI (`share`, `unshare`, `peers add`) in the fault cycles, and through
@@ -22,9 +31,16 @@ holds what was acknowledged.
 
 Invariants (`check_converged`), each observed, never assumed:
 - every acknowledged share is enforced: the other cell's device opens a TCP connection to the
-  service's address, the other cell mirrors it (`cells`) and resolves its name;
+  service where its own cell presents it (the host part of the service's VIP, as the serving
+  cell lists it, in the viewer cell's `mapped_subnet` of the server, both read from the cells),
+  the other cell mirrors it (`cells`) and its device resolves the name to that address;
 - every acknowledged unshare is gone: that connection is refused or times out, and the name with it;
-- every acknowledged device is in `peers list` and in `wg show` of its cell;
+- every acknowledged device is in `peers list` and in `wg show` of its cell, and its name
+  resolves to its address for its cell's device; a device never acknowledged (and not kept by
+  the store after a kill) has no name;
+- the translation is stable: each cell's `mapped_subnet` and `seen_as` of the other are those
+  observed once linked (a fault or a restart never moves them), and they agree: alpha's
+  `seen_as` is beta's `mapped_subnet`, and beta's is alpha's;
 - sequence numbers (`links.local_seq`, `links.remote_seq` of both stores) never go backwards,
   and what a cell applied of the other's never exceeds what the other sent;
 - nothing needs a restart: no `picell reconcile`, no restart but the fault's own; the
@@ -35,6 +51,7 @@ This module must not edit a store or call picell's code: it acts as an owner and
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import random
@@ -54,6 +71,7 @@ from tests.netns.faults import (
     cells_view,
     integrity_ok,
     reachable,
+    resolve,
     start_daemon,
     store_rows,
 )
@@ -61,6 +79,9 @@ from tests.netns.harness import Netns, Topology, wait_until
 
 FAULT_KINDS = ("loss", "delay", "partition", "kill", "skew")
 SERVICES = {"alpha": ("a1", "a2", "a3"), "beta": ("b1", "b2")}
+DEVICES = {"alpha": "phone", "beta": "laptop"}  # the device of each cell the invariants use
+NETWORK = ipaddress.IPv4Network("10.61.0.0/24")  # both cells': their link is translated
+MESH_RANGE = ipaddress.IPv4Network("10.0.0.0/8")  # where a mapped subnet must lie
 SKEW_S = 600  # ±10 minutes
 CONVERGE_S = 90  # generous: a push may wait out a backoff, WireGuard a rekey, on 2 busy cores
 
@@ -84,8 +105,13 @@ class World:
     faults: Faults
     cells: dict[str, Cell]
     device_ns: dict[str, Netns]  # cell -> the namespace of one of its devices (wg-quick)
-    vips: dict[str, dict[str, str]]  # cell -> service -> address
+    vips: dict[str, dict[str, str]]  # cell -> service -> its VIP, as the cell lists it
     model: Model
+    # viewer -> (mapped_subnet, seen_as) of the other cell, as the viewer's `cells` showed
+    # them once linked: where it presents the other, where the other presents it
+    mapping: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)
+    # viewer -> the other cell's service -> "address:80" where the viewer presents it
+    targets: dict[str, dict[str, str]] = field(default_factory=dict)
     children: dict[str, dict[str, list[int]]] = field(default_factory=dict)
     seqs: dict[tuple[str, str], tuple[int, int, str]] = field(default_factory=dict)
     restarts: int = 0  # by faults only
@@ -110,6 +136,47 @@ class World:
         return int(self.link_row(name)["local_seq"])
 
 
+def observe_mapping(views: dict[str, dict[str, Any]]) -> dict[str, tuple[Any, Any]]:
+    """Each cell's (mapped_subnet, seen_as) of the other, from its `cells` view of it."""
+    return {n: (v["mapped_subnet"], v["seen_as"]) for n, v in views.items()}
+
+
+def mapping_mismatches(mapping: dict[str, tuple[Any, Any]]) -> list[str]:
+    """What is wrong with the translation both cells show: each must present the other at a
+    /24 of the mesh range apart from the shared network, and say where the other presents it
+    as the other says it does."""
+    wrong = []
+    for name, (mapped, seen_as) in mapping.items():
+        if mapped is None or seen_as is None:
+            wrong.append(f"{name} shows mapped_subnet {mapped}, seen_as {seen_as}")
+            continue
+        net = ipaddress.IPv4Network(mapped)
+        if not net.subnet_of(MESH_RANGE) or net.overlaps(NETWORK) or net.prefixlen != 24:
+            wrong.append(f"{name} presents {other(name)} at {net}")
+        if seen_as != mapping[other(name)][0]:
+            wrong.append(f"{name} is seen as {seen_as}, {other(name)} presents it at "
+                         f"{mapping[other(name)][0]}")  # fmt: skip
+    return wrong
+
+
+def presented_targets(
+    views: dict[str, dict[str, Any]], vips: dict[str, dict[str, str]]
+) -> dict[str, dict[str, str]]:
+    """viewer -> the other cell's service -> "address:80", where the viewer (and its devices)
+    reach it: the host part of the service's VIP (as its cell lists it), in the viewer's
+    mapped subnet of the other cell's network (as the viewer's `cells` shows both)."""
+    targets: dict[str, dict[str, str]] = {}
+    for viewer, view in views.items():
+        real = ipaddress.IPv4Network(view["vpn_subnet"])
+        mapped = ipaddress.IPv4Network(view["mapped_subnet"])
+        targets[viewer] = {}
+        for svc, vip in vips[other(viewer)].items():
+            offset = int(ipaddress.IPv4Address(vip)) - int(real.network_address)
+            assert 0 < offset < real.num_addresses, f"{svc}'s VIP {vip} is outside {real}"
+            targets[viewer][svc] = f"{mapped.network_address + offset}:80"
+    return targets
+
+
 def build(topo: Topology) -> World:
     """Two cells linked over the router, services, one device each; returns once linked."""
     wan = topo.add_ns("wan")
@@ -120,7 +187,7 @@ def build(topo: Topology) -> World:
         base = 16 * i
         topo.link(ns, f"198.51.100.{base + 1}/28", wan, f"198.51.100.{base + 14}/28")
         ns.run(["ip", "route", "replace", "default", "via", f"198.51.100.{base + 14}"])
-        cell = Cell(topo, ns, name, f"{name}.test", f"10.{61 + i}.0.1/24",
+        cell = Cell(topo, ns, name, f"{name}.test", f"{NETWORK[1]}/{NETWORK.prefixlen}",
                     f"198.51.100.{base + 1}:51820")  # fmt: skip
         cell.init()
         start_daemon(cell)
@@ -131,7 +198,7 @@ def build(topo: Topology) -> World:
             cell.cli("services", "add", svc, "--backend", f"127.0.0.1:{port}", "--port", "80")
     faults = Faults(wan, ["198.51.100.1", "198.51.100.17"], topo.workdir)
     device_ns: dict[str, Netns] = {}
-    for i, (role, owner) in enumerate((("phone", "alpha"), ("laptop", "beta"))):
+    for i, (owner, role) in enumerate(DEVICES.items()):
         ns = topo.add_ns(role)
         base = 16 * i
         topo.link(ns, f"203.0.113.{base + 2}/28", wan, f"203.0.113.{base + 14}/28")
@@ -144,7 +211,19 @@ def build(topo: Topology) -> World:
                   Model(devices={"alpha": {"phone"}, "beta": {"laptop"}}))  # fmt: skip
     wait_until(lambda: all(c.links()[other(n)]["state"] == "linked" for n, c in cells.items()),
                60, "the cells did not link")  # fmt: skip
-    wait_until(lambda: device_ns["beta"].ping("10.61.0.1"), 30, "beta's device cannot reach alpha")
+
+    def mapped() -> bool:  # each has heard where the other presents it (its signed document)
+        wrong = mapping_mismatches(observe_mapping(views_of(world)))
+        assert not wrong, "; ".join(wrong)
+        return True
+
+    wait_until(mapped, 30, "the cells do not agree on where each presents the other")
+    views = views_of(world)
+    world.mapping = observe_mapping(views)
+    world.targets = presented_targets(views, vips)
+    alpha_at_beta = ipaddress.IPv4Network(world.mapping["beta"][0]).network_address + 1
+    wait_until(lambda: device_ns["beta"].ping(str(alpha_at_beta)), 30,
+               f"beta's device cannot reach alpha at {alpha_at_beta}")  # fmt: skip
     world.children = world.snapshot_children()
     for name, kids in world.children.items():
         assert all(len(p) == 1 for p in kids.values()), f"{name}'s children: {kids}"
@@ -154,50 +233,85 @@ def build(topo: Topology) -> World:
 # -- invariants ---------------------------------------------------------------------------------
 
 
+def views_of(world: World) -> dict[str, dict[str, Any]]:
+    """Each cell's `cells` view of the other (one API call per cell)."""
+    return {name: cells_view(cell)[other(name)] for name, cell in world.cells.items()}
+
+
 def enforcement_mismatches(world: World) -> list[str]:
-    """What a device of each cell can reach of the other cell's services, against the model."""
-    targets = {name: {f"{world.vips[name][s]}:80": s for s in svcs}
+    """What a device of each cell can reach of the other cell's services, where its own cell
+    presents them, against the model."""
+    targets = {name: {world.targets[other(name)][s]: s for s in svcs}
                for name, svcs in SERVICES.items()}  # fmt: skip
     got = reachable({world.device_ns[other(n)]: list(t) for n, t in targets.items()})
     wrong = []
     for name, by_target in targets.items():
         for target, svc in by_target.items():
             want = svc in world.model.shares[name]
-            if got[target] != want:
+            if got[world.device_ns[other(name)]][target] != want:
                 wrong.append(f"{other(name)}'s device {'cannot' if want else 'can'} reach "
                              f"{name}/{svc} ({target})")  # fmt: skip
     return wrong
 
 
+def device_names(model: Model) -> list[str]:
+    """Every device name a change ever tried, on either cell (acknowledged or not)."""
+    return sorted({*DEVICES.values(), *(f"d{i}" for i in range(1, model.next_device + 1))})
+
+
 def view_mismatches(world: World) -> list[str]:
-    """The owners' views (`cells`, one call per cell), the devices in each store and kernel, and
-    names (DNS on the other cell's device), against the model."""
+    """The owners' views (`cells` and `peers list`, one call each per cell), the devices in each
+    kernel, and names (one `dig` on each cell's device: the other cell's services, and its own
+    cell's devices), against the model."""
     wrong = []
-    views = {name: cells_view(cell)[other(name)] for name, cell in world.cells.items()}
+    views = views_of(world)
+    # name -> (the device cell asking, the expected answer), filled in below
+    names: dict[str, tuple[str, list[str]]] = {}
     for name, cell in world.cells.items():
         want = world.model.shares[name]
         inbound = {s["name"] for s in views[name]["inbound"]}
         if inbound != want:
             wrong.append(f"{name} shares {sorted(inbound)}, acknowledged {sorted(want)}")
-        mirrored = {s["name"] for s in views[other(name)]["outbound"]}
-        if mirrored != want:
+        mirrored = {s["name"]: s["vip"] for s in views[other(name)]["outbound"]}
+        if set(mirrored) != want:
             wrong.append(f"{other(name)} mirrors {sorted(mirrored)} of {name}, "
                          f"acknowledged {sorted(want)}")  # fmt: skip
-        peers = store_rows(cell, "SELECT name, public_key FROM peers")
-        devices = {p["name"] for p in peers}
-        if devices != world.model.devices[name]:
-            wrong.append(f"{name} stores devices {sorted(devices)}, "
+        elif any(world.vips[name][s] != vip for s, vip in mirrored.items()):
+            # the document carries the serving cell's own VIPs: only the viewer translates
+            wrong.append(f"{other(name)} mirrors {name}'s VIPs as {mirrored}")
+        code, peers = api(cell, "GET", "/api/peers")
+        assert code == 200, peers
+        devices = {p["name"]: p["address"] for p in peers}
+        if set(devices) != world.model.devices[name]:
+            wrong.append(f"{name} lists devices {sorted(devices)}, "
                          f"acknowledged {sorted(world.model.devices[name])}")  # fmt: skip
         missing = {p["public_key"] for p in peers} - {row[0] for row in cell.wg_dump()}
         if missing:
-            wrong.append(f"{name}'s wg show lacks {len(missing)} stored device(s)")
-        device = world.device_ns[other(name)]
+            wrong.append(f"{name}'s wg show lacks {len(missing)} listed device(s)")
+        # its services, for the other cell's device: where that cell presents them
         for svc in SERVICES[name]:
-            addrs = device.dig(f"{svc}.{name}.test")
-            expected = [world.vips[name][svc]] if svc in want else []
-            if addrs != expected:
-                wrong.append(f"{svc}.{name}.test resolves to {addrs} for {other(name)}'s device")
+            target = world.targets[other(name)][svc].rsplit(":", 1)[0]
+            names[f"{svc}.{name}.test"] = (other(name), [target] if svc in want else [])
+        # its devices, for its own device: at their addresses
+        for device in device_names(world.model):
+            expected = [devices[device]] if device in world.model.devices[name] else []
+            names[f"{device}.{name}.test"] = (name, expected)
+    for asker in world.cells:
+        asked = [n for n, (a, _) in names.items() if a == asker]
+        for fqdn, addrs in resolve(world.device_ns[asker], asked).items():
+            if addrs != names[fqdn][1]:
+                wrong.append(f"{fqdn} resolves to {addrs} for {asker}'s device, "
+                             f"expected {names[fqdn][1]}")  # fmt: skip
     return wrong
+
+
+def check_mapping(world: World) -> None:
+    """The translation never moved: each side still shows what it showed once linked, and the
+    two sides agree."""
+    now = observe_mapping(views_of(world))
+    assert now == world.mapping, f"the translation moved: {world.mapping} -> {now}"
+    wrong = mapping_mismatches(now)
+    assert not wrong, "; ".join(wrong)
 
 
 def check_seqs(world: World) -> None:
@@ -242,6 +356,7 @@ def check_converged(world: World, timeout_s: float = CONVERGE_S) -> float:
     wait_until(converged, timeout_s, "the cells did not converge on the acknowledged state")
     took = time.monotonic() - started
     check_seqs(world)
+    check_mapping(world)
     check_no_restart(world)
     return took
 

@@ -1,8 +1,11 @@
 """Fault and crash suites (issue 14): random cycles of change and fault between two cells, and
 kill -9 of a daemon at random points of a run of changes; after each, every invariant of
 `tests/netns/faultworld.py` is observed (its docstring draws the topology and lists them).
+Both cells use 10.61.0.0/24, so their link is translated (issue 15, `picell.mesh.mapping`):
+every fault and every kill meets the translation, each device is checked against where its own
+cell presents the other's services, and the mapping itself must not move.
 
-    alpha ── wan (router: loss, delay relay, partition) ── beta
+    alpha 10.61.0.1/24 ── wan (router: loss, delay relay, partition) ── beta 10.61.0.1/24
                └── phone (alpha's device), laptop (beta's device)
 
 Faults: nft `numgen` loss of 1-30 % and a transparent tproxy delay relay of 50-500 ms (this
