@@ -93,10 +93,15 @@ class Unbound:
 
     def apply(self, text: str, changes: list[str], dns: DnsState | None = None) -> str:
         """Apply `text` (rendered from `dns`); answer how: 'delta', 'reload', 'start' or ''."""
-        if changes == ["config"] and self._delta(dns):
-            self._write(text)  # after the delta: a crash in between leaves a file that differs
-            self._applied = dns
-            return "delta"
+        if changes == ["config"] and self._applied is not None and dns is not None:
+            # the file first: the change commits only after this apply, so a daemon killed
+            # before the commit leaves a file that differs from what its store renders, and
+            # the next daemon reloads (written after the delta, it would match the old store
+            # while the adopted Unbound held the new records, and be trusted)
+            self._write(text)
+            if self._delta(dns):
+                self._applied = dns
+                return "delta"
         self._applied = dns
         if "config" in changes:
             self._write(text)
