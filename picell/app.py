@@ -67,6 +67,7 @@ from picell.constants import (
 from picell.control import Coalescer, Control
 from picell.errors import PicellError
 from picell.mesh.exits import Exits
+from picell.mesh.expiry import Expiry
 from picell.mesh.links import Links
 from picell.mesh.reach import init_warning
 from picell.mesh.sender import Sender
@@ -239,6 +240,9 @@ class Daemon:
         self.control.coalescer = self.coalescer
         self.control.after_change = self.sender.wake
         self.sync.heard_from = self.sender.heard_from
+        # dated shares and exit offers end on their date, by a timer of their own
+        self.expiry = Expiry(self.control, wake_sender=lambda: self.sender.wake())
+        self.sync.expiry = self.expiry.wake
         # the owner's concurrent changes share one apply, one commit and one push
         self.group = self.control.batch_changes()
         self._wake = threading.Event()
@@ -418,6 +422,7 @@ class Daemon:
         loop = threading.Thread(target=self._loop, name="reconcile", daemon=True)
         loop.start()
         self.sender.start()
+        self.expiry.start()
         self.portmap.start()
 
         async def ready() -> None:
@@ -464,6 +469,7 @@ class Daemon:
                     ("reconcile", lambda: loop.join()),
                     ("portmap", self.portmap.stop),
                     ("sender", self.sender.stop),
+                    ("expiry", self.expiry.stop),
                     ("coalescer", self.coalescer.stop),
                     ("group commit", self.group.stop),
                 ],

@@ -248,6 +248,9 @@ class Control:
             )
             peer = Peer(name, public, private, index, None, time.time())
             peer_table.add(conn, peer)
+            told = link_table.mark_publishing(conn)  # the cells we publish our devices to
+        if told and self.after_change is not None:
+            self.after_change()
         return self.peer_public(cell, peer)
 
     def remove_peer(self, name: str) -> None:
@@ -256,11 +259,12 @@ class Control:
             via = peer_table.get(conn, name).route_via
             peer_table.remove(conn, name)
             exit_table.release_unused(conn)
+            told = link_table.mark_publishing(conn)
             if via is not None and link_table.find(conn, via) is not None:
                 link_table.mark_pending(conn, via)  # it may stop relaying for us
                 journal.append(conn, via, f"device {name} left their exit", "local owner",
                                "the device was removed")  # fmt: skip
-        if via is not None and self.after_change is not None:
+        if (via is not None or told) and self.after_change is not None:
             self.after_change()
 
     def peer_public(

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from picell.addressing import peer_address, vip_address
 from picell.constants import DNS_PORT, EXIT_MTU, LINK_KEEPALIVE_S, NOT_INTERNET
 from picell.mesh import relay as relaying
+from picell.mesh.shares import device_grants
 from picell.routing.exits import exit_ifname, exit_mark, exit_port, exit_table
 from picell.store.cell import Cell
 from picell.store.links import Link
@@ -109,6 +110,14 @@ class Grant:
     @property
     def element(self) -> str:
         return f"{self.network} . {self.vip} . {self.port}"
+
+    def covered_by(self, other: Grant) -> bool:
+        """`other` admits every flow this grant admits."""
+        return (other.protocol, other.vip, other.port) == (
+            self.protocol,
+            self.vip,
+            self.port,
+        ) and self.network.subnet_of(other.network)
 
 
 @dataclass(frozen=True, order=True)
@@ -284,16 +293,16 @@ def build_state(
     )
     by_name = {s.name: s for s in service_states}
     shared = {
-        link.name: [by_name[n] for n in sorted(set(link.choices.inbound)) if n in by_name]
-        for link in links
+        link.name: [by_name[n] for n in link.choices.inbound if n in by_name] for link in links
     }
     grants = tuple(
         sorted(
             (
-                Grant(svc.protocol, link.identity.network, link.seen(svc.vip, net), svc.port)
+                Grant(svc.protocol, network, link.seen(svc.vip, net), svc.port)
                 for link in links
                 if link.state != Phase.UNLINKING
-                for svc in shared[link.name]
+                for svc in (by_name[n] for n in link.choices.services if n in by_name)
+                for network in device_grants(link, svc.name)
             ),
             key=_grant_order,
         )
@@ -332,15 +341,10 @@ def build_state(
         ),
         views=tuple(
             sorted(
-                DnsView(
-                    link.name,
-                    link.identity.network,
-                    _view_records(cell, shared[link.name], link),
-                    internet=link.identity.network in relayed,
-                    hidden=tuple(d for d in live_domains if d != link.identity.domain),
-                )
+                view
                 for link in links
                 if link.state != Phase.UNLINKING
+                for view in _views(cell, link, shared[link.name], by_name, relayed, live_domains)
             )
         ),
     )
@@ -449,6 +453,33 @@ def _not_internet(
     nets = [*NOT_INTERNET, cell.network, *(ln.identity.network for ln in links)]
     nets += [n for dev, n in onlink if dev not in ours]
     return tuple(ipaddress.collapse_addresses(nets))
+
+
+def _views(
+    cell: Cell,
+    link: Link,
+    shared: Sequence[ServiceState],
+    by_name: dict[str, ServiceState],
+    relayed: set[ipaddress.IPv4Network],
+    live_domains: Sequence[str],
+) -> list[DnsView]:
+    """A linked cell's views: its network's (what is shared with all of it), and one per
+    published device that has shares of its own (its /32 is the more specific match)."""
+    hidden = tuple(d for d in live_domains if d != link.identity.domain)
+    internet = link.identity.network in relayed
+    views = [DnsView(link.name, link.identity.network, _view_records(cell, shared, link),
+                     internet=internet, hidden=hidden)]  # fmt: skip
+    for device in sorted({s.device for s in link.choices.shares if s.device}):
+        address = link.mirror.device(device)
+        if address is None:
+            continue
+        mine = {s.service for s in link.choices.shares if s.device == device}
+        svcs = [*shared, *(by_name[n] for n in sorted(mine) if n in by_name)]
+        net = ipaddress.IPv4Network(link.identity.view(address))
+        views.append(DnsView(f"{link.name}/{device}", net,
+                             _view_records(cell, svcs, link), internet=internet,
+                             hidden=hidden))  # fmt: skip
+    return views
 
 
 def _view_records(cell: Cell, shared: Sequence[ServiceState], link: Link) -> tuple[DnsRecord, ...]:

@@ -31,6 +31,7 @@ from picell.api.models import (
     JournalEntryOut,
     LinksImport,
     Permissions,
+    PublishDevices,
     RelayOffer,
     Shares,
 )
@@ -149,14 +150,27 @@ def import_seed(body: LinksImport, links: LinksDep) -> dict[str, Any]:
 
 @router.put("/{name}/permissions", response_model=CellOut)
 def set_permissions(name: CellName, body: Permissions, sync: SyncDep) -> dict[str, Any]:
-    """The full set of our services that cell `name` may use."""
-    return sync.set_permissions(name, body.services)
+    """The whole list of our shares with cell `name`: entries `{service, device?, until?}`
+    (a plain service name: its whole network, for good)."""
+    entries = [
+        (e, "", None) if isinstance(e, str) else (e.service, e.device or "", e.until)
+        for e in body.services
+    ]
+    return sync.set_permissions(name, entries)
 
 
 @router.put("/{name}/exit-offer", response_model=CellOut)
 def exit_offer(name: CellName, body: ExitOffer, sync: SyncDep) -> dict[str, Any]:
-    """Offer our internet exit to cell `name` (DESIGN §8); it sees `remote_exit_offered`."""
-    return sync.set_exit_offer(name, body.offered)
+    """Offer our internet exit to cell `name` (DESIGN §8), for good or `until` a date; it sees
+    `remote_exit_offered`."""
+    return sync.set_exit_offer(name, body.offered, body.until)
+
+
+@router.put("/{name}/publish-devices", response_model=CellOut)
+def publish_devices(name: CellName, body: PublishDevices, sync: SyncDep) -> dict[str, Any]:
+    """Publish our devices' names and addresses to cell `name` in our documents (or stop):
+    its owner may then share a service with one of them."""
+    return sync.publish_devices(name, body.published)
 
 
 @router.put("/{name}/relay-offer", response_model=CellOut)
@@ -173,13 +187,20 @@ def share(name: CellName, service: ServiceName, sync: SyncDep) -> dict[str, Any]
 
 @router.post("/{name}/shares", response_model=CellOut)
 def share_many(name: CellName, body: Shares, sync: SyncDep) -> dict[str, Any]:
-    """Add several services to what cell `name` may use, as one change."""
-    return sync.share(name, body.services, field="services")
+    """Add one or several services to what cell `name` (or one `device` it publishes) may
+    use, for good or `until` a date, as one change."""
+    return sync.share(name, body.services, "services", body.device or "", body.until)
 
 
 @router.delete("/{name}/shares/{service}", response_model=CellOut)
-def unshare(name: CellName, service: ServiceName, sync: SyncDep) -> dict[str, Any]:
-    return sync.unshare(name, service)
+def unshare(
+    name: CellName,
+    service: ServiceName,
+    sync: SyncDep,
+    device: Annotated[str | None, Query(pattern=NAME_PATTERN, max_length=NAME_MAX)] = None,
+) -> dict[str, Any]:
+    """End a share with cell `name` (its whole network, or the share with its `device`)."""
+    return sync.unshare(name, service, device or "")
 
 
 @router.get("/rejected", response_model=dict[str, int])

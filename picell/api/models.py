@@ -95,16 +95,42 @@ class CellConnect(Request):
     )
 
 
+# An end date, ISO 8601 (`2026-12-24T18:00`; seconds and an offset allowed; the cell's local
+# time without an offset); `mesh.shares.parse_until` checks it is a real date in the future
+_DAY = r"\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
+_TIME = r"([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9](\.[0-9]{1,6})?)?"
+UNTIL_PATTERN = rf"^{_DAY}T{_TIME}(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])?$"
+Until = Annotated[str, StringConstraints(pattern=UNTIL_PATTERN, max_length=40)]
+
+
+class ShareEntry(Request):
+    """One share: a service, to one published device of the cell (or all of it), until a date
+    (or for good)."""
+
+    service: Name
+    device: Name | None = None
+    until: Until | None = None
+
+
 class Permissions(Request):
-    services: list[Name] = Field(max_length=256)
+    """The whole list of shares with a cell; a plain name shares with all of it for good."""
+
+    services: list[Name | ShareEntry] = Field(max_length=1024)
 
 
 class Shares(Request):
     services: list[Name] = Field(min_length=1, max_length=256)
+    device: Name | None = None
+    until: Until | None = None
 
 
 class ExitOffer(Request):
     offered: bool
+    until: Until | None = None  # with an offer: it ends by itself then
+
+
+class PublishDevices(Request):
+    published: bool
 
 
 class EndpointSet(Request):
@@ -263,6 +289,21 @@ class SharedServiceOut(Answer):
     vip: str | None = None
     ports: list[int] = []
     protocol: str = "tcp"
+    # a share with one published device, until a date (ISO 8601, local time); `devices`: the
+    # devices of ours a cell shares it with (what it told us)
+    device: str | None = None
+    until: str | None = None
+    devices: list[str] | None = None
+    # what the share's grant carried since it was made (per-grant nft counters) and the
+    # flows open through it now
+    packets: int | None = None
+    bytes: int | None = None
+    flows: int | None = None
+
+
+class PublishedDeviceOut(Answer):
+    name: str
+    address: str  # as this cell presents it (inside `mapped_subnet` when the link is mapped)
 
 
 class CellOut(Answer):
@@ -283,6 +324,7 @@ class CellOut(Answer):
     inbound: list[SharedServiceOut]
     outbound: list[SharedServiceOut]
     exit_offered: bool
+    exit_until: str | None = None  # our offer ends by itself then (ISO 8601, local time)
     remote_exit_offered: bool
     exit_relay_active: bool
     remote_exit_relay_active: bool
@@ -312,6 +354,9 @@ class CellOut(Answer):
     # key rotation (mesh.rekey): "pending"/"prepared"/"told" ours; their announced next key
     rekey_state: str | None = None
     remote_next_key: str | None = None
+    # device shares (issue 15): whether we publish our devices to it, the devices it publishes
+    publish_devices: bool = False
+    devices: list[PublishedDeviceOut] = []
 
 
 class JournalEntryOut(Answer):

@@ -194,7 +194,7 @@ async def set_sharing(request: Request) -> Response:
     sync: Sync = state(request, "sync")
     wanted = [s for s in form.get("services", []) if s]
     try:
-        await run_in_threadpool(sync.set_permissions, name, wanted)
+        await run_in_threadpool(sync.set_network_shares, name, wanted)
     except PicellError as exc:
         err = FormError(f"share-{name}", exc, ("services",))
         return await cells_page(request, err.status, error=err)

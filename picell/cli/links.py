@@ -4,6 +4,7 @@ own models (`picell.api.models`), and `--json` prints them."""
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -11,6 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from picell.api.models import (
+    UNTIL_PATTERN,
     CellOut,
     ImportOut,
     InviteCreated,
@@ -109,17 +111,41 @@ def connect(
     _link(call("POST", "/api/cells", as_json, json=body), as_json)
 
 
+DeviceOpt = Annotated[
+    str | None,
+    typer.Option("--device", help="Only this device of the cell (one it publishes to us)"),
+]
+UntilOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--until",
+        help="End by itself then: ISO 8601, 2026-12-24T18:00 (local time unless it carries "
+        "an offset; seconds allowed)",
+    ),
+]
+
+
+def _until(text: str | None) -> str | None:
+    """Bad usage (exit 2) for what is no date; the daemon refuses a date in the past."""
+    if text is not None and not re.fullmatch(UNTIL_PATTERN, text):
+        raise typer.BadParameter(f"{text!r}: use ISO 8601, e.g. 2026-12-24T18:00")
+    return text
+
+
 @app.command()
 def share(
     cell: Annotated[str, typer.Argument(help="The linked cell")],
     services: Annotated[list[str], typer.Argument(help="One or more of this cell's services")],
+    device: DeviceOpt = None,
+    until: UntilOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Let a linked cell's network use our services (by name and address): one change."""
-    if len(services) == 1:
+    """Let a linked cell's network (or one device it publishes) use our services, by name and
+    address, for good or until a date: one change."""
+    if len(services) == 1 and device is None and until is None:
         _link(call("POST", f"/api/cells/{cell}/shares/{services[0]}", as_json), as_json)
     else:
-        body = {"services": services}
+        body = {"services": services, "device": device, "until": _until(until)}
         _link(call("POST", f"/api/cells/{cell}/shares", as_json, json=body), as_json)
 
 
@@ -127,22 +153,29 @@ def share(
 def unshare(
     cell: Annotated[str, typer.Argument(help="The linked cell")],
     service: Annotated[str, typer.Argument(help="A service shared with it")],
+    device: DeviceOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Stop sharing a service with a linked cell; its open connections stop too."""
-    _link(call("DELETE", f"/api/cells/{cell}/shares/{service}", as_json), as_json)
+    """Stop sharing a service with a linked cell (or with one of its devices); its open
+    connections stop too."""
+    params = {"device": device} if device else None
+    _link(call("DELETE", f"/api/cells/{cell}/shares/{service}", as_json, params=params), as_json)
 
 
 @app.command("exit-offer")
 def exit_offer(
     cell: Annotated[str, typer.Argument(help="The linked cell")],
     state: Annotated[str, typer.Argument(help="on or off")],
+    until: UntilOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Offer (on) or withdraw (off) this cell's internet exit to a linked cell."""
+    """Offer (on) or withdraw (off) this cell's internet exit to a linked cell, for good or
+    until a date."""
     if state not in ("on", "off"):
         raise typer.BadParameter(f"{state!r}: use on or off")
-    body = {"offered": state == "on"}
+    if until is not None and state == "off":
+        raise typer.BadParameter("--until goes with on")
+    body = {"offered": state == "on", "until": _until(until)}
     _link(call("PUT", f"/api/cells/{cell}/exit-offer", as_json, json=body), as_json)
 
 
@@ -186,13 +219,27 @@ JournalOpt = Annotated[
 
 @app.command("cells")
 def cells_cmd(
-    action: Annotated[str | None, typer.Argument(help="list (the default)")] = None,
+    action: Annotated[
+        str | None, typer.Argument(help="list (the default) or publish-devices CELL on|off")
+    ] = None,
+    args: Annotated[list[str] | None, typer.Argument(help="CELL on|off")] = None,
     journal: JournalOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Linked cells with their state, handshake, traffic and authentication string."""
-    if action not in (None, "list"):
-        raise typer.BadParameter(f"unknown action {action!r}; use `picell cells [list]`")
+    """Linked cells with their state, handshake, traffic and authentication string;
+    `cells publish-devices CELL on|off` publishes our devices' names and addresses to CELL
+    (off by default), so that its owner may share with one of them."""
+    if action == "publish-devices":
+        if not args or len(args) != 2 or args[1] not in ("on", "off"):
+            raise typer.BadParameter("use `picell cells publish-devices CELL on|off`")
+        body = {"published": args[1] == "on"}
+        _link(call("PUT", f"/api/cells/{args[0]}/publish-devices", as_json, json=body), as_json)
+        return
+    if action not in (None, "list") or args:
+        raise typer.BadParameter(
+            f"unknown action {action!r}; use `picell cells [list]` or "
+            "`picell cells publish-devices CELL on|off`"
+        )
     _cells(journal, as_json)
 
 

@@ -168,14 +168,23 @@ def invites_text(rows: list[Json]) -> str:
     return "\n".join(one(r) for r in rows) or "no invites"
 
 
+def _service(s: Json) -> str:
+    """ "wiki (10.0.0.254:80) with phone until 2026-12-24T18:00:00+01:00, 3 flows, 1.2 kB" """
+    text = f"{s['name']} ({s['vip']}:{','.join(map(str, s['ports']))})" if s["vip"] else s["name"]
+    if s.get("device"):
+        text += f" with {s['device']}"
+    if s.get("devices"):
+        text += f" with {', '.join(s['devices'])}"
+    if s.get("until"):
+        text += f" until {s['until']}"
+    if s.get("bytes") is not None:
+        flows = f"{s['flows']} open flow(s), " if s.get("flows") is not None else ""
+        text += f" [{flows}{s['packets']} packets, {s['bytes']} bytes]"
+    return text
+
+
 def _services(items: list[Json]) -> str:
-    return (
-        ", ".join(
-            f"{s['name']} ({s['vip']}:{','.join(map(str, s['ports']))})" if s["vip"] else s["name"]
-            for s in items
-        )
-        or "nothing"
-    )
+    return ", ".join(_service(s) for s in items) or "nothing"
 
 
 def _clock(ts: float) -> str:
@@ -209,7 +218,9 @@ def link_text(c: Json) -> str:
     exits = [
         "we offer them our relay" if c["relay_offered"] else "",
         "they offer us their relay" if c["remote_relay_offered"] else "",
-        "we offer them our exit" if c["exit_offered"] else "",
+        ("we offer them our exit" + (f" until {c['exit_until']}" if c.get("exit_until") else ""))
+        if c["exit_offered"]
+        else "",
         "they offer us their exit" if c["remote_exit_offered"] else "",
         "some of our devices use their exit" if c["exit_relay_active"] else "",
         "their devices use our exit" if c["relaying"] else "",
@@ -217,6 +228,11 @@ def link_text(c: Json) -> str:
     if any(exits):
         lines.append("  " + "; ".join(x for x in exits if x))
     lines.append(f"  they share: {_services(c['outbound'])}")
+    if c.get("publish_devices"):
+        lines.append("  we publish our devices to them")
+    if c.get("devices"):
+        shown = ", ".join(f"{d['name']} ({d['address']})" for d in c["devices"])
+        lines.append(f"  their devices: {shown}")
     if c["last_push_at"]:
         lines.append(f"  last push: {c['last_push_status']} at {_clock(c['last_push_at'])}")
     if c["last_remote_update_at"]:

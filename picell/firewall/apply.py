@@ -119,6 +119,35 @@ def _element(elem: Any) -> str | None:
         return None
 
 
+# a grant's use: (packets, bytes) of the connecting side, by (protocol, element)
+GrantCounters = dict[tuple[str, str], tuple[int, int]]
+
+
+def observe_grant_counters(runner: Runner) -> GrantCounters:
+    """What each grant admitted since it was added (the sets' per-element counters); {} when
+    the table cannot be read."""
+    try:
+        out = runner.run(["nft", "-j", "list", "table", "inet", TABLE_NAME]).stdout
+        items = json.loads(out).get("nftables", [])
+    except (CommandFailed, ValueError, AttributeError):
+        return {}
+    protocols = {name: proto for proto, name in GRANT_SETS.items()}
+    counters: GrantCounters = {}
+    for item in items if isinstance(items, list) else []:
+        nft_set = item.get("set") if isinstance(item, dict) else None
+        if not isinstance(nft_set, dict) or nft_set.get("name") not in protocols:
+            continue
+        elems = nft_set.get("elem", [])
+        for e in elems if isinstance(elems, list) else [elems]:
+            element = _element(e)
+            counter = e.get("elem", {}).get("counter") if isinstance(e, dict) else None
+            if element is None or not isinstance(counter, dict):
+                continue
+            key = (protocols[nft_set["name"]], element)
+            counters[key] = (int(counter.get("packets", 0)), int(counter.get("bytes", 0)))
+    return counters
+
+
 def apply_ruleset(runner: Runner, text: str, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     path.write_text(text)

@@ -49,6 +49,7 @@ def render_table_body(
             f"\tset {name} {{",
             "\t\ttype ipv4_addr . ipv4_addr . inet_service",
             "\t\tflags interval",
+            "\t\tcounter",  # per grant: who used what (`cells`, the web page)
             *(
                 [f"\t\telements = {{ {', '.join(sorted(elements))} }}"]
                 if elements and with_elements

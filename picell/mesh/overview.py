@@ -4,19 +4,26 @@ transaction and one `wg show dump`, whatever the number of links."""
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from typing import Any
 
+from picell.addressing import vip_address
 from picell.constants import LINK_ONLINE_S
+from picell.firewall.apply import Flow, GrantCounters, list_flows, observe_grant_counters
 from picell.mesh.crypto import short_auth_string
-from picell.mesh.document import shared_services
+from picell.mesh.document import share_rows
 from picell.mesh.relay import path_of
+from picell.mesh.shares import device_grants, shown_until
+from picell.state import Grant
 from picell.store import cell as cell_table
 from picell.store import links as link_table
 from picell.store import outbox
 from picell.store import services as service_table
+from picell.store.cell import Cell
 from picell.store.db import Store
-from picell.store.links import LinkState
+from picell.store.links import Link, LinkState
+from picell.store.services import Service
 from picell.system.run import Runner
 from picell.wireguard import keys
 from picell.wireguard.apply import observe_wg
@@ -29,6 +36,9 @@ def link_overview(store: Store, runner: Runner) -> list[dict[str, Any]]:
         services = service_table.all_services(conn)
         pending = {m.link_key: m for m in outbox.all_messages(conn)}
     observed = observe_wg(runner, cell.interface) if links else None
+    shared = any(ln.choices.shares for ln in links)
+    counters = observe_grant_counters(runner) if shared else {}
+    flows = list_flows(runner) if shared else None
     our_public = keys.public_from_private(cell.private_key)
     now = time.time()
     out = []
@@ -57,9 +67,12 @@ def link_overview(store: Store, runner: Runner) -> list[dict[str, Any]]:
                 "online": age is not None and age < LINK_ONLINE_S,
                 "rx_bytes": seen.rx_bytes if seen else 0,
                 "tx_bytes": seen.tx_bytes if seen else 0,
-                "inbound": shared_services(cell, services, link.choices.inbound),
+                "inbound": _inbound(cell, services, link, counters, flows),
                 "outbound": list(link.mirror.outbound),
                 "exit_offered": link.choices.exit_offered,
+                "exit_until": shown_until(link.choices.exit_until)
+                if link.choices.exit_offered
+                else None,
                 "remote_exit_offered": link.mirror.exit_offered,
                 # we use their exit (devices routed via them); they use ours
                 "exit_relay_active": link.choices.exit_relay_active,
@@ -83,6 +96,50 @@ def link_overview(store: Store, runner: Runner) -> list[dict[str, Any]]:
                 "orphan_reason": link.orphan,
                 "rekey_state": link.sync.rekey_state,
                 "remote_next_key": link.mirror.next_key,
+                "publish_devices": link.choices.publish_devices,
+                "devices": [
+                    {"name": n, "address": str(link.identity.view(a))}
+                    for n, a in link.mirror.devices
+                ],  # fmt: skip
             }
         )
     return out
+
+
+def _inbound(
+    cell: Cell,
+    services: list[Service],
+    link: Link,
+    counters: GrantCounters,
+    flows: set[Flow] | None,
+) -> list[dict[str, Any]]:
+    """Our shares with `link`, one row each, with what its grant carried (packets and bytes
+    since it was made) and the flows open through it now. A device share that the whole
+    network's share covers has no grant of its own, so no counters."""
+    rows = share_rows(cell, services, link.choices.shares)
+    by_name = {s.name: s for s in services}
+    for row, share in zip(rows, (s for s in link.choices.shares if s.service in by_name),
+                          strict=True):  # fmt: skip
+        row["until"] = shown_until(share.until)
+        svc = by_name[share.service]
+        vip = link.seen(vip_address(cell.network, svc.vip_index), cell.network)
+        nets = device_grants(link, share.service)
+        if share.device:
+            address = link.mirror.device(share.device)
+            mine = ipaddress.IPv4Network(link.identity.view(address)) if address else None
+            nets = tuple(n for n in nets if n == mine)
+        elif share.service not in link.choices.inbound:
+            nets = ()
+        if not nets:
+            continue
+        grant = Grant(svc.protocol, nets[0], vip, svc.port)
+        packets, size = counters.get((svc.protocol, grant.element), (0, 0))
+        row.update(packets=packets, bytes=size)
+        if flows is not None:
+            row["flows"] = sum(1 for f in flows if _in(grant, f))
+    return rows
+
+
+def _in(grant: Grant, flow: Flow) -> bool:
+    proto, src, dst, port = flow
+    return (proto, dst, port) == (grant.protocol, grant.vip, grant.port) and src in grant.network

@@ -24,7 +24,7 @@ from picell.mesh.links import Links, _link_from
 from picell.store import cell as cell_table
 from picell.store import journal
 from picell.store import links as link_table
-from picell.store.links import Link, LinkState, OwnerChoices
+from picell.store.links import Link, LinkState, OwnerChoices, Share
 
 SEED_MAX = 4_000_000  # bytes: the API's own limit on the seed file (LinksImport)
 
@@ -132,8 +132,8 @@ def _one(entry: dict[str, Any], index: int) -> tuple[Any, _Seeded, dict[str, Any
     texts = {f: (str(raw[f]) if raw.get(f) is not None else None) for f in TEXTS}
     seeded = _Seeded(
         choices=OwnerChoices(
-            inbound=tuple(str(x.get("name") if isinstance(x, dict) else x)
-                          for x in _names(raw.get("inbound"), f"{where}.inbound")),
+            shares=tuple(sorted({Share(str(x.get("name") if isinstance(x, dict) else x))
+                                 for x in _names(raw.get("inbound"), f"{where}.inbound")})),
             exit_offered=flags["exit_offered"],
             exit_relay_active=flags["exit_relay_active"],
         ),

@@ -64,6 +64,7 @@ from picell.store import cell as cell_table
 from picell.store import exits as exit_table
 from picell.store import journal, outbox
 from picell.store import links as link_table
+from picell.store import peers as peer_table
 from picell.store import services as service_table
 from picell.store.links import Link, LinkState
 from picell.store.outbox import Message
@@ -310,7 +311,8 @@ class Sender:
                                   seen_from_peers(peers), self.clock.time(),
                                   relay_reserved(cell))  # fmt: skip
             extra = document(cell, link, service_table.all_services(conn), slot,
-                             seen_at=seen.endpoint if seen else None, reach=fields)  # fmt: skip
+                             seen_at=seen.endpoint if seen else None, reach=fields,
+                             peers=peer_table.all_peers(conn))  # fmt: skip
             envelope = envelope_from(cell, link, "state", seq, extra)
             conn.execute("UPDATE links SET local_seq = ? WHERE name = ?", (seq, name))
         with self._lock:

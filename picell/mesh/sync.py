@@ -10,19 +10,18 @@ they share with us, their `exit_offered` is our `remote_exit_offered`, their
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection
-from dataclasses import replace
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import astuple, replace
 from typing import Any, Literal
 
 from picell import validate
 from picell.errors import BadInput, Conflict, NotFound
-from picell.mesh import relay, wire
+from picell.mesh import relay, shares, wire
 from picell.mesh.links import Links, announced_endpoints, seen_as
 from picell.mesh.protocol import check_fresh, parse_envelope, retire
 from picell.store import journal
 from picell.store import links as link_table
-from picell.store import services as service_table
-from picell.store.links import Link, LinkState, Mirror
+from picell.store.links import Link, LinkState, Mirror, Share
 
 
 def _relay_mirror(body: wire.StateBody, link: Link, known: Collection[str]) -> dict[str, Any]:
@@ -48,7 +47,8 @@ def _mirror(body: wire.StateBody, link: Link, known: Collection[str] = ()) -> Mi
     relay, client = body.exit_relay, body.exit_client
     return Mirror(
         outbound=tuple(
-            s.model_dump(mode="json") for s in sorted(body.shared_services, key=lambda s: s.name)
+            s.model_dump(mode="json", exclude_none=True)
+            for s in sorted(body.shared_services, key=lambda s: s.name)
         ),
         exit_offered=body.exit_offered,
         exit_relay_active=body.use_as_exit_relay,
@@ -57,6 +57,7 @@ def _mirror(body: wire.StateBody, link: Link, known: Collection[str] = ()) -> Mi
         exit_client_key=client.public_key if client else None,
         exit_client_port=client.port if client else None,
         seen_at=body.seen_at,
+        devices=shares.published(link, body),
         **_relay_mirror(body, link, known),
         seq=body.seq,
         updated_at=time.time(),
@@ -86,57 +87,113 @@ class Sync:
         # set by the daemon (`Sender.heard_from`): a cell we just heard from is reachable, so
         # what we backed off for it is due now
         self.heard_from: Callable[[str], None] = lambda _key: None
+        # set by the daemon (`Expiry.wake`): a dated share or offer changed, so the timer
+        # looks again at what ends first
+        self.expiry: Callable[[], None] = lambda: None
 
     # -- the owner's choices -------------------------------------------------------------------
-    def set_permissions(self, name: str, services: list[str]) -> dict[str, Any]:
-        """The whole set of our services `name` may use: one change, however many."""
-        wanted = {validate.name(s, "services") for s in services}
-        return self._permissions(name, lambda _current: wanted)
+    def set_permissions(
+        self, name: str, entries: Sequence[tuple[str, str, str | None]]
+    ) -> dict[str, Any]:
+        """The whole set of shares with `name` (service, device or "", end date or None, each):
+        one change, however many."""
+        self._known(name)  # a missing cell answers 404 before its dates are read
+        wanted = [
+            shares.wanted_from([svc], device, until, f"services[{i}]")[0]
+            for i, (svc, device, until) in enumerate(entries)
+        ]
+        keys = [(w.service, w.device) for w in wanted]
+        if len(keys) != len(set(keys)):
+            raise BadInput("services: a service is listed twice for one device", field="services")
+        return self._shares(name, wanted, lambda _current: [Share(*astuple(w)) for w in wanted])
 
-    def share(self, name: str, services: list[str], field: str = "service") -> dict[str, Any]:
-        """Add services to what `name` may use: one change, however many."""
-        added = {validate.name(s, field) for s in services}
-        return self._permissions(name, lambda current: current | added)
+    def set_network_shares(self, name: str, services: list[str]) -> dict[str, Any]:
+        """The services shared with `name`'s whole network (the web page's toggles): its
+        device shares stay, and a share that stays keeps its date."""
+        wanted = shares.wanted_from(services, "", None, "services")
 
-    def unshare(self, name: str, service: str) -> dict[str, Any]:
+        def new(current: tuple[Share, ...]) -> list[Share]:
+            kept = {s.service: s for s in current if not s.device}
+            return [*(s for s in current if s.device),
+                    *(kept.get(w.service) or Share(w.service) for w in wanted)]  # fmt: skip
+
+        return self._shares(name, wanted, new)
+
+    def share(
+        self, name: str, services: list[str], field: str = "service", device: str = "",
+        until: str | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
+        """Add services to what `name` (or its published `device`) may use: one change,
+        however many; an existing share of the same service and device takes the new date."""
+        self._known(name)
+        wanted = shares.wanted_from(services, device, until, field)
+        added = [Share(*astuple(w)) for w in wanted]
+        return self._shares(name, wanted, lambda current: [*current, *added])
+
+    def unshare(self, name: str, service: str, device: str = "") -> dict[str, Any]:
         validate.name(service, "service")
+        if device:
+            validate.name(device, "device")
 
-        def without(current: set[str]) -> set[str]:
-            if service not in current:
-                raise NotFound(f"service: {service} is not shared with {name}", field="service")
-            return current - {service}
+        def without(current: tuple[Share, ...]) -> list[Share]:
+            if not any(s.key == (service, device) for s in current):
+                whom = f"{name}'s device {device}" if device else name
+                raise NotFound(f"service: {service} is not shared with {whom}", field="service")
+            return [s for s in current if s.key != (service, device)]
 
-        return self._permissions(name, without)
+        return self._shares(name, (), without)
 
-    def _permissions(self, name: str, new: Callable[[set[str]], set[str]]) -> dict[str, Any]:
-        # `new` reads the current set inside the change's transaction: concurrent shares of
+    def _known(self, name: str) -> None:
+        validate.name(name, "cell")
+        with self.store.read() as conn:
+            link_table.get(conn, name)
+
+    def _shares(
+        self,
+        name: str,
+        wanted: Sequence[shares.Wanted],
+        new: Callable[[tuple[Share, ...]], list[Share]],
+    ) -> dict[str, Any]:
+        # `new` reads the current shares inside the change's transaction: concurrent shares of
         # different services to one cell (batched together) each add to what the last left
+        validate.name(name, "cell")
+        with self.control.change() as conn:
+            link = link_table.get(conn, name)
+            shares.check_wanted(conn, link, wanted)
+            shares.change_shares(conn, link, new(link.choices.shares))
+        self.wake_sender()
+        self.expiry()
+        return self.links.describe(name)
+
+    def publish_devices(self, name: str, on: bool) -> dict[str, Any]:
+        """Publish (or stop publishing) our devices' names and addresses to `name` in our
+        documents: its owner may then share with one of them."""
         validate.name(name, "cell")
         with self.control.change() as conn:
             link = link_table.get(conn, name)
             if link.state == LinkState.UNLINKING:
                 raise Conflict(f"cell: the link with {name} is ending", field="cell")
-            current = tuple(sorted(link.choices.inbound))
-            wanted = tuple(sorted(new(set(current))))
-            known = {s.name for s in service_table.all_services(conn)}
-            for svc in wanted:
-                if svc not in known:
-                    raise NotFound(f"services: no service named {svc!r}", field="services")
-            for svc in sorted(set(wanted) - set(current)):
-                journal.append(conn, name, f"shared {svc}", "local owner")
-            for svc in sorted(set(current) - set(wanted)):
-                journal.append(conn, name, f"unshared {svc}", "local owner")
-            if wanted != current:
-                link_table.save(conn, replace(link, choices=replace(link.choices, inbound=wanted)))
+            if link.choices.publish_devices != on:
+                choices = replace(link.choices, publish_devices=on)
+                link_table.save(conn, replace(link, choices=choices))
                 link_table.mark_pending(conn, name)
+                event = "published our devices" if on else "stopped publishing our devices"
+                journal.append(conn, name, event, "local owner")
         self.wake_sender()
         return self.links.describe(name)
 
-    def set_exit_offer(self, name: str, offered: bool) -> dict[str, Any]:
-        """Offer (or withdraw) our internet exit to a linked cell; it learns at once. Relaying
-        itself happens only once it also asks for it (`use_as_exit_relay`)."""
+    def set_exit_offer(self, name: str, offered: bool, until: str | None = None) -> dict[str, Any]:
+        """Offer (or withdraw) our internet exit to a linked cell, for good or `until` a date
+        (`mesh.expiry` withdraws it then); it learns at once. Relaying itself happens only
+        once it also asks for it (`use_as_exit_relay`)."""
+        self._known(name)
+        if until is not None and not offered:
+            raise BadInput("until: only an offer ends on a date", field="until")
+        end = shares.parse_until(until) if until is not None else None
         events = ("offered our exit", "withdrew our exit offer")
-        return self._set_offer(name, "exit_offered", offered, events)
+        answer = self._set_offer(name, "exit_offered", offered, events, end)
+        self.expiry()
+        return answer
 
     def set_relay_offer(self, name: str, offered: bool) -> dict[str, Any]:
         """Offer (or withdraw) our relay to a linked cell (`mesh.relay`): we relay between it
@@ -152,12 +209,19 @@ class Sync:
         choice: Literal["exit_offered", "relay_offered"],
         offered: bool,
         events: tuple[str, str],
+        until: float | None = None,
     ) -> dict[str, Any]:
         validate.name(name, "cell")
         with self.control.change() as conn:
             link = link_table.get(conn, name)
             if link.state == LinkState.UNLINKING:
                 raise Conflict(f"cell: the link with {name} is ending", field="cell")
+            if choice == "exit_offered" and link.choices.exit_until != until:
+                link = replace(link, choices=replace(link.choices, exit_until=until))
+                link_table.save(conn, link)
+                if offered and link.choices.exit_offered:
+                    detail = f"until {shares.shown_until(until)}" if until else "for good"
+                    journal.append(conn, name, events[0], "local owner", detail)
             if getattr(link.choices, choice) != offered:
                 if choice == "exit_offered":
                     choices = replace(link.choices, exit_offered=offered)
@@ -169,20 +233,18 @@ class Sync:
                     for other in link_table.all_links(conn):
                         if other.name != name and other.choices.relay_offered:
                             link_table.mark_pending(conn, other.name)
-                journal.append(conn, name, events[0] if offered else events[1], "local owner")
+                detail = f"until {shares.shown_until(until)}" if offered and until else ""
+                journal.append(conn, name, events[0] if offered else events[1], "local owner",
+                               detail)  # fmt: skip
         self.wake_sender()
         return self.links.describe(name)
 
     def forget_service(self, conn: Any, service: str) -> None:
         """A removed service stops being shared (called inside the removal's transaction)."""
         for link in link_table.all_links(conn):
-            if service in link.choices.inbound:
-                kept = tuple(s for s in link.choices.inbound if s != service)
-                link_table.save(conn, replace(link, choices=replace(link.choices, inbound=kept)))
-                link_table.mark_pending(conn, link.name)
-                journal.append(
-                    conn, link.name, f"unshared {service}", "local owner", "the service was removed"
-                )
+            if service in link.choices.services and link.state != LinkState.UNLINKING:
+                kept = [s for s in link.choices.shares if s.service != service]
+                shares.change_shares(conn, link, kept, why="the service was removed")
 
     # -- receiving their document --------------------------------------------------------------
     def receive_state(self, payload: Any, source: str | None) -> dict[str, Any]:
@@ -248,7 +310,13 @@ class Sync:
                     if updated.mirror.relay_offered
                     else "they withdrew their relay"
                 )
+            if updated.mirror.devices != link.mirror.devices:
+                events.append(f"they publish {len(updated.mirror.devices)} device(s)")
+            ended = shares.end_unpublished(updated, events)
             tell = self._relay_answer(conn, updated, body, everyone, events)
+            if ended is not updated:
+                updated = ended
+                tell.add(link.name)  # what we share with them changed: tell them
             if events:  # one summarised row per document, none for a heartbeat
                 event = events[0].split(":")[0] if len(events) == 1 else "state changed"
                 journal.append(conn, link.name, event, f"cell {link.name}", "; ".join(events))

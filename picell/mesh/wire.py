@@ -203,6 +203,18 @@ class SharedService(Wire):
     vip: IPv4
     ports: list[Port] = Field(min_length=1, max_length=PORTS_PER_SERVICE_MAX)
     protocol: Literal["tcp", "udp"] = "tcp"
+    # shared with these published devices of the receiver only (absent: its whole network),
+    # and until this date (absent: for good); the receiver shows them, the sender enforces
+    devices: list[Name] | None = Field(default=None, max_length=PUBLISHED_DEVICES_MAX)
+    until: Seconds | None = None
+
+
+class PublishedDevice(Wire):
+    """One device the sender publishes (`picell cells publish-devices`): its name and its
+    address in the sender's network."""
+
+    name: Name
+    address: IPv4
 
 
 class ExitEnd(Wire):
@@ -277,12 +289,19 @@ class StateBody(Header):
     # translation (overlap issue, `mesh.mapping`): where the sender presents our network; absent
     # when it presents it as it is
     mapped_subnet: Network | None = None
+    # the sender's devices, while it publishes them to us (overlap issue, part 2)
+    devices: list[PublishedDevice] | None = Field(default=None, max_length=PUBLISHED_DEVICES_MAX)
 
     @model_validator(mode="after")
     def _unique_services(self) -> StateBody:
         names = [s.name for s in self.shared_services]
         if len(names) != len(set(names)):
             raise ValueError("shared_services: a service is listed twice")  # names the field
+        devices = self.devices or []
+        if len({d.name for d in devices}) != len(devices):
+            raise ValueError("devices: a device name is listed twice")
+        if len({d.address for d in devices}) != len(devices):
+            raise ValueError("devices: an address is listed twice")
         return self
 
 

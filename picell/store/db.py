@@ -194,6 +194,14 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE links ADD COLUMN mapped_subnet TEXT;
     ALTER TABLE links ADD COLUMN remote_mapped_subnet TEXT;
     """,
+    # 10: device shares and dates (overlap issue, part 2): whether our documents publish our
+    # devices to the link, the devices it publishes to us, when our exit offer ends. A share
+    # with a device or an end date is kept in `inbound` as an object (a plain one as before)
+    """
+    ALTER TABLE links ADD COLUMN publish_devices INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE links ADD COLUMN remote_devices TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE links ADD COLUMN exit_until REAL;
+    """,
 )
 
 

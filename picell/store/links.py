@@ -98,15 +98,57 @@ class LinkIdentity:
         return tuple(dict.fromkeys((self.endpoint, *self.endpoints)))[:4]
 
 
+@dataclass(frozen=True, order=True)
+class Share:
+    """One of our services opened to the linked cell: to its whole network (`device` ""), or
+    to one device it publishes (`Mirror.devices`), until `until` (epoch seconds) or for good.
+    A link holds at most one share per (service, device)."""
+
+    service: str
+    device: str = ""
+    until: float | None = None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.service, self.device)
+
+    def to_json(self) -> str | dict[str, Any]:
+        if not self.device and self.until is None:
+            return self.service  # the form every earlier version wrote
+        return {"service": self.service, "device": self.device, "until": self.until}
+
+    @classmethod
+    def from_json(cls, raw: Any) -> Share:
+        if isinstance(raw, str):
+            return cls(raw)
+        return cls(str(raw["service"]), str(raw.get("device") or ""), raw.get("until"))
+
+
 @dataclass(frozen=True)
 class OwnerChoices:
     """Our owner's choices for this link, which our state document tells the other cell."""
 
-    inbound: tuple[str, ...] = ()  # our services they may use
+    shares: tuple[Share, ...] = ()  # our services they may use (sorted, one per key)
     exit_offered: bool = False  # we offer them our internet exit
+    exit_until: float | None = None  # when our exit offer ends by itself (None: never)
+    publish_devices: bool = False  # our documents list our devices' names and addresses
     exit_relay_active: bool = False  # some of our devices leave through their exit
     relay_offered: bool = False  # we relay between them and our other links that we offer it to
     via: str | None = None  # the linked cell this link travels through (connect --via)
+
+    @property
+    def inbound(self) -> tuple[str, ...]:
+        """The services shared with its whole network."""
+        return tuple(sorted(s.service for s in self.shares if not s.device))
+
+    @property
+    def services(self) -> tuple[str, ...]:
+        """Every service shared with it in some form (whole network or some devices)."""
+        return tuple(sorted({s.service for s in self.shares}))
+
+    def devices_of(self, service: str) -> tuple[str, ...]:
+        """The devices `service` is shared with one by one ((): none, or the whole network)."""
+        return tuple(sorted(s.device for s in self.shares if s.service == service and s.device))
 
 
 @dataclass(frozen=True)
@@ -139,6 +181,12 @@ class Mirror:
     next_key: str | None = None
     # where they present our network (their `mapped_subnet`); None: as it is
     seen_as: ipaddress.IPv4Network | None = None
+    # the devices they publish (`publish-devices`): name -> address in their network as they
+    # told it (never trusted beyond "this address is theirs"); () while they publish none
+    devices: tuple[tuple[str, ipaddress.IPv4Address], ...] = ()
+
+    def device(self, name: str) -> ipaddress.IPv4Address | None:
+        return dict(self.devices).get(name)
 
 
 @dataclass(frozen=True)
@@ -198,8 +246,10 @@ def _row(r: sqlite3.Row) -> Link:
         ),
         state=LinkState(r["state"]),
         choices=OwnerChoices(
-            inbound=tuple(json.loads(r["inbound"])),
+            shares=tuple(sorted(Share.from_json(x) for x in json.loads(r["inbound"]))),
             exit_offered=bool(r["exit_offered"]),
+            exit_until=r["exit_until"],
+            publish_devices=bool(r["publish_devices"]),
             exit_relay_active=bool(r["exit_relay_active"]),
             relay_offered=bool(r["relay_offered"]),
             via=r["via"],
@@ -222,6 +272,9 @@ def _row(r: sqlite3.Row) -> Link:
             retired_epochs=tuple(json.loads(r["retired_epochs"])),
             next_key=r["remote_next_key"],
             seen_as=_net(r["remote_mapped_subnet"]),
+            devices=tuple(
+                (n, ipaddress.IPv4Address(a)) for n, a in json.loads(r["remote_devices"])
+            ),
         ),
         sync=SyncMarks(
             pending_push=r["pending_push"],
@@ -276,9 +329,10 @@ def save(conn: sqlite3.Connection, link: Link) -> None:
                remote_exit_client_key, remote_exit_client_port, remote_versions, invite_proof,
                endpoints, remote_seen_at, relay_offered, remote_relay_offered, via, via_port,
                introduced, listen_port, remote_epoch, retired_epochs, orphan,
-               remote_next_key, rekey_state, mapped_subnet, remote_mapped_subnet)
+               remote_next_key, rekey_state, mapped_subnet, remote_mapped_subnet, exit_until,
+               publish_devices, remote_devices)
            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,
-                   ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                   ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
         (
             link.name,
             link.public_key,
@@ -289,7 +343,7 @@ def save(conn: sqlite3.Connection, link: Link) -> None:
             ident.mesh_port,
             ident.api_url,
             link.state.value,
-            json.dumps(list(ours.inbound)),
+            json.dumps([sh.to_json() for sh in sorted(ours.shares)]),
             json.dumps(list(theirs.outbound)),
             int(ours.exit_offered),
             int(theirs.exit_offered),
@@ -325,6 +379,9 @@ def save(conn: sqlite3.Connection, link: Link) -> None:
             marks.rekey_state,
             str(ident.mapped) if ident.mapped else None,
             str(theirs.seen_as) if theirs.seen_as else None,
+            ours.exit_until,
+            int(ours.publish_devices),
+            json.dumps([[n, str(a)] for n, a in theirs.devices]),
         ),
     )
 
@@ -344,6 +401,15 @@ def delete(conn: sqlite3.Connection, name: str) -> None:
 def mark_pending(conn: sqlite3.Connection, name: str) -> None:
     """A change to push: `pending_push` counts changes, so a push clears only what it carried."""
     conn.execute("UPDATE links SET pending_push = pending_push + 1 WHERE name = ?", (name,))
+
+
+def mark_publishing(conn: sqlite3.Connection) -> bool:
+    """Mark every link we publish our devices to (a device came or went); True if any."""
+    cur = conn.execute(
+        "UPDATE links SET pending_push = pending_push + 1"
+        " WHERE publish_devices = 1 AND state != 'unlinking'"
+    )
+    return cur.rowcount > 0
 
 
 def pending_generation(conn: sqlite3.Connection, name: str) -> int:

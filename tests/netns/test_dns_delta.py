@@ -24,7 +24,7 @@ from picell.dns.render import render_unbound
 from picell.dns.unbound import Unbound
 from picell.state import DnsState, State, build_state
 from picell.store.cell import Cell
-from picell.store.links import Link, LinkIdentity, LinkState, OwnerChoices
+from picell.store.links import Link, LinkIdentity, LinkState, OwnerChoices, Share
 from picell.store.services import Service
 from picell.system.children import Child
 from picell.system.run import Runner
@@ -64,7 +64,7 @@ def _state(shares: dict[str, tuple[str, ...]], services: int = 3, shift: int = 0
                 f"{name}.test",
             ),
             LinkState.LINKED,
-            OwnerChoices(inbound=inbound),
+            OwnerChoices(shares=tuple(Share(n) for n in inbound)),
         )
         for i, (name, inbound) in enumerate(shares.items())
     ]

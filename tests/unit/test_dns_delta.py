@@ -19,7 +19,7 @@ from picell.dns.delta import Command
 from picell.dns.render import render_unbound
 from picell.reconcile import Reconciler
 from picell.state import DnsRecord, DnsState, State, build_state
-from picell.store.links import Link, LinkIdentity, LinkState, OwnerChoices
+from picell.store.links import Link, LinkIdentity, LinkState, OwnerChoices, Share
 from picell.store.services import Service
 from tests.unit.fakes import FakeKernel
 from tests.unit.test_reconcile import CELL, KEYS
@@ -32,7 +32,13 @@ def _link(name: str, index: int, inbound: tuple[str, ...] = ()) -> Link:
         ipaddress.IPv4Address(f"10.{61 + index}.0.1"),
         f"{name}.test",
     )
-    return Link(name, KEYS[200 + index], ident, LinkState.LINKED, OwnerChoices(inbound=inbound))
+    return Link(
+        name,
+        KEYS[200 + index],
+        ident,
+        LinkState.LINKED,
+        OwnerChoices(shares=tuple(Share(n) for n in inbound)),
+    )
 
 
 def cell(shares: dict[str, tuple[str, ...]], services: int = 3, vip_shift: int = 0) -> State:

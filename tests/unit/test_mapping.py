@@ -16,7 +16,7 @@ from picell.mesh import mapping, policy
 from picell.mesh.wire import Identity
 from picell.state import build_state
 from picell.store.cell import Cell
-from picell.store.links import Link, LinkIdentity, LinkState, Mirror, OwnerChoices
+from picell.store.links import Link, LinkIdentity, LinkState, Mirror, OwnerChoices, Share
 from picell.store.services import Service
 from picell.wireguard import keys
 
@@ -185,7 +185,7 @@ def test_a_mapped_link_is_held_where_we_present_it() -> None:
     its peer, grants, DNS and rules all use the presented addresses."""
     beta = _identity("beta", "10.60.0.0/24")
     link = replace(_link(beta, N("10.201.7.0/24"), N("10.201.9.0/24")),
-                   choices=OwnerChoices(inbound=("wiki",)))  # fmt: skip
+                   choices=OwnerChoices(shares=(Share("wiki"),)))  # fmt: skip
     state = build_state(_cell(), [], [WIKI], (), [link])
     [peer] = [p for p in state.peers if p.public_key == beta.public_key]
     assert peer.allowed_ips == (N("10.201.7.0/24"),)
@@ -214,7 +214,9 @@ def test_the_translated_ruleset_passes_nft_check(tmp_path: Path) -> None:
     """`nft -c` accepts the prefix NAT lines (nft 1.0.6), where nft exists."""
     beta = _identity("beta", "10.60.0.0/24")
     link = _link(beta, N("10.201.7.0/24"), N("10.201.9.0/24"))
-    state = build_state(_cell(), [], [WIKI], (), [replace(link, choices=OwnerChoices(("wiki",)))])
+    state = build_state(
+        _cell(), [], [WIKI], (), [replace(link, choices=OwnerChoices((Share("wiki"),)))]
+    )
     text, _ = render_ruleset(state)
     try:
         res = subprocess.run(["nft", "-c", "-f", "-"], input=text, capture_output=True,

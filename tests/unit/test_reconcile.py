@@ -131,7 +131,7 @@ def test_failed_apply_raises_apply_failed(reconciler: Reconciler, kernel: FakeKe
 
 
 def _with_link(inbound: tuple[str, ...]) -> State:
-    from picell.store.links import Link, LinkIdentity, OwnerChoices
+    from picell.store.links import Link, LinkIdentity, OwnerChoices, Share
 
     net, dns = ipaddress.IPv4Network("10.62.0.0/24"), ipaddress.IPv4Address("10.62.0.1")
     beta = Link(
@@ -139,7 +139,7 @@ def _with_link(inbound: tuple[str, ...]) -> State:
         KEYS[259],
         LinkIdentity("198.51.100.2:51820", net, dns, "beta.test"),
         state="linked",
-        choices=OwnerChoices(inbound=inbound),
+        choices=OwnerChoices(shares=tuple(Share(n) for n in inbound)),
     )
     services = [
         Service(f"s{i}", i + 1, ipaddress.IPv4Address("127.0.0.1"), 8000 + i, "tcp", 80)

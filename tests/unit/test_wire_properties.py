@@ -58,7 +58,8 @@ FULL: dict[str, dict[str, Any]] = {
                        "mapped_subnet": "10.201.9.0/24"},
     "state": {**_HEADER,
               "shared_services": [{"name": "web", "vip": "10.62.0.254", "ports": [80, 443],
-                                   "protocol": "tcp"},
+                                   "protocol": "tcp", "devices": ["phone"],
+                                   "until": 1800000000.0},
                                   {"name": "dns", "vip": "10.62.0.253", "ports": [53],
                                    "protocol": "udp"}],
               "exit_offered": True, "use_as_exit_relay": False,
@@ -72,7 +73,9 @@ FULL: dict[str, dict[str, Any]] = {
               "wanted": [_PUB[1]],
               "introductions": [{"public_key": _PUB[1], "seen_at": "192.0.2.9:51820"}],
               "relay_ports": [{"public_key": _PUB[1], "port": 52001}],
-              "mapped_subnet": "10.201.9.0/24"},
+              "mapped_subnet": "10.201.9.0/24",
+              "devices": [{"name": "phone", "address": "10.62.0.2"},
+                          {"name": "laptop", "address": "10.62.0.3"}]},
     "unlink": {**_HEADER, "type": "unlink"},
     "rekey": {**_HEADER, "type": "rekey", "new_public_key": _PUB[1], "proof": "4" * 64,
               "switch": True},
@@ -133,6 +136,8 @@ def _named(field: str | None, prefix: str, path: hostile.Path, value: Any) -> bo
         return field == hostile.where(prefix, (*path[:-1], "dns_ip"))
     if len(path) == 3 and path[0] == "shared_services" and path[2] == "name":
         return field == hostile.where(prefix, ("shared_services",))  # a name listed twice
+    if len(path) == 3 and path[0] == "devices":  # a name or an address listed twice
+        return field == hostile.where(prefix, ("devices",))
     return False
 
 
