@@ -339,12 +339,19 @@ def build_state(
                 if ln.state != Phase.UNLINKING and ln.identity.mapped is not None
             )
         ),
+        # what a linked cell's network may resolve: what is shared with all of it (a device
+        # share adds no name: its cell's resolver asks for all its devices, from its address)
         views=tuple(
             sorted(
-                view
+                DnsView(
+                    link.name,
+                    link.identity.network,
+                    _view_records(cell, shared[link.name], link),
+                    internet=link.identity.network in relayed,
+                    hidden=tuple(d for d in live_domains if d != link.identity.domain),
+                )
                 for link in links
                 if link.state != Phase.UNLINKING
-                for view in _views(cell, link, shared[link.name], by_name, relayed, live_domains)
             )
         ),
     )
@@ -453,33 +460,6 @@ def _not_internet(
     nets = [*NOT_INTERNET, cell.network, *(ln.identity.network for ln in links)]
     nets += [n for dev, n in onlink if dev not in ours]
     return tuple(ipaddress.collapse_addresses(nets))
-
-
-def _views(
-    cell: Cell,
-    link: Link,
-    shared: Sequence[ServiceState],
-    by_name: dict[str, ServiceState],
-    relayed: set[ipaddress.IPv4Network],
-    live_domains: Sequence[str],
-) -> list[DnsView]:
-    """A linked cell's views: its network's (what is shared with all of it), and one per
-    published device that has shares of its own (its /32 is the more specific match)."""
-    hidden = tuple(d for d in live_domains if d != link.identity.domain)
-    internet = link.identity.network in relayed
-    views = [DnsView(link.name, link.identity.network, _view_records(cell, shared, link),
-                     internet=internet, hidden=hidden)]  # fmt: skip
-    for device in sorted({s.device for s in link.choices.shares if s.device}):
-        address = link.mirror.device(device)
-        if address is None:
-            continue
-        mine = {s.service for s in link.choices.shares if s.device == device}
-        svcs = [*shared, *(by_name[n] for n in sorted(mine) if n in by_name)]
-        net = ipaddress.IPv4Network(link.identity.view(address))
-        views.append(DnsView(f"{link.name}/{device}", net,
-                             _view_records(cell, svcs, link), internet=internet,
-                             hidden=hidden))  # fmt: skip
-    return views
 
 
 def _view_records(cell: Cell, shared: Sequence[ServiceState], link: Link) -> tuple[DnsRecord, ...]:

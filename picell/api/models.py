@@ -294,6 +294,7 @@ class SharedServiceOut(Answer):
     device: str | None = None
     until: str | None = None
     devices: list[str] | None = None
+    published: bool | None = None  # the device is listed by its cell now (else: no grant)
     # what the share's grant carried since it was made (per-grant nft counters) and the
     # flows open through it now
     packets: int | None = None

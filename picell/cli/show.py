@@ -173,6 +173,8 @@ def _service(s: Json) -> str:
     text = f"{s['name']} ({s['vip']}:{','.join(map(str, s['ports']))})" if s["vip"] else s["name"]
     if s.get("device"):
         text += f" with {s['device']}"
+        if s.get("published") is False:
+            text += " (not listed by its cell now: no access)"
     if s.get("devices"):
         text += f" with {', '.join(s['devices'])}"
     if s.get("until"):

@@ -32,8 +32,7 @@ NAME_RE = re.compile(
 )
 # the fully-qualified form: LDH labels, each followed by a dot, or the root alone
 FQDN_RE = re.compile(r"\.|([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.){1,127}")
-# `link-CELL`, or `link-CELL/DEVICE` for a published device with shares of its own
-VIEW_RE = re.compile(r"link-[a-z]([a-z0-9-]{0,61}[a-z0-9])?(/[a-z]([a-z0-9-]{0,61}[a-z0-9])?)?")
+VIEW_RE = re.compile(r"link-[a-z]([a-z0-9-]{0,61}[a-z0-9])?")
 ZONE_TYPES = frozenset({"static", "refuse", "transparent"})
 
 

@@ -126,6 +126,7 @@ def _inbound(
         nets = device_grants(link, share.service)
         if share.device:
             address = link.mirror.device(share.device)
+            row["published"] = address is not None  # else no grant until it is listed again
             mine = ipaddress.IPv4Network(link.identity.view(address)) if address else None
             nets = tuple(n for n in nets if n == mine)
         elif share.service not in link.choices.inbound:

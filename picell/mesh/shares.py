@@ -2,8 +2,8 @@
 
 A share opens one of our services to the linked cell's whole network, or to one device the
 cell publishes (`Mirror.devices`), for good or until a date. The owner's changes arrive here
-(`set_shares`, `add`, `remove`, `publish`); the devices a linked cell publishes arrive with its
-state document (`mirror_devices`), and a share with a device it no longer publishes ends there.
+(checked by `check_wanted`, applied by `change_shares`); the devices a linked cell publishes arrive with its
+state document (`published`), and the device shares end when it stops publishing (`end_unpublished`).
 
 Must not: touch the kernel (the reconciler turns shares into grants, `state.build_state`), or
 end a dated share (`mesh.expiry` does, by a timer of its own).
@@ -167,14 +167,17 @@ def published(link: Link, body: wire.StateBody) -> tuple[tuple[str, ipaddress.IP
 
 
 def end_unpublished(link: Link, events: list[str]) -> Link:
-    """The shares with devices `link` no longer publishes end (its mirror is already the new
-    one); `events` says which."""
-    names = {n for n, _ in link.mirror.devices}
-    gone = [s for s in link.choices.shares if s.device and s.device not in names]
+    """The device shares end when `link` stops publishing devices (its mirror is already the
+    new one); `events` says which. A device it merely no longer lists keeps its share, with
+    no grant, until a device of that name is listed again (the cell re-created it)."""
+    if link.mirror.devices:
+        return link
+    gone = [s for s in link.choices.shares if s.device]
     if not gone:
         return link
-    events += [f"{describe(s)} ended: {s.device} is no longer published" for s in gone]
-    kept = tuple(s for s in link.choices.shares if s not in gone)
+    events += [f"share of {describe(s)} ended: {link.name} no longer publishes its devices"
+               for s in gone]  # fmt: skip
+    kept = tuple(s for s in link.choices.shares if not s.device)
     return replace(link, choices=replace(link.choices, shares=kept))
 
 

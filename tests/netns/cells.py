@@ -207,15 +207,16 @@ def cell_on_bridge(
     number: int,
     resolver: str | None = None,
     source: Path | None = None,
+    vpn: str | None = None,
 ) -> Cell:
     """A running cell `role` in its own namespace at 198.51.100.<number> on `bridge`: domain
-    `<role>.test`, VPN network 10.<60 + number>.0.0/24, endpoint port 51820; picell imported
-    from `source` when given (see `python_argv`)."""
+    `<role>.test`, VPN network `vpn` (default 10.<60 + number>.0.1/24), endpoint port 51820;
+    picell imported from `source` when given (see `python_argv`)."""
     ns = topo.add_ns(role)
     topo.attach(ns, bridge, f"198.51.100.{number}/24")
     if resolver is not None:
         ns.set_resolver(resolver)  # before the daemon starts: `ip netns exec` binds it then
-    cell = Cell(topo, ns, role, f"{role}.test", f"10.{60 + number}.0.1/24",
+    cell = Cell(topo, ns, role, f"{role}.test", vpn or f"10.{60 + number}.0.1/24",
                 f"198.51.100.{number}:51820", source=source)  # fmt: skip
     cell.init()
     cell.start()
