@@ -2,8 +2,10 @@
 
 A share opens one of our services to the linked cell's whole network, or to one device the
 cell publishes (`Mirror.devices`), for good or until a date. The owner's changes arrive here
-(checked by `check_wanted`, applied by `change_shares`); the devices a linked cell publishes arrive with its
-state document (`published`), and the device shares end when it stops publishing (`end_unpublished`).
+(checked by `check_wanted`, applied by `change_shares`); the devices a linked cell publishes
+arrive with its state document (`published`), and the device shares end when it stops
+publishing (`end_unpublished`). A device share grants the device's /32 as we present it
+(`device_grants`), so it follows the device when its cell lists it at another address.
 
 Must not: touch the kernel (the reconciler turns shares into grants, `state.build_state`), or
 end a dated share (`mesh.expiry` does, by a timer of its own).
