@@ -90,6 +90,7 @@ class Route:
     service: Service | None = None  # our service
     server: Link | None = None  # the linked cell that serves `remote`
     remote: str | None = None  # the service name at `server`
+    asker_device: str | None = None  # the device of `asker` that asks (one it publishes)
 
     @property
     def links(self) -> tuple[Link, ...]:
@@ -108,7 +109,7 @@ def resolve(conn: Any, ask: DoctorAsk) -> Route:
     links = {ln.name: ln for ln in link_table.all_links(conn) if ln.state != LinkState.UNLINKING}
     devices = {p.name: p for p in peer_table.all_peers(conn)}
     services = {s.name: s for s in service_table.all_services(conn)}
-    device = asker = None
+    device = asker = asker_device = None
     if ask.from_:
         first, second = _parts(ask.from_, "from")
         if second is not None and first == cell.name:
@@ -116,17 +117,24 @@ def resolve(conn: Any, ask: DoctorAsk) -> Route:
         if second is not None:
             if first not in links:
                 raise NotFound(f"from: no linked cell named {first!r}", field="from")
-            raise Conflict(
-                f"from: {ask.from_}: naming a device of another cell needs that cell to publish "
-                f"its device names, which picell does not do yet; ask with --from {first} "
-                "(any of its devices: grants are per cell)",
-                field="from",
-            )
-        if first in devices and first in links:
+            published = links[first].mirror.devices
+            if not published:
+                raise Conflict(
+                    f"from: {ask.from_}: {first} publishes no devices (its owner runs "
+                    f"`picell cells publish-devices {cell.name} on`); ask with --from {first}",
+                    field="from",
+                )
+            if second not in dict(published):
+                raise NotFound(f"from: {first} publishes no device named {second!r}",
+                               field="from")  # fmt: skip
+            asker_device = second
+        if asker_device is not None:
+            asker = links[first]
+        elif first in devices and first in links:
             raise Conflict(
                 f"from: {first!r} is both a device and a linked cell; rename one", field="from"
             )
-        if first in devices:
+        elif first in devices:
             device = devices[first]
         elif first in links:
             asker = links[first]
@@ -150,7 +158,7 @@ def resolve(conn: Any, ask: DoctorAsk) -> Route:
             f"{server.name}'s; ask {server.name}'s owner to run the doctor",
             field="to",
         )
-    return Route(device, asker, service, server, remote)
+    return Route(device, asker, service, server, remote, asker_device)
 
 
 class Doctor:
@@ -190,7 +198,7 @@ class Doctor:
             steps += [grant, self.remote_dns(cell, route.server, route.remote)]
             steps.append(self.counters(cell, None, None))
         elif route.service is not None:
-            steps.append(self.local_grant(cell, route.asker, route.device, route.service))
+            steps.append(self.local_grant(cell, route, route.service))
             steps.append(self.local_dns(cell, route.asker, route.service))
             steps.append(self.backend(route.service))
             steps.append(self.counters(cell, route.asker, route.service))
@@ -427,9 +435,8 @@ class Doctor:
             return False
         return res.returncode == 0
 
-    def local_grant(
-        self, cell: Cell, asker: Link | None, device: Peer | None, service: Service
-    ) -> Step:
+    def local_grant(self, cell: Cell, route: Route, service: Service) -> Step:
+        asker, device, theirs = route.asker, route.device, route.asker_device
         if asker is None:
             who = device.name if device else "our devices"
             return Step(
@@ -439,11 +446,14 @@ class Doctor:
                 "allowed (our own devices reach every service of ours)",
             )
         with self.store.read() as conn:
-            answer = decide(conn, asker, service.name)
-        line = answer_line(asker.name, None, cell.name, answer)
+            answer = decide(conn, asker, service.name, theirs)
+        line = answer_line(asker.name, theirs, cell.name, answer)
         if answer.allowed:
             return Step("grant", "pass", line)
-        return Step("grant", "fail", line, f"picell share {asker.name} {service.name}")
+        fix = f"picell share {asker.name} {service.name}" + (
+            f" --device {theirs}" if theirs else ""
+        )
+        return Step("grant", "fail", line, fix)
 
     def remote_grant(self, cell: Cell, device: Peer | None, server: Link, service: str) -> Step:
         who = device.name if device else None

@@ -49,20 +49,28 @@ def refusal(service: str) -> wire.ExplainAnswer:
     return wire.ExplainAnswer(ok=True, service=service, allowed=False)
 
 
-def decide(conn: sqlite3.Connection, link: Link, service: str) -> wire.ExplainAnswer:
-    """Our answer to `link` about our `service`: from our own grants only. The refusal is one
-    value whatever the reason (not shared, no such service, the link not linked)."""
-    if link.state != LinkState.LINKED or service not in link.choices.inbound:
+def decide(
+    conn: sqlite3.Connection, link: Link, service: str, device: str | None = None
+) -> wire.ExplainAnswer:
+    """Our answer to `link` (or its `device`, one it publishes) about our `service`: from our
+    own grants only. The refusal is one value whatever the reason (not shared, no such
+    service, the link not linked, the device not listed)."""
+    share = next((s for s in link.choices.shares if s.key == (service, "")), None)
+    if share is None and device and link.mirror.device(device) is not None:
+        share = next((s for s in link.choices.shares if s.key == (service, device)), None)
+    if link.state != LinkState.LINKED or share is None:
         return refusal(service)
     svc = next((s for s in service_table.all_services(conn) if s.name == service), None)
     if svc is None:
         return refusal(service)
-    since = journal.last_at(conn, link.name, f"shared {service}")
+    event = f"shared {service}" + (f" with {share.device}" if share.device else "")
+    since = journal.last_at(conn, link.name, event)
     return wire.ExplainAnswer(
         ok=True,
         service=service,
         allowed=True,
         since=since,
+        until=share.until,
         ports=[svc.port],
         protocol="udp" if svc.protocol == "udp" else "tcp",
     )
@@ -81,7 +89,8 @@ def answer_line(asker: str, device: str | None, server: str, answer: wire.Explai
     ports = ",".join(str(p) for p in answer.ports)
     proto = "/udp" if answer.protocol == "udp" else ""
     since = f"since {when(answer.since)}" if answer.since is not None else "(since: no record)"
-    return f"{who} → {server}/{answer.service}:{ports}{proto} allowed {since}"
+    until = f" until {when(answer.until)}" if answer.until is not None else ""
+    return f"{who} → {server}/{answer.service}:{ports}{proto} allowed {since}{until}"
 
 
 class Explain:
@@ -109,7 +118,7 @@ class Explain:
                 link.mirror, seq=body.seq, epoch=epoch, retired_epochs=retire(link, epoch)
             )
             link_table.save(conn, replace(link, mirror=mirror))
-            answer = decide(conn, link, body.service)
+            answer = decide(conn, link, body.service, body.device)
         log.info("explain: %s", answer_line(link.name, body.device, cell.name, answer))
         return answer.model_dump(mode="json", exclude_none=True)
 

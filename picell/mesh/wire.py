@@ -332,8 +332,8 @@ class RekeyAnswer(Wire):
 class ExplainBody(Header):
     """A question (`picell doctor`, `mesh.explain`): may our cell, or its `device`, use the
     receiver's `service`? Signed and replay-checked like every body. `device` is the asking
-    cell's word for its own device, echoed in the answer line: grants are per link, so the
-    answer is the same for every device of the asking cell."""
+    cell's word for its own device: a share with one device it publishes (`devices` of its
+    state document) answers for that device only; a share with the whole cell, for all."""
 
     type: Literal["explain"]
     service: Name
@@ -350,6 +350,7 @@ class ExplainAnswer(Wire):
     service: Name
     allowed: bool
     since: Seconds | None = None
+    until: Seconds | None = None  # the share ends then by itself
     ports: list[Port] = Field(default=[], max_length=PORTS_PER_SERVICE_MAX)
     protocol: Literal["tcp", "udp"] | None = None
 

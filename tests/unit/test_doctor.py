@@ -65,7 +65,7 @@ def test_the_question_is_resolved_or_refused_naming_its_field(control: Control) 
         cases = [
             ({"from": "tablet"}, NotFound, "from", "no device or linked cell"),
             ({"from": "gamma/x"}, NotFound, "from", "no linked cell"),
-            ({"from": "beta/laptop"}, Conflict, "from", "publish its device names"),
+            ({"from": "beta/laptop"}, Conflict, "from", "publishes no devices"),
             ({"to": "nope"}, NotFound, "to", "no service named 'nope'"),
             ({"to": "gamma/web"}, NotFound, "to", "no linked cell"),
             ({"from": "beta", "to": "beta/files"}, Conflict, "to", "reach only our services"),
