@@ -260,6 +260,7 @@ class Daemon:
         self.metrics_token = MetricsToken(data_dir / METRICS_TOKEN_FILE)
         self.reconciler.metrics = self.sender.metrics = self.metrics
         self.metrics.observe(self.links)
+        self.expiry.on_expired = self.metrics.expired.inc
 
     def _endpoint_changed(self) -> None:
         self.sender.wake()

@@ -12,10 +12,13 @@ build several). Two kinds of series:
   (`Reconciler.grants`); messages refused by the mesh listener (`Links.rejected`: route x status,
   a fixed set); connections shed by the bounded listeners (`ConnectionGate.shed`); and whether
   each TCP service's backend answers a connect, checked at scrape time, all backends at once
-  within `BACKEND_CHECK_S` (no thread of its own, and never a stale answer).
+  within `BACKEND_CHECK_S` (no thread of its own, and never a stale answer); and what each
+  share's grant carried (its nft element's counter, one `nft -j` while anything is shared).
+  Dated shares and offers the timer ended (`mesh.expiry`) are counted where it ends them.
 
 Label values are our own validated names (a linked cell's name, a service's name, a listener's
-name) or members of fixed sets: nothing another cell or a scraper chooses.
+name, the device name our owner shared with) or members of fixed sets: nothing another cell or
+a scraper chooses alone.
 
 `MetricsToken` is the bearer token of the WireGuard-address listener: only its SHA-256 is kept
 (0600 file in the data dir); a token is 256 random bits, so a plain hash is as strong as a slow
@@ -43,6 +46,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from picell.constants import BACKEND_CHECK_S
+from picell.firewall.apply import observe_grant_counters
+from picell.mesh.overview import share_grant
 from picell.store import cell as cell_table
 from picell.store import links as link_table
 from picell.store import services as service_table
@@ -50,6 +55,9 @@ from picell.store import services as service_table
 if TYPE_CHECKING:
     from picell.mesh.links import Links
     from picell.reconcile import Report
+    from picell.store.cell import Cell
+    from picell.store.links import Link
+    from picell.store.services import Service
 
 RECONCILE_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0)
 PUSH_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -119,6 +127,37 @@ class CellCollector:
         self.clock = clock
         self.checker = checker
 
+    def _share_use(
+        self, cell: Cell, links: list[Link], services: list[Service]
+    ) -> Iterator[Metric]:
+        """What each share's grant carried (its nft element's counter): per linked cell,
+        service and device ("" for the whole cell). One `nft -j` while anything is shared."""
+        if not any(ln.choices.shares for ln in links):
+            return
+        counters = observe_grant_counters(self.links.control.runner)
+        labels = ["cell", "service", "device"]
+        packets = CounterMetricFamily(
+            "picell_share_packets",
+            "Packets a share's grant let in from the linked cell since it was made",
+            labels=labels,
+        )
+        size = CounterMetricFamily(
+            "picell_share_bytes",
+            "Bytes a share's grant let in from the linked cell since it was made",
+            labels=labels,
+        )
+        by_name = {s.name: s for s in services}
+        for link in links:
+            for share in link.choices.shares:
+                svc = by_name.get(share.service)
+                grant = share_grant(cell, svc, link, share) if svc else None
+                if grant is None:
+                    continue
+                p, b = counters.get((grant.protocol, grant.element), (0, 0))
+                packets.add_metric([link.name, share.service, share.device], p)
+                size.add_metric([link.name, share.service, share.device], b)
+        yield from (packets, size)
+
     def collect(self) -> Iterator[Metric]:
         reconciler = self.links.control.reconciler
         store = self.links.store
@@ -174,8 +213,9 @@ class CellCollector:
             if link.sync.last_push_at is not None:
                 lag.add_metric([link.name], max(0.0, now - link.sync.last_push_at))
             net = link.identity.network
-            granted.add_metric([link.name], sum(1 for g in grants if g.network == net))
+            granted.add_metric([link.name], sum(1 for g in grants if g.network.subnet_of(net)))
         yield from (age, rx, tx, lag, granted, translated)
+        yield from self._share_use(cell, links, services)
 
         refused = CounterMetricFamily(
             "picell_messages_refused",
@@ -243,6 +283,11 @@ class Metrics:
             "picell_push_duration_seconds",
             "Time from sending a state document to its answer",
             buckets=PUSH_BUCKETS_S,
+            registry=r,
+        )
+        self.expired = Counter(
+            "picell_shares_expired",
+            "Dated shares and exit offers ended on their date by the timer",
             registry=r,
         )
         self.gates: dict[str, Gate] = {}  # the daemon's listeners, set once they exist

@@ -292,8 +292,11 @@ def build_state(
         )
     )
     by_name = {s.name: s for s in service_states}
+    # what a linked cell may resolve: every service shared with it in some form (a device
+    # share's name too: its cell's resolver asks for all its devices, from the cell's own
+    # address, and our document tells it the name anyway; the grant stays the device's)
     shared = {
-        link.name: [by_name[n] for n in link.choices.inbound if n in by_name] for link in links
+        link.name: [by_name[n] for n in link.choices.services if n in by_name] for link in links
     }
     grants = tuple(
         sorted(
@@ -339,8 +342,6 @@ def build_state(
                 if ln.state != Phase.UNLINKING and ln.identity.mapped is not None
             )
         ),
-        # what a linked cell's network may resolve: what is shared with all of it (a device
-        # share adds no name: its cell's resolver asks for all its devices, from its address)
         views=tuple(
             sorted(
                 DnsView(

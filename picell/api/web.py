@@ -22,7 +22,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from picell import validate
-from picell.api import auth
+from picell.api import auth, webshares
 from picell.api.cells import create_invite, list_invites
 from picell.api.webrender import (
     WEB_DIR,
@@ -41,7 +41,6 @@ from picell.errors import BadInput, CsrfRefused, PicellError
 from picell.mesh.exits import Exits
 from picell.mesh.links import Links
 from picell.mesh.rekey import Rekey, rotation_status
-from picell.mesh.sync import Sync
 from picell.store import invites as invite_table
 
 
@@ -186,45 +185,6 @@ async def connect(request: Request) -> Response:
     else:
         flash(request, f"Linked with {link['name']}")
     return back("/cells")
-
-
-async def set_sharing(request: Request) -> Response:
-    name = request.path_params["name"]
-    form = await read_form(request)
-    sync: Sync = state(request, "sync")
-    wanted = [s for s in form.get("services", []) if s]
-    try:
-        await run_in_threadpool(sync.set_network_shares, name, wanted)
-    except PicellError as exc:
-        err = FormError(f"share-{name}", exc, ("services",))
-        return await cells_page(request, err.status, error=err)
-    flash(request, f"Sharing with {name}: {', '.join(wanted) or 'nothing'}")
-    return back("/cells")
-
-
-async def _set_offer(request: Request, kind: str) -> Response:
-    """The exit or relay offer toggle of one linked cell (`kind`: "exit" or "relay")."""
-    name = request.path_params["name"]
-    form = await read_form(request)
-    sync: Sync = state(request, "sync")
-    offered = form.get("offered") == "1"
-    setter = sync.set_exit_offer if kind == "exit" else sync.set_relay_offer
-    try:
-        await run_in_threadpool(setter, name, offered)
-    except PicellError as exc:
-        err = FormError(f"{kind}-{name}", exc, ("offered",))
-        return await cells_page(request, err.status, error=err)
-    what = f"our internet exit to {name}" if kind == "exit" else f"to relay for {name}"
-    flash(request, f"{'Offering' if offered else 'Not offering'} {what}")
-    return back("/cells")
-
-
-async def set_exit_offer(request: Request) -> Response:
-    return await _set_offer(request, "exit")
-
-
-async def set_relay_offer(request: Request) -> Response:
-    return await _set_offer(request, "relay")
 
 
 async def set_endpoint(request: Request) -> Response:
@@ -386,9 +346,12 @@ def install(app: FastAPI, auth_: auth.Auth) -> None:
         ("/cells/connect", connect, post),
         ("/cells/endpoint", set_endpoint, post),
         ("/cells/keys/rotate", rotate_keys, post),
-        ("/cells/{name}/sharing", set_sharing, post),
-        ("/cells/{name}/exit-offer", set_exit_offer, post),
-        ("/cells/{name}/relay-offer", set_relay_offer, post),
+        ("/cells/{name}/sharing", webshares.set_sharing, post),
+        ("/cells/{name}/device-share", webshares.share_device, post),
+        ("/cells/{name}/unshare", webshares.end_share, post),
+        ("/cells/{name}/publish-devices", webshares.publish_devices, post),
+        ("/cells/{name}/exit-offer", webshares.set_exit_offer, post),
+        ("/cells/{name}/relay-offer", webshares.set_relay_offer, post),
         ("/cells/{name}/disconnect", disconnect, post),
         ("/devices", devices_page, get),
         ("/devices", add_device, post),

@@ -67,8 +67,10 @@ class Expiry:
         control: Control,
         wake_sender: Callable[[], None],
         clock: Callable[[], float] = time.time,
+        on_expired: Callable[[int], None] = lambda _n: None,
     ) -> None:
         self.control = control
+        self.on_expired = on_expired  # the daemon's metrics count them
         self.store = control.store
         self.wake_sender = wake_sender
         self.clock = clock
@@ -109,6 +111,7 @@ class Expiry:
                     for event in events:
                         journal.append(conn, name, event, "timer")
                     self.expired += len(events)
+                    self.on_expired(len(events))
                     log.info("%s: %s", name, "; ".join(events))
             self.wake_sender()
         with self.store.read() as conn:

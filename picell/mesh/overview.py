@@ -22,7 +22,7 @@ from picell.store import outbox
 from picell.store import services as service_table
 from picell.store.cell import Cell
 from picell.store.db import Store
-from picell.store.links import Link, LinkState
+from picell.store.links import Link, LinkState, Share
 from picell.store.services import Service
 from picell.system.run import Runner
 from picell.wireguard import keys
@@ -106,6 +106,22 @@ def link_overview(store: Store, runner: Runner) -> list[dict[str, Any]]:
     return out
 
 
+def share_grant(cell: Cell, svc: Service, link: Link, share: Share) -> Grant | None:
+    """The grant `share` holds in the nft sets (None: it has none of its own, a device
+    share that the whole network's share covers, or a device not listed now)."""
+    nets = device_grants(link, share.service)
+    if share.device:
+        address = link.mirror.device(share.device)
+        mine = ipaddress.IPv4Network(link.identity.view(address)) if address else None
+        nets = tuple(n for n in nets if n == mine)
+    elif share.service not in link.choices.inbound:
+        nets = ()
+    if not nets:
+        return None
+    vip = link.seen(vip_address(cell.network, svc.vip_index), cell.network)
+    return Grant(svc.protocol, nets[0], vip, svc.port)
+
+
 def _inbound(
     cell: Cell,
     services: list[Service],
@@ -114,27 +130,18 @@ def _inbound(
     flows: set[Flow] | None,
 ) -> list[dict[str, Any]]:
     """Our shares with `link`, one row each, with what its grant carried (packets and bytes
-    since it was made) and the flows open through it now. A device share that the whole
-    network's share covers has no grant of its own, so no counters."""
+    since it was made) and the flows open through it now."""
     rows = share_rows(cell, services, link.choices.shares)
     by_name = {s.name: s for s in services}
     for row, share in zip(rows, (s for s in link.choices.shares if s.service in by_name),
                           strict=True):  # fmt: skip
         row["until"] = shown_until(share.until)
-        svc = by_name[share.service]
-        vip = link.seen(vip_address(cell.network, svc.vip_index), cell.network)
-        nets = device_grants(link, share.service)
-        if share.device:
-            address = link.mirror.device(share.device)
-            row["published"] = address is not None  # else no grant until it is listed again
-            mine = ipaddress.IPv4Network(link.identity.view(address)) if address else None
-            nets = tuple(n for n in nets if n == mine)
-        elif share.service not in link.choices.inbound:
-            nets = ()
-        if not nets:
+        if share.device:  # else no grant until it is listed again
+            row["published"] = link.mirror.device(share.device) is not None
+        grant = share_grant(cell, by_name[share.service], link, share)
+        if grant is None:
             continue
-        grant = Grant(svc.protocol, nets[0], vip, svc.port)
-        packets, size = counters.get((svc.protocol, grant.element), (0, 0))
+        packets, size = counters.get((grant.protocol, grant.element), (0, 0))
         row.update(packets=packets, bytes=size)
         if flows is not None:
             row["flows"] = sum(1 for f in flows if _in(grant, f))

@@ -363,7 +363,7 @@ class ExplainAnswer(Wire):
                 raise ValueError("protocol: an allowed service names its protocol")
             return self
         for field, value in (("ports", self.ports), ("since", self.since),
-                             ("protocol", self.protocol)):  # fmt: skip
+                             ("protocol", self.protocol), ("until", self.until)):  # fmt: skip
             if value:  # a refusal says nothing more: it must look the same for every reason
                 raise ValueError(f"{field}: a refusal carries no {field}")
         return self

@@ -23,13 +23,15 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
 
-from tests.netns.cells import Cell, cell_on_bridge
+from tests.netns.cells import Cell, cell_on_bridge, sample
+from tests.netns.faults import api
 from tests.netns.harness import Device, Netns, Topology, wait_until
 
 VPN = "10.60.0.1/24"
@@ -108,6 +110,20 @@ def test_a_device_share_admits_that_device_only(world: World) -> None:
     [row] = alpha.links()["beta"]["inbound"]
     assert (row["name"], row["device"]) == ("web", "phone")
     assert row["packets"] > 0 and row["bytes"] > 0, row  # what the grant carried
+    # the doctor walks the path from beta/phone (allowed) and beta/laptop (the grant fails)
+    proc = alpha.run("doctor", "--from", "beta/phone", "--to", "web", "--json", check=False,
+                     timeout=120)  # fmt: skip
+    report = json.loads(proc.stdout)
+    assert proc.returncode == 0 and report["ok"], report
+    proc = alpha.run("doctor", "--from", "beta/laptop", "--to", "web", "--json", check=False,
+                     timeout=120)  # fmt: skip
+    first = json.loads(proc.stdout)["first_failure"]
+    assert proc.returncode == 1 and first["name"] == "grant", first
+    assert first["fix"] == "picell share beta web --device laptop", first
+    # the metrics say which device used what
+    status, body = api(alpha, "GET", "/metrics")
+    series = 'picell_share_bytes_total{cell="beta",device="phone",service="web"}'
+    assert status == 200 and (sample(body, series) or 0) > 0, body
     # beta's owner sees that alpha shares web with its phone only
     wait_until(lambda: [(s["name"], s.get("devices")) for s in w.beta.links()["alpha"]["outbound"]]
                == [("web", ["phone"])], 15, "beta does not see the device share")  # fmt: skip
@@ -154,6 +170,8 @@ def test_a_dated_share_ends_on_its_date_and_cuts_the_flow(world: World) -> None:
     assert not any(r["name"] == "echo" for r in alpha.links()["beta"]["inbound"])
     expired = [e for e in alpha.journal("beta") if "expired" in e["event"]]
     assert expired and expired[-1]["actor"] == "timer", expired
+    status, body = api(alpha, "GET", "/metrics")
+    assert (sample(body, "picell_shares_expired_total") or 0) >= 1, body
 
 
 def test_an_exit_offer_until_a_date_is_withdrawn_then(world: World) -> None:

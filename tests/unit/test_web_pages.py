@@ -312,3 +312,37 @@ def test_connecting_through_a_cell_that_offers_no_relay_names_it(client: TestCli
     assert resp.status_code in (404, 409)  # type: ignore[attr-defined]
     assert "beta" in (field_error(resp.text, "via") or "")  # type: ignore[attr-defined]
     assert client.get("/api/cells").json() == []
+
+
+def test_a_device_share_is_made_shown_and_ended_from_the_page(
+    client: TestClient, control: Control, kernel: object
+) -> None:
+    from tests.unit.test_shares import DEVICES, _beta
+
+    sync, _tell = _beta(control, devices=None)
+    html = client.get("/cells").text
+    assert "beta publishes no devices." in html and 'id="device-share-beta"' not in html
+    resp = post(client, "/cells/beta/publish-devices", published="1")
+    assert "Publishing our devices to beta" in resp.text  # type: ignore[attr-defined]
+    assert sync.links.describe("beta")["publish_devices"] is True
+    _tell(devices=DEVICES)
+    html = client.get("/cells").text
+    assert 'id="device-share-beta"' in html and "phone (10.62.0.2)" in html
+    resp = post(client, "/cells/beta/device-share", service="web", device="phone",
+                until="2020-01-01T00:00")  # fmt: skip
+    assert resp.status_code == 422  # type: ignore[attr-defined]
+    assert "in the past" in (field_error(resp.text, "until-beta") or "")  # type: ignore[attr-defined]
+    assert sync.links.describe("beta")["inbound"] == []
+    resp = post(client, "/cells/beta/device-share", service="web", device="phone",
+                until="2099-12-24T18:00")  # fmt: skip
+    assert "phone until 2099-12-24T18:00" in resp.text  # type: ignore[attr-defined]
+    [row] = sync.links.describe("beta")["inbound"]
+    assert (row["name"], row["device"]) == ("web", "phone") and row["until"].startswith("2099")
+    html = client.get("/cells").text
+    assert "web with phone until 2099-12-24T18:00:00" in html
+    # the whole network's toggles leave the device share alone
+    post(client, "/cells/beta/sharing", services=["wiki"])
+    names = [(r["name"], r.get("device")) for r in sync.links.describe("beta")["inbound"]]
+    assert names == [("web", "phone"), ("wiki", None)]
+    post(client, "/cells/beta/unshare", service="web", device="phone")
+    assert [r["name"] for r in sync.links.describe("beta")["inbound"]] == ["wiki"]

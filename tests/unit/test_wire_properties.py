@@ -83,7 +83,7 @@ FULL: dict[str, dict[str, Any]] = {
     "envelope": {"body": {**_HEADER, "type": "unlink"}, "mac": "3" * 64},
     "state_answer": {"ok": True, "seq": 7},
     "explain": {**_HEADER, "type": "explain", "service": "web", "device": "phone"},
-    "explain_answer": {"ok": True, "service": "web", "allowed": True, "since": 1.5,
+    "explain_answer": {"ok": True, "service": "web", "allowed": True, "since": 1.5, "until": 9.5,
                        "ports": [80, 443], "protocol": "tcp"},
 }  # fmt: skip
 
@@ -136,6 +136,9 @@ def _named(field: str | None, prefix: str, path: hostile.Path, value: Any) -> bo
         return field == hostile.where(prefix, (*path[:-1], "dns_ip"))
     if len(path) == 3 and path[0] == "shared_services" and path[2] == "name":
         return field == hostile.where(prefix, ("shared_services",))  # a name listed twice
+    if path == ("allowed",) and value is False:  # a refusal that carries an allowance's fields
+        return field in {hostile.where(prefix, (f,)) for f in ("ports", "since", "protocol",
+                                                                "until")}  # fmt: skip
     if len(path) == 3 and path[0] == "devices":  # a name or an address listed twice
         return field == hostile.where(prefix, ("devices",))
     return False
