@@ -325,7 +325,7 @@ def reconcile_inner(links: int, devices: int, services: int, reps: int) -> dict[
     from picell.store import peers as peer_table
     from picell.store import services as service_table
     from picell.store.db import Store
-    from picell.store.links import Link, LinkIdentity, LinkState, OwnerChoices
+    from picell.store.links import Link, LinkIdentity, LinkState, OwnerChoices, Share
     from picell.store.peers import Peer
     from picell.store.services import Service
     from picell.system.children import Child
@@ -364,8 +364,8 @@ def reconcile_inner(links: int, devices: int, services: int, reps: int) -> dict[
                         ipaddress.IPv4Address(f"10.{61 + i}.0.1"), f"s{i}.test",
                     )  # fmt: skip
                     key = keys.public_from_private(keys.generate_private())
-                    link_table.save(conn, Link(f"s{i}", key, ident, LinkState.LINKED,
-                                               OwnerChoices(inbound=tuple(names))))  # fmt: skip
+                    shared = OwnerChoices(tuple(Share(n) for n in names))
+                    link_table.save(conn, Link(f"s{i}", key, ident, LinkState.LINKED, shared))
             first = control.converge()
             out["first_apply_s"] = time.monotonic() - t0
             assert first is not None and len(reconciler._grants) == links * services
@@ -379,11 +379,11 @@ def reconcile_inner(links: int, devices: int, services: int, reps: int) -> dict[
             noop = [timed_converge() for _ in range(reps)]
             change = []
             for k in range(reps):
-                kept = tuple(names[1:]) if k % 2 == 0 else tuple(names)
+                kept = tuple(Share(n) for n in (names[1:] if k % 2 == 0 else names))
                 with store.transaction() as conn:
                     link = link_table.get(conn, "s0")
                     link_table.save(conn, replace(link, choices=replace(link.choices,
-                                                                        inbound=kept)))  # fmt: skip
+                                                                        shares=kept)))  # fmt: skip
                 change.append(timed_converge())
             out["noop_s"] = quantiles([t for t, _ in noop])
             out["noop_processes"] = sorted({n for _, n in noop})
