@@ -14,7 +14,6 @@ Must not: end anything before its date, or touch the kernel itself.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -24,6 +23,7 @@ from picell.mesh import shares
 from picell.store import journal
 from picell.store import links as link_table
 from picell.store.links import Link, LinkState
+from picell.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,9 @@ def end_due(link: Link, now: float, events: list[str]) -> Link:
     return replace(link, choices=choices)
 
 
-class Expiry:
+class Expiry(Worker):
+    thread_name = "expiry"
+
     def __init__(
         self,
         control: Control,
@@ -75,20 +77,7 @@ class Expiry:
         self.wake_sender = wake_sender
         self.clock = clock
         self.expired = 0  # shares and offers ended so far (metrics, tests)
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="expiry", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def wake(self) -> None:
-        self._wake.set()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        self._thread.join(timeout=5)
+        super().__init__()
 
     def run_once(self) -> float | None:
         """End what is due now, in one change; the next end date (None: nothing dated)."""

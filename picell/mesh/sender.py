@@ -70,6 +70,7 @@ from picell.store.links import Link, LinkState
 from picell.store.outbox import Message
 from picell.system.limits import RepeatLog
 from picell.wireguard.apply import ObservedPeer, observe_wg
+from picell.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,10 @@ class Retry:
     at: float = 0.0
 
 
-class Sender:
+class Sender(Worker):
+    thread_name = "sender"
+    join_s = 10.0
+
     def __init__(
         self,
         links: Links,
@@ -135,21 +139,10 @@ class Sender:
         self._seen: dict[str, ObservedPeer] = {}  # the last round's `wg show`, by peer key
         self._in_flight: dict[str, Future[None]] = {}  # link key -> its one job
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sender-job")
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="sender", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def wake(self) -> None:
-        self._wake.set()
+        super().__init__()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=10)
+        super().stop()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def alive(self) -> bool:

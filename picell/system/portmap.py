@@ -30,7 +30,6 @@ import os
 import secrets
 import socket
 import struct
-import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Sequence
@@ -45,6 +44,7 @@ from picell.store.db import Store
 from picell.store.portmap import Mapping
 from picell.system.limits import RepeatLog
 from picell.system.run import Runner
+from picell.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -626,7 +626,8 @@ def record_endpoint(store: Store, endpoint: str | None) -> bool:
     return True
 
 
-class PortMapper:
+class PortMapper(Worker):
+    thread_name = "portmap"
     """Keeps the mapping: `step()` does one round and says how long to wait until the next;
     `start()` runs it on a thread that waits on an event (`stop()` and `wake()` cut it short)."""
 
@@ -659,9 +660,7 @@ class PortMapper:
         # the first round renews a kept mapping at once: the router may have rebooted while the
         # daemon was down, and the same ports are best asked for again before anyone else does
         self._started = False
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
+        super().__init__()
 
     @classmethod
     def from_env(cls, store: Store, runner: Runner, **kw: Any) -> PortMapper:
@@ -798,19 +797,7 @@ class PortMapper:
         self._publish(None)
 
     # -- the thread ----------------------------------------------------------------------------
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="portmap", daemon=True)
-        self._thread.start()
-
-    def wake(self) -> None:
-        self._wake.set()
-
-    def stop(self) -> None:
-        """Stop renewing; the mapping stays (the tunnels outlive the daemon)."""
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+    # `stop` (Worker's) stops renewing; the mapping stays (the tunnels outlive the daemon)
 
     def _run(self) -> None:
         while not self._stop.is_set():
