@@ -22,6 +22,8 @@ Topology:
             alpha presents beta at its mapped_subnet M_a (beta's seen_as), beta presents alpha
             at M_b (alpha's seen_as): beta's laptop reaches alpha's a1 (VIP 10.61.0.254) at
             M_b.254, never at 10.61.0.254, which is beta's own b1
+            each cell publishes its devices to the other: a3 is shared with beta's laptop
+            only and b2 with alpha's phone only (`--device`: a /32 grant, as presented)
 
 Faults touch only datagrams between the two cells' addresses: a device and its own cell are never
 hit. Changes go through the CLI (`share`, `unshare`, `peers add`) in the fault cycles, and through
@@ -80,6 +82,9 @@ from tests.netns.harness import Netns, Topology, wait_until
 FAULT_KINDS = ("loss", "delay", "partition", "kill", "skew")
 SERVICES = {"alpha": ("a1", "a2", "a3"), "beta": ("b1", "b2")}
 DEVICES = {"alpha": "phone", "beta": "laptop"}  # the device of each cell the invariants use
+# services shared with one device of the other cell, which it publishes (a /32 grant through
+# the translation): the invariants' device is that one, so "reaches iff shared" holds as is
+DEVICE_SHARES = {"a3": "laptop", "b2": "phone"}
 NETWORK = ipaddress.IPv4Network("10.61.0.0/24")  # both cells': their link is translated
 MESH_RANGE = ipaddress.IPv4Network("10.0.0.0/8")  # where a mapped subnet must lie
 SKEW_S = 600  # ±10 minutes
@@ -218,6 +223,11 @@ def build(topo: Topology) -> World:
         return True
 
     wait_until(mapped, 30, "the cells do not agree on where each presents the other")
+    for name, cell in cells.items():  # device shares (`DEVICE_SHARES`) need published devices
+        cell.cli("cells", "publish-devices", other(name), "on")
+    wait_until(lambda: all(DEVICES[other(n)] in {d["name"] for d in c.links()[other(n)]["devices"]}
+                           for n, c in cells.items()), 30,
+               "the cells do not see each other's devices")  # fmt: skip
     views = views_of(world)
     world.mapping = observe_mapping(views)
     world.targets = presented_targets(views, vips)
@@ -374,13 +384,19 @@ class Change:
         """The admin API call the CLI makes for this change: (method, path, JSON body)."""
         if self.kind == "device":
             return "POST", "/api/peers", {"name": self.target, "public_key": None}
-        method = "POST" if self.kind == "share" else "DELETE"
-        return method, f"/api/cells/{other(self.cell)}/shares/{self.target}", None
+        path = f"/api/cells/{other(self.cell)}/shares"
+        device = DEVICE_SHARES.get(self.target)
+        if device is None:
+            return ("POST" if self.kind == "share" else "DELETE"), f"{path}/{self.target}", None
+        if self.kind == "share":
+            return "POST", path, {"services": [self.target], "device": device}
+        return "DELETE", f"{path}/{self.target}?device={device}", None
 
     def argv(self) -> list[str]:
         if self.kind == "device":
             return ["peers", "add", self.target]
-        return [self.kind, other(self.cell), self.target]
+        device = DEVICE_SHARES.get(self.target)
+        return [self.kind, other(self.cell), self.target, *(["--device", device] if device else [])]
 
     def acknowledged(self, model: Model) -> None:
         if self.kind == "share":
@@ -520,7 +536,7 @@ class CrashResult:
 def store_state(cell: Cell) -> tuple[set[str], set[str], set[str]]:
     """(shared service names, device names, device public keys) as the store holds them."""
     row = store_rows(cell, "SELECT inbound FROM links")[0]
-    inbound = {s if isinstance(s, str) else s["name"] for s in json.loads(row["inbound"])}
+    inbound = {s if isinstance(s, str) else s["service"] for s in json.loads(row["inbound"])}
     peers = store_rows(cell, "SELECT name, public_key FROM peers")
     return inbound, {p["name"] for p in peers}, {p["public_key"] for p in peers}
 

@@ -189,7 +189,7 @@ def cell(tmp_path_factory: pytest.TempPathFactory) -> Cell:
     move()
     names = sorted(c.sent[k]["cell_name"] for k in c.sent)
     for name in names[::3]:
-        c.sync.set_permissions(name, ["web"])
+        c.sync.set_permissions(name, [("web", "", None)])
     c.links.disconnect(names[-1])
     return c
 
@@ -250,8 +250,10 @@ def test_nft_takes_the_ruleset_with_exactly_the_linked_networks_and_grants(
         links = link_table.all_links(conn)
     live = {ln.identity.vpn_subnet for ln in links if ln.state != "unlinking"}
     assert {net(e) for e in sets["linked_nets"]} == live
-    grants = {(net(e["concat"][0]), e["concat"][1], e["concat"][2])
-              for e in sets["grants_tcp"]}  # fmt: skip
+    # each grant carries its counter (`{"elem": {"val": …, "counter": …}}`)
+    values = [e["elem"]["val"]["concat"] for e in sets["grants_tcp"]]
+    assert all("counter" in e["elem"] for e in sets["grants_tcp"])
+    grants = {(net(v[0]), v[1], v[2]) for v in values}
     shared = {
         ln.identity.vpn_subnet
         for ln in links
