@@ -4,7 +4,8 @@ links (one `nft -f` transaction each), against one grant changed as a set-elemen
 Inside a scratch network namespace, with the table picell renders (`render_ruleset`) for a cell
 with 50 linked cells and N grants (N/50 services shared with each link), and the delta picell
 applies when only grants change (`render_grant_delta`, one `nft -f -`). Baselines in the same
-run: the same table with no grants at all.
+run: the same table with no grants at all, and each size without the grant sets' per-element
+counters (what `cells` and /metrics read per share since issue 15), so their cost shows.
 
 Run as root from the repo root:  .venv/bin/python bench/nft_grants.py [--runs 15] [--json]
 """
@@ -30,7 +31,7 @@ from picell.firewall.apply import apply_grant_delta, apply_ruleset, observe_tabl
 from picell.firewall.render import grant_elements, render_grant_delta, render_ruleset  # noqa: E402
 from picell.state import State, build_state  # noqa: E402
 from picell.store.cell import Cell  # noqa: E402
-from picell.store.links import Link, LinkIdentity, LinkState, OwnerChoices  # noqa: E402
+from picell.store.links import Link, LinkIdentity, LinkState, OwnerChoices, Share  # noqa: E402
 from picell.store.services import Service  # noqa: E402
 from picell.system.run import Runner  # noqa: E402
 from picell.wireguard import keys  # noqa: E402
@@ -62,7 +63,7 @@ def state_with(grants: int) -> State:
                 f"l{j}.test",
             ),
             state=LinkState.LINKED,
-            choices=OwnerChoices(inbound=shared),
+            choices=OwnerChoices(tuple(Share(n) for n in shared)),
         )
         for j in range(LINKS)
     ]
@@ -74,9 +75,11 @@ def inner(runs: int, sizes: list[int]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "ruleset.nft"
-        for n in [0, *sizes]:
+        for n, counters in [(0, True), *((m, c) for m in sizes for c in (False, True))]:
             state = state_with(n)
             text, _ = render_ruleset(state)
+            if not counters:  # the baseline: grant sets without per-element counters
+                text = text.replace("\t\tflags interval\n\t\tcounter\n", "\t\tflags interval\n")
             full = []
             for _ in range(runs):
                 subprocess.run(["nft", "flush", "ruleset"], check=True)
@@ -85,7 +88,8 @@ def inner(runs: int, sizes: list[int]) -> dict[str, Any]:
                 full.append(time.perf_counter() - t0)
             observed = observe_table(runner)
             assert observed is not None and observed.grants == grant_elements(state), "mismatch"
-            entry: dict[str, Any] = {"grants": len(state.grants), "full_table_s": quantiles(full)}
+            entry: dict[str, Any] = {"grants": len(state.grants), "counters": counters,
+                                     "full_table_s": quantiles(full)}  # fmt: skip
             if n:
                 have = grant_elements(state)
                 extra = "10.200.0.0/24 . 10.64.255.254 . 80"
@@ -99,7 +103,7 @@ def inner(runs: int, sizes: list[int]) -> dict[str, Any]:
                         deltas.append(time.perf_counter() - t0)
                 entry["one_grant_delta_s"] = quantiles(deltas)
                 entry["full_over_delta"] = statistics.median(full) / statistics.median(deltas)
-            out[str(n)] = entry
+            out[f"{n}{'' if counters else ' no counters'}"] = entry
     return out
 
 
@@ -123,13 +127,14 @@ def main() -> None:
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    head = f"{'grants':>7} {'full table ms med/p95':>22} {'one-grant delta ms med/p95':>27}"
-    print(f"{head} {'ratio':>7}")
+    head = f"{'grants':>7} {'counters':>8} {'full table ms med/p95':>22}"
+    print(f"{head} {'one-grant delta ms med/p95':>27} {'ratio':>7}")
     for entry in result.values():
         full, delta = entry["full_table_s"], entry.get("one_grant_delta_s")
         d = f"{delta['median'] * 1000:.2f}/{delta['p95'] * 1000:.2f}" if delta else "-"
         ratio = f"{entry['full_over_delta']:.1f}" if delta else "-"
-        print(f"{entry['grants']:>7} {full['median'] * 1000:>11.1f}/{full['p95'] * 1000:<10.1f}"
+        print(f"{entry['grants']:>7} {'yes' if entry['counters'] else 'no':>8}"
+              f" {full['median'] * 1000:>11.1f}/{full['p95'] * 1000:<10.1f}"
               f" {d:>27} {ratio:>7}")  # fmt: skip
 
 

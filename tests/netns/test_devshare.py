@@ -54,28 +54,33 @@ def _web(w: World, device: str) -> str | None:
     return w.devices[device].http_get("http://web.alpha.test/", timeout_s=2)
 
 
+def build(topo: Topology) -> World:
+    """The module's topology (also bench/devshare.py's), alpha and beta linked."""
+    lan = topo.bridge("lan")
+    alpha = cell_on_bridge(topo, lan, "alpha", 1, vpn=VPN)
+    beta = cell_on_bridge(topo, lan, "beta", 2, vpn=VPN)
+    alpha.ns.serve_http("127.0.0.1", 8000, "@caller")
+    alpha.ns.serve_tcp_echo("127.0.0.1", 7)
+    alpha.cli("services", "add", "web", "--backend", "127.0.0.1:8000", "--port", "80")
+    alpha.cli("services", "add", "echo", "--backend", "127.0.0.1:7")
+    devices, tunnels = {}, {}
+    for i, role in enumerate(("phone", "laptop")):
+        devices[role] = topo.add_ns(role)
+        topo.attach(devices[role], lan, f"198.51.100.{20 + i}/24")
+        tunnels[role] = devices[role].device(beta.add_device(role), hint=role)
+        tunnels[role].up()
+    alpha.cli("connect", beta.invite()["string"])
+    wait_until(lambda: all(c.links().get(o, {}).get("state") == "linked"
+                           for c, o in ((alpha, "beta"), (beta, "alpha"))), 60,
+               "alpha and beta did not link")  # fmt: skip
+    assert alpha.links()["beta"]["mapped_subnet"] is not None  # a translated link
+    return World(alpha, beta, devices, tunnels)
+
+
 @pytest.fixture(scope="module")
 def world() -> Iterator[World]:
     with Topology() as topo:
-        lan = topo.bridge("lan")
-        alpha = cell_on_bridge(topo, lan, "alpha", 1, vpn=VPN)
-        beta = cell_on_bridge(topo, lan, "beta", 2, vpn=VPN)
-        alpha.ns.serve_http("127.0.0.1", 8000, "@caller")
-        alpha.ns.serve_tcp_echo("127.0.0.1", 7)
-        alpha.cli("services", "add", "web", "--backend", "127.0.0.1:8000", "--port", "80")
-        alpha.cli("services", "add", "echo", "--backend", "127.0.0.1:7")
-        devices, tunnels = {}, {}
-        for i, role in enumerate(("phone", "laptop")):
-            devices[role] = topo.add_ns(role)
-            topo.attach(devices[role], lan, f"198.51.100.{20 + i}/24")
-            tunnels[role] = devices[role].device(beta.add_device(role), hint=role)
-            tunnels[role].up()
-        alpha.cli("connect", beta.invite()["string"])
-        wait_until(lambda: all(c.links().get(o, {}).get("state") == "linked"
-                               for c, o in ((alpha, "beta"), (beta, "alpha"))), 60,
-                   "alpha and beta did not link")  # fmt: skip
-        assert alpha.links()["beta"]["mapped_subnet"] is not None  # a translated link
-        yield World(alpha, beta, devices, tunnels)
+        yield build(topo)
 
 
 def _at(seconds: float) -> str:
