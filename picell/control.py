@@ -50,38 +50,35 @@ from picell.system.run import Runner
 from picell.wireguard import keys
 from picell.wireguard.apply import observe_wg
 from picell.wireguard.render import device_allowed_ips, render_device
+from picell.worker import Worker
 
 log = logging.getLogger(__name__)
 
 
-class Coalescer:
+class Coalescer(Worker):
     """Runs `action` on a thread of its own, at most once per `window_s` however often it is
-    asked: a burst of state documents from a linked cell costs a few reconciles, not one each.
-    The thread never dies: a failed action is logged and the next request runs it again."""
+    asked (`ask`, a wake): a burst of state documents from a linked cell costs a few
+    reconciles, not one each. The thread never dies: a failed action is logged and the next
+    request runs it again. It starts at once."""
+
+    thread_name = "coalesce"
 
     def __init__(self, action: Callable[[], None], window_s: float) -> None:
         self.action = action
         self.window_s = window_s
         self.runs = 0
-        self._asked = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="coalesce", daemon=True)
-        self._thread.start()
+        super().__init__()
+        self.start()
 
     def ask(self) -> None:
-        self._asked.set()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._asked.set()
-        self._thread.join(timeout=5)
+        self.wake()
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._asked.wait()
+            self._wake.wait()
             if self._stop.wait(self.window_s):  # let the burst settle
                 return
-            self._asked.clear()
+            self._wake.clear()
             try:
                 self.action()
                 self.runs += 1

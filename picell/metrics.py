@@ -47,7 +47,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from picell.constants import BACKEND_CHECK_S
 from picell.firewall.apply import observe_grant_counters
-from picell.mesh.overview import share_grant
+from picell.mesh.overview import share_grant_of
 from picell.store import cell as cell_table
 from picell.store import links as link_table
 from picell.store import services as service_table
@@ -150,7 +150,7 @@ class CellCollector:
         for link in links:
             for share in link.choices.shares:
                 svc = by_name.get(share.service)
-                grant = share_grant(cell, svc, link, share) if svc else None
+                grant = share_grant_of(cell, svc, link, share) if svc else None
                 if grant is None:
                     continue
                 p, b = counters.get((grant.protocol, grant.element), (0, 0))

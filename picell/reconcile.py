@@ -37,6 +37,7 @@ from picell.firewall.apply import (
     has_flows,
     list_flows,
     observe_table,
+    plan_revocations,
 )
 from picell.firewall.host import HostFirewall
 from picell.firewall.render import grant_elements, render_grant_delta, render_ruleset
@@ -273,9 +274,7 @@ class Reconciler:
         report.changes += [Change("host firewall", "add", rule) for rule in host.added]
         report.warnings += host.warnings
         report.anomalies += host.anomalies
-        # a device's /32 that its cell's whole network now covers is no revocation
-        revoked = sorted(g for g in self._grants - set(state.grants)
-                         if not any(g.covered_by(h) for h in state.grants))  # fmt: skip
+        revoked = plan_revocations(self._grants, state.grants)
         # a revoked grant: its established flows stop too. One `conntrack -L` first, so a
         # burst of revocations costs one process, plus a `-D` per grant that has flows
         flows = list_flows(self.runner) if revoked else None

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from picell.addressing import peer_address, vip_address
 from picell.constants import DNS_PORT, EXIT_MTU, LINK_KEEPALIVE_S, NOT_INTERNET
 from picell.mesh import relay as relaying
-from picell.mesh.shares import device_grants
+from picell.mesh.shares import share_network
 from picell.routing.exits import exit_ifname, exit_mark, exit_port, exit_table
 from picell.store.cell import Cell
-from picell.store.links import Link
+from picell.store.links import Link, Share
 from picell.store.links import LinkState as Phase  # state.LinkState is the desired link
 from picell.store.peers import Peer
 from picell.store.services import Service
@@ -301,11 +301,13 @@ def build_state(
     grants = tuple(
         sorted(
             (
-                Grant(svc.protocol, network, link.seen(svc.vip, net), svc.port)
+                grant
                 for link in links
                 if link.state != Phase.UNLINKING
-                for svc in (by_name[n] for n in link.choices.services if n in by_name)
-                for network in device_grants(link, svc.name)
+                for share in link.choices.shares
+                if (svc := by_name.get(share.service)) is not None
+                and (grant := share_grant(link, share, svc.protocol, svc.vip, svc.port, net))
+                is not None
             ),
             key=_grant_order,
         )
@@ -372,6 +374,23 @@ def build_state(
         uplink=cell.uplink,
         relay=relaying.relay_state(links, relay_reserved(cell)),
     )
+
+
+def share_grant(
+    link: Link,
+    share: Share,
+    protocol: str,
+    vip: ipaddress.IPv4Address,
+    port: int,
+    ours: ipaddress.IPv4Network,
+) -> Grant | None:
+    """The grant `share` of our service `vip` (of our network `ours`) holds in the nft sets, at
+    the addresses the link presents and is presented (None: it has none of its own,
+    `shares.share_network`)."""
+    network = share_network(link, share)
+    if network is None:
+        return None
+    return Grant(protocol, network, link.seen(vip, ours), port)
 
 
 def relay_reserved(cell: Cell) -> set[int]:

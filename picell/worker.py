@@ -1,6 +1,6 @@
-"""A daemon thread that sleeps until it is woken or stopped: the base of the sender
-(`mesh.sender.Sender`), the port mapper (`system.portmap.PortMapper`) and the expiry timer
-(`mesh.expiry.Expiry`).
+"""A daemon thread that sleeps until it is woken or stopped: the base of the coalescer
+(`control.Coalescer`), the sender (`mesh.sender.Sender`), the port mapper
+(`system.portmap.PortMapper`) and the expiry timer (`mesh.expiry.Expiry`).
 
 Owns the thread and its two events (`_wake`, `_stop`); what a round does is the subclass's
 `_run`. Must not hold logic of its own.

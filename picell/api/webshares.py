@@ -28,15 +28,18 @@ async def _refused(
     return await cells_page(request, err.status, error=err)
 
 
+async def _form(request: Request) -> tuple[str, dict[str, Any], Sync]:
+    """The linked cell a form is about, the form and the object that makes its change."""
+    return request.path_params["name"], await read_form(request), state(request, "sync")
+
+
 def _date(form: dict[str, Any]) -> str | None:
     """A `datetime-local` field ("2026-12-24T18:00"): the cell's local time; "" is none."""
     return str(form.get("until", "")).strip() or None
 
 
 async def set_sharing(request: Request) -> Response:
-    name = request.path_params["name"]
-    form = await read_form(request)
-    sync: Sync = state(request, "sync")
+    name, form, sync = await _form(request)
     wanted = [s for s in form.get("services", []) if s]
     try:
         await run_in_threadpool(sync.set_network_shares, name, wanted)
@@ -48,9 +51,7 @@ async def set_sharing(request: Request) -> Response:
 
 async def share_device(request: Request) -> Response:
     """Share one service with one device `name` publishes, for good or until a date."""
-    name = request.path_params["name"]
-    form = await read_form(request)
-    sync: Sync = state(request, "sync")
+    name, form, sync = await _form(request)
     service, device, until = str(form.get("service", "")), str(form.get("device", "")), _date(form)
     try:
         await run_in_threadpool(sync.share, name, [service], "service", device, until)
@@ -64,9 +65,7 @@ async def share_device(request: Request) -> Response:
 
 async def end_share(request: Request) -> Response:
     """End one share (a device's, or the whole network's) with `name`."""
-    name = request.path_params["name"]
-    form = await read_form(request)
-    sync: Sync = state(request, "sync")
+    name, form, sync = await _form(request)
     service, device = str(form.get("service", "")), str(form.get("device", ""))
     try:
         await run_in_threadpool(sync.unshare, name, service, device)
@@ -77,9 +76,7 @@ async def end_share(request: Request) -> Response:
 
 
 async def publish_devices(request: Request) -> Response:
-    name = request.path_params["name"]
-    form = await read_form(request)
-    sync: Sync = state(request, "sync")
+    name, form, sync = await _form(request)
     on = form.get("published") == "1"
     try:
         await run_in_threadpool(sync.publish_devices, name, on)
@@ -91,9 +88,7 @@ async def publish_devices(request: Request) -> Response:
 
 async def _set_offer(request: Request, kind: str) -> Response:
     """The exit or relay offer toggle of one linked cell (`kind`: "exit" or "relay")."""
-    name = request.path_params["name"]
-    form = await read_form(request)
-    sync: Sync = state(request, "sync")
+    name, form, sync = await _form(request)
     offered = form.get("offered") == "1"
     until = _date(form) if kind == "exit" and offered else None
     try:

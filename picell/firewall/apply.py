@@ -188,6 +188,23 @@ def list_flows(runner: Runner) -> set[Flow] | None:
     return flows
 
 
+def plan_revocations(old: set[Grant], new: tuple[Grant, ...]) -> list[Grant]:
+    """The grants `old` held and `new` does not, whose flows must stop: not a device's /32
+    that its cell's whole network now covers (only a /32 can be covered: two links' networks
+    never overlap), so the check looks only at the grants of the same target."""
+    wanted = set(new)
+    gone = [g for g in old if g not in wanted]
+    if not any(g.network.prefixlen == 32 for g in gone):
+        return sorted(gone)
+    by_target: dict[tuple[str, IPv4Address, int], list[Grant]] = {}
+    for h in new:
+        by_target.setdefault((h.protocol, h.vip, h.port), []).append(h)
+    return sorted(
+        g for g in gone
+        if not any(g.covered_by(h) for h in by_target.get((g.protocol, g.vip, g.port), ()))
+    )  # fmt: skip
+
+
 def has_flows(grant: Grant, flows: set[Flow] | None) -> bool:
     if flows is None:
         return True

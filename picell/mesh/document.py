@@ -15,7 +15,7 @@ from picell.store.services import Service
 from picell.wireguard import keys
 
 
-def _service(cell: Cell, svc: Service) -> dict[str, Any]:
+def service_entry(cell: Cell, svc: Service) -> dict[str, Any]:
     return {
         "name": svc.name,
         "vip": str(vip_address(cell.network, svc.vip_index)),
@@ -33,7 +33,7 @@ def shared_services(
     out = []
     for name in sorted({s.service for s in shares} & by_name.keys()):
         mine = [s for s in shares if s.service == name]
-        entry = _service(cell, by_name[name])
+        entry = service_entry(cell, by_name[name])
         whole = next((s for s in mine if not s.device), None)
         if whole is None:
             entry["devices"] = sorted(s.device for s in mine)
@@ -42,23 +42,6 @@ def shared_services(
             entry["until"] = max(u for u in ends if u is not None)
         out.append(entry)
     return out
-
-
-def share_rows(
-    cell: Cell, services: list[Service], shares: tuple[Share, ...]
-) -> list[dict[str, Any]]:
-    """One row per share, as our owner reads them (`cells`): the service, and the device and
-    end date when it has them."""
-    by_name = {s.name: s for s in services}
-    return [
-        {
-            **_service(cell, by_name[s.service]),
-            **({"device": s.device} if s.device else {}),
-            **({"until": s.until} if s.until is not None else {}),
-        }
-        for s in shares
-        if s.service in by_name
-    ]
 
 
 def published_devices(cell: Cell, peers: list[Peer]) -> list[dict[str, str]]:

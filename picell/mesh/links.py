@@ -471,7 +471,8 @@ class Links:
 
     # -- status --------------------------------------------------------------------------------
     def describe(self, name: str) -> dict[str, Any]:
-        return next(c for c in self.overview() if c["name"] == name)
+        """One link as a change answers it: without the shares' usage (`link_overview`)."""
+        return link_overview(self.store, self.control.runner, name, usage=False)[0]
 
     def overview(self) -> list[dict[str, Any]]:
         return link_overview(self.store, self.control.runner)

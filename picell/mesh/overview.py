@@ -1,10 +1,10 @@
 """The links as the owner sees them (`picell cells`, the Cell Network page): the store's rows
-joined with what WireGuard reports (handshake age, rx/tx) and the outbox. Read-only: one read
-transaction and one `wg show dump`, whatever the number of links."""
+joined with what WireGuard reports (handshake age, rx/tx) and the outbox, and what each share's
+grant carried. Read-only: one read transaction and one `wg show dump`, whatever the number of
+links (with the shares' usage, one `nft -j` and one `conntrack -L` more)."""
 
 from __future__ import annotations
 
-import ipaddress
 import time
 from typing import Any
 
@@ -12,10 +12,10 @@ from picell.addressing import vip_address
 from picell.constants import LINK_ONLINE_S
 from picell.firewall.apply import Flow, GrantCounters, list_flows, observe_grant_counters
 from picell.mesh.crypto import short_auth_string
-from picell.mesh.document import share_rows
+from picell.mesh.document import service_entry
 from picell.mesh.relay import path_of
-from picell.mesh.shares import device_grants, shown_until
-from picell.state import Grant
+from picell.mesh.shares import shown_until
+from picell.state import Grant, share_grant
 from picell.store import cell as cell_table
 from picell.store import links as link_table
 from picell.store import outbox
@@ -29,16 +29,19 @@ from picell.wireguard import keys
 from picell.wireguard.apply import observe_wg
 
 
-def link_overview(store: Store, runner: Runner) -> list[dict[str, Any]]:
+def link_overview(
+    store: Store, runner: Runner, name: str | None = None, usage: bool = True
+) -> list[dict[str, Any]]:
+    """Every link (or only `name`'s). With `usage`, what each share's grant carried: one
+    `nft -j` and one `conntrack -L` more, so the answer to a change leaves it out."""
     with store.read() as conn:
         cell = cell_table.load(conn)
-        links = link_table.all_links(conn)
+        links = [ln for ln in link_table.all_links(conn) if name in (None, ln.name)]
         services = service_table.all_services(conn)
         pending = {m.link_key: m for m in outbox.all_messages(conn)}
     observed = observe_wg(runner, cell.interface) if links else None
-    shared = any(ln.choices.shares for ln in links)
-    counters = observe_grant_counters(runner) if shared else {}
-    flows = list_flows(runner) if shared else None
+    shared = usage and any(ln.choices.shares for ln in links)
+    use = (observe_grant_counters(runner), list_flows(runner)) if shared else None
     our_public = keys.public_from_private(cell.private_key)
     now = time.time()
     out = []
@@ -67,7 +70,7 @@ def link_overview(store: Store, runner: Runner) -> list[dict[str, Any]]:
                 "online": age is not None and age < LINK_ONLINE_S,
                 "rx_bytes": seen.rx_bytes if seen else 0,
                 "tx_bytes": seen.tx_bytes if seen else 0,
-                "inbound": _inbound(cell, services, link, counters, flows),
+                "inbound": _inbound(cell, services, link, use),
                 "outbound": list(link.mirror.outbound),
                 "exit_offered": link.choices.exit_offered,
                 "exit_until": shown_until(link.choices.exit_until)
@@ -106,43 +109,37 @@ def link_overview(store: Store, runner: Runner) -> list[dict[str, Any]]:
     return out
 
 
-def share_grant(cell: Cell, svc: Service, link: Link, share: Share) -> Grant | None:
-    """The grant `share` holds in the nft sets (None: it has none of its own, a device
-    share that the whole network's share covers, or a device not listed now)."""
-    nets = device_grants(link, share.service)
-    if share.device:
-        address = link.mirror.device(share.device)
-        mine = ipaddress.IPv4Network(link.identity.view(address)) if address else None
-        nets = tuple(n for n in nets if n == mine)
-    elif share.service not in link.choices.inbound:
-        nets = ()
-    if not nets:
-        return None
-    vip = link.seen(vip_address(cell.network, svc.vip_index), cell.network)
-    return Grant(svc.protocol, nets[0], vip, svc.port)
+def share_grant_of(cell: Cell, svc: Service, link: Link, share: Share) -> Grant | None:
+    """The grant `share` of our service `svc` holds (`state.share_grant`)."""
+    vip = vip_address(cell.network, svc.vip_index)
+    return share_grant(link, share, svc.protocol, vip, svc.port, cell.network)
 
 
 def _inbound(
     cell: Cell,
     services: list[Service],
     link: Link,
-    counters: GrantCounters,
-    flows: set[Flow] | None,
+    usage: tuple[GrantCounters, set[Flow] | None] | None,
 ) -> list[dict[str, Any]]:
-    """Our shares with `link`, one row each, with what its grant carried (packets and bytes
-    since it was made) and the flows open through it now."""
-    rows = share_rows(cell, services, link.choices.shares)
+    """Our shares with `link`, one row each: the service, the device and end date when it has
+    them, and with `usage` what its grant carried (packets and bytes since it was made) and
+    the flows open through it now."""
     by_name = {s.name: s for s in services}
-    for row, share in zip(rows, (s for s in link.choices.shares if s.service in by_name),
-                          strict=True):  # fmt: skip
-        row["until"] = shown_until(share.until)
-        if share.device:  # else no grant until it is listed again
-            row["published"] = link.mirror.device(share.device) is not None
-        grant = share_grant(cell, by_name[share.service], link, share)
-        if grant is None:
+    rows = []
+    for share in link.choices.shares:
+        svc = by_name.get(share.service)
+        if svc is None:
             continue
-        packets, size = counters.get((grant.protocol, grant.element), (0, 0))
-        row.update(packets=packets, bytes=size)
+        row = {**service_entry(cell, svc), "until": shown_until(share.until)}
+        if share.device:  # not listed now: no grant until it is listed again
+            row |= {"device": share.device,
+                    "published": link.mirror.device(share.device) is not None}  # fmt: skip
+        rows.append(row)
+        grant = share_grant_of(cell, svc, link, share)
+        if usage is None or grant is None:
+            continue
+        counters, flows = usage
+        row["packets"], row["bytes"] = counters.get((grant.protocol, grant.element), (0, 0))
         if flows is not None:
             row["flows"] = sum(1 for f in flows if _in(grant, f))
     return rows

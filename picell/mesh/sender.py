@@ -305,7 +305,8 @@ class Sender(Worker):
                                   relay_reserved(cell))  # fmt: skip
             extra = document(cell, link, service_table.all_services(conn), slot,
                              seen_at=seen.endpoint if seen else None, reach=fields,
-                             peers=peer_table.all_peers(conn))  # fmt: skip
+                             peers=peer_table.all_peers(conn) if link.choices.publish_devices
+                             else None)  # fmt: skip
             envelope = envelope_from(cell, link, "state", seq, extra)
             conn.execute("UPDATE links SET local_seq = ? WHERE name = ?", (seq, name))
         with self._lock:

@@ -5,7 +5,7 @@ cell publishes (`Mirror.devices`), for good or until a date. The owner's changes
 (checked by `check_wanted`, applied by `change_shares`); the devices a linked cell publishes
 arrive with its state document (`published`), and the device shares end when it stops
 publishing (`end_unpublished`). A device share grants the device's /32 as we present it
-(`device_grants`), so it follows the device when its cell lists it at another address.
+(`share_network`), so it follows the device when its cell lists it at another address.
 
 Must not: touch the kernel (the reconciler turns shares into grants, `state.build_state`), or
 end a dated share (`mesh.expiry` does, by a timer of its own).
@@ -183,15 +183,13 @@ def end_unpublished(link: Link, events: list[str]) -> Link:
     return replace(link, choices=replace(link.choices, shares=kept))
 
 
-def device_grants(link: Link, service: str) -> tuple[ipaddress.IPv4Network, ...]:
-    """The networks `service` is granted to on `link`, as this cell presents them: the whole
-    network, or one /32 per published device it is shared with (none for a device no longer
-    published)."""
-    if service in link.choices.inbound:
-        return (link.identity.network,)
-    nets = []
-    for device in link.choices.devices_of(service):
-        address = link.mirror.device(device)
-        if address is not None:
-            nets.append(ipaddress.IPv4Network(link.identity.view(address)))
-    return tuple(sorted(nets))
+def share_network(link: Link, share: Share) -> ipaddress.IPv4Network | None:
+    """The network `share`'s own grant opens, as this cell presents it: the link's network
+    for a whole-network share, the device's /32 for a device share; None for a device share
+    that the whole network's share of the same service covers, or a device not listed now."""
+    if not share.device:
+        return link.identity.network
+    address = link.mirror.device(share.device)
+    if address is None or share.service in link.choices.inbound:
+        return None
+    return ipaddress.IPv4Network(link.identity.view(address))
